@@ -1,0 +1,187 @@
+"""`potstill generate`: prompts -> teacher -> capture (Parquet shards + manifest), resumable.
+
+Prompts come from a file (see prompts.py) or from the teacher itself (`--self-instruct N`,
+Magpie-style: the teacher is given only its chat template's user prefix and writes the user turn).
+Rows are generated in length-sorted batches; each completion samples from a generator seeded by
+its row id, so a resumed run (after kill -9) produces the rows an uninterrupted run would, and
+skips the ids already in complete shards.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from potstill.config import GenerateConfig
+from potstill.errors import PotstillError
+from potstill.teachers.base import SamplingParams
+
+
+def progress_bar(total: int, description: str):
+    """A rich progress bar with rate and ETA (prints plainly when not on a terminal)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+
+
+def self_instruct_prompts(teacher, n: int, seed: int, max_new_tokens: int = 64, batch_size: int = 16) -> list:
+    """Magpie-style prompts: sample user turns from the chat template's user prefix, de-duplicated."""
+    from potstill.capture.prompts import Prompt, dedupe
+    from potstill.teachers.hf import row_seed
+
+    tok = teacher.tokenizer
+    marker = "\x00POTSTILL\x00"
+    rendered = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix = rendered[: rendered.index(marker)]
+    prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.98, top_logprobs=0, seed=seed)
+    prompts: list = []
+    attempt = 0
+    while len(prompts) < n and attempt < 8:
+        need = (n - len(prompts)) * 2 if attempt else int(n * 1.3) + 1
+        seeds = [row_seed(seed, f"magpie-{attempt}-{i}") for i in range(need)]
+        texts = []
+        for s in range(0, need, batch_size):
+            outs = teacher.complete_ids([prefix_ids] * len(seeds[s : s + batch_size]), params, seeds[s : s + batch_size])
+            texts += [o.text.strip() for o in outs if o.finish_reason == "stop" and len(o.text.strip()) >= 8]
+        prompts = dedupe(prompts + [Prompt([{"role": "user", "content": t}], None, "self-instruct") for t in texts])[0]
+        attempt += 1
+    return prompts[:n]
+
+
+def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
+    """Run a capture. Returns the final manifest."""
+    from potstill.capture.codec import get_codec
+    from potstill.capture.prompts import assign_split, dedupe, load_prompts, prompts_hash
+    from potstill.capture.store import CaptureWriter, row_id
+    from potstill.teachers import load_teacher
+    from potstill.teachers.hf import row_seed
+
+    if teacher is None:
+        kwargs: dict[str, Any] = {}
+        if cfg.teacher.startswith(("http://", "https://")):
+            kwargs = {"model": cfg.model, "tokenizer": cfg.tokenizer}
+        else:
+            kwargs = {"dtype": cfg.dtype}
+        teacher = load_teacher(cfg.teacher, **kwargs)
+
+    if cfg.prompts:
+        prompts = load_prompts(cfg.prompts)
+        source = cfg.prompts
+    else:
+        if not hasattr(teacher, "complete_ids"):
+            raise PotstillError("--self-instruct needs a local teacher (it samples from the chat template)")
+        log(f"self-instruct: the teacher writes {cfg.self_instruct} prompts")
+        prompts = self_instruct_prompts(teacher, cfg.self_instruct, cfg.seed)
+        source = f"self-instruct:{cfg.self_instruct}"
+    prompts, n_exact, n_near = dedupe(prompts)
+    if n_exact or n_near:
+        log(f"prompts: dropped {n_exact} exact and {n_near} near duplicates")
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    if not prompts:
+        raise PotstillError("no prompts to generate from", where=source)
+    splits = assign_split(prompts, cfg.heldout, cfg.seed)
+
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_logprobs=cfg.top_k,
+        seed=cfg.seed,
+    )
+    identity = teacher.identity()
+    codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity["vocab_size"], k=cfg.top_k)
+    sampling = params.to_dict()
+    manifest = {
+        "teacher": identity,
+        "sampling": sampling,
+        "k": cfg.top_k,
+        "samples_per_prompt": cfg.samples,
+        "prompts": {"source": source, "sha256": prompts_hash(prompts), "count": len(prompts)},
+        "split": {"heldout_fraction": cfg.heldout, "seed": cfg.seed},
+    }
+
+    todo = []
+    with CaptureWriter(cfg.out, manifest, codec, shard_rows=cfg.shard_rows) as writer:
+        done = writer.done_ids
+        for p, split in zip(prompts, splits, strict=True):
+            for s in range(cfg.samples):
+                rid = row_id(p.messages, sampling, s)
+                if rid not in done:
+                    todo.append((rid, p, split))
+        if done:
+            log(f"resuming: {len(done)} rows already in complete shards, {len(todo)} to go")
+        # windows of one shard in prompt order; length-sorted batches inside a window waste less on padding
+        tokens = 0
+        t0 = time.perf_counter()
+        with progress_bar(len(todo), "generate") as bar:
+            task = bar.add_task("generate", total=len(todo), rate="")
+            for w in range(0, len(todo), cfg.shard_rows):
+                window = todo[w : w + cfg.shard_rows]
+                encoded = {rid: _encode(teacher, p.messages) for rid, p, _ in window}
+                order = sorted(window, key=lambda t: len(encoded[t[0]] or ()))
+                results: dict[str, Any] = {}
+                for start in range(0, len(order), cfg.batch_size):
+                    chunk = order[start : start + cfg.batch_size]
+                    seeds = [row_seed(cfg.seed, rid) for rid, _, _ in chunk]
+                    if encoded[chunk[0][0]] is not None:
+                        outs = teacher.complete_ids([encoded[rid] for rid, _, _ in chunk], params, seeds)
+                    else:
+                        outs = teacher.complete([p.messages for _, p, _ in chunk], params, seeds)
+                    for (rid, _, _), c in zip(chunk, outs, strict=True):
+                        results[rid] = c
+                        tokens += len(c.completion_ids)
+                    rate = tokens / (time.perf_counter() - t0)
+                    bar.update(task, advance=len(chunk), rate=f"{rate:.0f} tok/s")
+                for rid, p, split in window:
+                    writer.add(_row(rid, p, split, results[rid]))
+        gen_seconds = time.perf_counter() - t0
+    final = writer.manifest
+    final_stats = {"generation_seconds": round(gen_seconds, 2), "completion_tokens_per_s": round(tokens / max(gen_seconds, 1e-9), 1)}
+    log(
+        f"capture: {final.get('counts', {}).get('rows')} rows in {cfg.out}; "
+        f"{final_stats['completion_tokens_per_s']} completion tok/s this run; "
+        f"{final.get('bytes_per_completion_token')} bytes/token on disk"
+    )
+    if getattr(teacher, "stats", None):
+        log(f"http: {teacher.stats}")
+    return {**final, "this_run": final_stats}
+
+
+def _encode(teacher, messages):
+    """Token ids of the chat prompt for a local teacher; None for a remote one (it templates itself)."""
+    return teacher.encode_chat(messages) if hasattr(teacher, "complete_ids") else None
+
+
+def _row(rid: str, prompt, split: str, c) -> dict[str, Any]:
+    import json
+
+    return {
+        "id": rid,
+        "prompt": json.dumps(prompt.messages, ensure_ascii=False),
+        "reference": prompt.reference,
+        "split": split,
+        "prompt_ids": c.prompt_ids,
+        "completion_ids": c.completion_ids,
+        "completion_text": c.text,
+        "finish_reason": c.finish_reason,
+        "sampled_logprob": c.sampled_logprob,
+        "topk_ids": c.topk_ids,
+        "topk_logprobs": c.topk_logprobs,
+    }

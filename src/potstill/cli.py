@@ -1,0 +1,165 @@
+"""`potstill <verb>`: the one entry point. Thin: parses flags, calls the library, prints results.
+
+Flags of generate/train/eval are derived from the typed configs in config.py (one help text per
+setting). Heavy imports happen inside commands so `potstill --help` is instant. Any
+`PotstillError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+import click
+
+from potstill.config import EvalConfig, GenerateConfig, TrainConfig, build
+from potstill.errors import PotstillError
+
+
+class Group(click.Group):
+    """Turns PotstillError (and bad files) into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PotstillError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+def _click_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return {int: int, float: float, str: str, bool: bool}.get(base, str)
+
+
+def config_options(cls):
+    """Decorator: one --flag per dataclass field, help from the field's metadata; plus --config YAML."""
+    hints = typing.get_type_hints(cls)
+
+    def deco(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            name = "--" + f.name.replace("_", "-")
+            tp = hints[f.name]
+            helptext = f.metadata.get("help", "")
+            if tp is bool:
+                fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=helptext)(fn)
+            elif typing.get_origin(tp) is list:
+                fn = click.option(name, multiple=True, help=helptext + " (repeatable)")(fn)
+            else:
+                fn = click.option(name, type=_click_type(tp), default=None, help=helptext)(fn)
+        return click.option("--config", "config_file", type=click.Path(), help="YAML file with these fields.")(fn)
+
+    return deco
+
+
+def make_config(cls, section: str, config_file: str | None, flags: dict):
+    """Defaults < YAML (--config, whole file or its `section`) < flags given on the command line."""
+    values = {}
+    where = section
+    if config_file:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+        except OSError as e:
+            raise PotstillError(f"cannot read: {e.strerror}", where=config_file) from None
+        values.update(data.get(section, data) if isinstance(data, dict) else {})
+        where = config_file
+    for k, v in flags.items():
+        if v is None or v == ():
+            continue
+        values[k] = list(v) if isinstance(v, tuple) else v
+    return build(cls, values, where)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="potstill")
+def app():
+    """potstill: distil language models, and tell model owners when theirs was distilled."""
+
+
+@app.command()
+@click.option("--run-dir", default="runs/demo", show_default=True, help="Where the run's artefacts go.")
+@click.option("--set", "overrides", multiple=True, help="Override a recipe field: stage.field=value.")
+def demo(run_dir, overrides):
+    """Distil the embedded teacher into a half-depth student and print the comparison table."""
+    from potstill.pipeline import builtin_recipe
+
+    _run(builtin_recipe("demo"), overrides, run_dir, "potstill demo")
+
+
+@app.command()
+@click.argument("recipe", type=click.Path())
+@click.option("--run-dir", default=None, help="Where the run's artefacts go (default: the recipe's run_dir).")
+@click.option("--set", "overrides", multiple=True, help="Override a recipe field: stage.field=value.")
+def run(recipe, run_dir, overrides):
+    """Run every stage of a YAML recipe (generate -> train -> eval)."""
+    if not Path(recipe).exists():
+        raise PotstillError("no such recipe file", where=recipe)
+    _run(recipe, overrides, run_dir, f"potstill run {recipe}")
+
+
+def _run(recipe, overrides, run_dir, title):
+    from rich.console import Console
+
+    from potstill.evaluate import rich_table
+    from potstill.pipeline import run_recipe
+
+    result = run_recipe(recipe, list(overrides), run_dir)
+    t = result["timings"]
+    console = Console()
+    console.print(rich_table(result["eval"]["rows"], title=title))
+    cap = result["capture"]
+    console.print(
+        f"capture: {cap.get('counts', {}).get('rows')} rows, {cap.get('bytes_per_completion_token')} bytes/completion token, "
+        f"generation {cap['this_run']['completion_tokens_per_s']} tok/s | "
+        f"training {result['train']['train_tokens_per_s']:.0f} tok/s | "
+        f"time: generate {t['generate_s']:.0f}s, train {t['train_s']:.0f}s, eval {t['eval_s']:.0f}s"
+    )
+    console.print(f"artefacts: {result['run_dir']} (capture/, student/, eval.json, eval.md, metrics)")
+
+
+@app.command()
+@config_options(GenerateConfig)
+def generate(config_file, **flags):
+    """Capture a teacher's completions and top-k log-probs into a Parquet dataset (resumable)."""
+    from potstill.capture.generate import generate as run_generate
+
+    run_generate(make_config(GenerateConfig, "generate", config_file, flags))
+
+
+@app.command()
+@config_options(TrainConfig)
+def train(config_file, **flags):
+    """Train a student on a capture with a distillation loss; saves a Hugging Face model dir."""
+    from potstill.train.loop import train as run_train
+
+    run_train(make_config(TrainConfig, "train", config_file, flags))
+
+
+@app.command("eval")
+@config_options(EvalConfig)
+def eval_cmd(config_file, **flags):
+    """Measure teacher and students on a capture's held-out split; writes eval.json and eval.md."""
+    from rich.console import Console
+
+    from potstill.evaluate import rich_table, run_eval
+
+    result = run_eval(make_config(EvalConfig, "eval", config_file, flags))
+    Console().print(rich_table(result["rows"], title="potstill eval"))
+
+
+@app.group()
+def bench():
+    """Benchmarks that write JSON and compare against anchors in the same run."""
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,122 @@
+"""Evaluation: the teacher and each student measured on the same capture split and prompts.
+
+    potstill eval --capture runs/capture --students runs/student --out runs/eval
+
+Writes eval.json (every number) and eval.md (the table).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from potstill.config import EvalConfig
+from potstill.utils import atomic_path, write_json
+
+COLUMNS = [
+    ("kl", "KL(teacher‖model) ↓", "{:.4f}"),
+    ("top1_agreement", "top-1 agree ↑", "{:.3f}"),
+    ("nll_teacher_tokens", "NLL teacher text ↓", "{:.3f}"),
+    ("nll_reference", "NLL references ↓", "{:.3f}"),
+    ("params", "params", "{:,}"),
+    ("size_bytes", "size MB", None),
+    ("gen_tokens_per_s", "gen tok/s", "{:.1f}"),
+]
+
+
+def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConfig, name: str) -> dict[str, Any]:
+    from potstill.evaluate.metrics import fidelity, generation_speed, reference_nll, size_stats
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    row: dict[str, Any] = {"model": name}
+    row.update(fidelity(model, examples, pad, cfg.batch_size))
+    row.update(reference_nll(model, tokenizer, prompts, cfg.batch_size) or {})
+    row.update(size_stats(model, model_dir))
+    row.update(generation_speed(model, tokenizer, prompts, cfg.gen_prompts, cfg.gen_tokens, cfg.batch_size))
+    return row
+
+
+def load_eval_inputs(cfg: EvalConfig):
+    """Held-out examples from the capture, and the prompts (with references) they came from."""
+    from potstill.capture.prompts import Prompt, load_prompts
+    from potstill.capture.store import Capture
+    from potstill.train.data import examples_from_capture
+
+    capture = Capture.open(cfg.capture)
+    examples = examples_from_capture(capture, split=cfg.split, max_seq_len=4096)
+    if cfg.max_rows:
+        examples = examples[: cfg.max_rows]
+    prompts = [
+        Prompt(row["prompt"], row.get("reference"), f"{cfg.capture}:{row['id']}")
+        for row in capture.rows(split=cfg.split, columns=["id", "prompt", "reference", "split"])
+    ]
+    if cfg.max_rows:
+        prompts = prompts[: cfg.max_rows]
+    if cfg.prompts:
+        prompts += load_prompts(cfg.prompts)
+    return capture, examples, prompts
+
+
+def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=None) -> dict[str, Any]:
+    """Teacher + each student on the held-out split; writes eval.json and eval.md atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.teachers.hf import resolve_model_dir
+
+    torch.manual_seed(0)
+    capture, examples, prompts = load_eval_inputs(cfg)
+    log(f"eval: {len(examples)} held-out completions, {sum(1 for p in prompts if p.reference)} reference answers")
+    rows = []
+    teacher_dir = resolve_model_dir(cfg.teacher) if teacher_model is None else None
+    if teacher_model is None:
+        teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rows.append(evaluate_model(teacher_model, teacher_tokenizer, teacher_dir, examples, prompts, cfg, "teacher"))
+    log(f"eval: teacher done ({rows[-1]['gen_tokens_per_s']:.0f} gen tok/s)")
+    labels = cfg.labels or [Path(s).name for s in cfg.students]
+    for path, label in zip(cfg.students, labels, strict=False):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        rows.append(evaluate_model(model, tok, path, examples, prompts, cfg, label))
+        log(f"eval: {label} done")
+    result = {"capture": cfg.capture, "split": cfg.split, "rows": rows, "config": cfg.__dict__}
+    out = Path(cfg.out)
+    write_json(out / "eval.json", result)
+    with atomic_path(out / "eval.md") as tmp:
+        tmp.write_text(markdown_table(rows) + "\n")
+    return result
+
+
+def _fmt(key: str, fmt: str | None, value) -> str:
+    if value is None:
+        return "–"
+    if key == "size_bytes":
+        return f"{value / 1e6:.1f}"
+    return fmt.format(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    head = "| model | " + " | ".join(c[1] for c in cols) + " |"
+    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
+    body = ["| " + r["model"] + " | " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in cols) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def rich_table(rows: list[dict[str, Any]], title: str = ""):
+    from rich.table import Table
+
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    table = Table(title=title)
+    table.add_column("model")
+    for _, label, _ in cols:
+        table.add_column(label, justify="right")
+    for r in rows:
+        table.add_row(r["model"], *[_fmt(k, f, r.get(k)) for k, _, f in cols])
+    return table
+
+
+def load_eval(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,95 @@
+"""Measurements of one model against the teacher's capture: fidelity, reference NLL, size and speed.
+
+- fidelity on a capture split: forward KL(teacher || model) over the stored top-k + tail bucket,
+  top-1 agreement with the teacher's most likely token, and the model's NLL of the teacher's
+  completion tokens (per token, nats);
+- NLL of reference answers (prompts that have an `output`/`reference`), per token;
+- parameters, size on disk, greedy generation tokens/s (batched, KV cache).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from potstill.train.data import collate, student_logits
+from potstill.train.losses import forward_kl, student_bucket_logprobs, teacher_bucket_logprobs
+
+
+@torch.no_grad()
+def fidelity(model, examples, pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """KL(teacher||model), top-1 agreement and NLL of the teacher's tokens, averaged over tokens."""
+    model.eval()
+    kl = agree = nll = 0.0
+    n = 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s : s + batch_size], pad_id)
+        logits = student_logits(model, batch).float()
+        if batch.topk_ids is not None:
+            p = teacher_bucket_logprobs(batch.topk_logprobs, batch.tail_logprob)
+            q = student_bucket_logprobs(logits, batch.topk_ids)
+            kl += float(forward_kl(p, q).sum())
+            agree += float((logits.argmax(-1) == batch.topk_ids[:, 0]).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits, batch.targets, reduction="sum"))
+        n += batch.n_targets
+    n = max(n, 1)
+    out = {"nll_teacher_tokens": nll / n, "tokens": n}
+    if examples and examples[0].topk_ids is not None:
+        out.update({"kl": kl / n, "top1_agreement": agree / n})
+    return out
+
+
+@torch.no_grad()
+def reference_nll(model, tokenizer, prompts, batch_size: int = 8, max_len: int = 1024) -> dict[str, float] | None:
+    """Per-token NLL of reference answers given their prompts (chat template), or None if none have one."""
+    from potstill.train.data import Example
+
+    examples = []
+    for p in prompts:
+        if not p.reference:
+            continue
+        prompt_ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
+            prompt_ids = prompt_ids["input_ids"]
+        answer = tokenizer(p.reference, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            answer = answer + [tokenizer.eos_token_id]
+        ids = (list(prompt_ids) + answer)[:max_len]
+        if len(ids) <= len(prompt_ids):
+            continue
+        import numpy as np
+
+        examples.append(Example(np.asarray(ids, dtype=np.int64), len(prompt_ids), None, None, None))
+    if not examples:
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    res = fidelity(model, examples, pad, batch_size)
+    return {"nll_reference": res["nll_teacher_tokens"], "reference_tokens": res["tokens"], "references": len(examples)}
+
+
+def size_stats(model, model_dir: str | Path | None) -> dict[str, Any]:
+    params = sum(p.numel() for p in model.parameters())
+    size = None
+    if model_dir is not None:
+        size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    return {"params": params, "size_bytes": size, "layers": getattr(model.config, "num_hidden_layers", None)}
+
+
+def generation_speed(model, tokenizer, prompts, n_prompts: int = 16, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
+    """Greedy batched decoding with the same engine as the teacher; completion tokens per second."""
+    from potstill.teachers.base import SamplingParams
+    from potstill.teachers.hf import HFTeacher
+
+    engine = HFTeacher(model, tokenizer, name="eval")
+    ids = [engine.encode_chat(p.messages) for p in prompts[:n_prompts]]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_logprobs=0)
+    engine.complete_ids(ids[:1], SamplingParams(max_new_tokens=2, temperature=0.0, top_logprobs=0))  # warm-up
+    t0 = time.perf_counter()
+    tokens = 0
+    for s in range(0, len(ids), batch_size):
+        tokens += sum(len(c.completion_ids) for c in engine.complete_ids(ids[s : s + batch_size], params))
+    seconds = time.perf_counter() - t0
+    return {"gen_tokens_per_s": tokens / seconds, "gen_tokens": tokens}

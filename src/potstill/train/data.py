@@ -1,0 +1,128 @@
+"""Capture rows -> training examples -> padded batches with the teacher's top-k per completion token.
+
+An example is prompt_ids + completion_ids (truncated to max_seq_len). Only completion tokens are
+learned: the student's logits at position p-1 are compared with the teacher's top-k for the token
+at position p. Batches carry those positions flattened, so the loss sees [N, V] logits and [N, k]
+teacher entries, and the prompt never enters the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # [L] int64
+    prompt_len: int
+    topk_ids: np.ndarray | None  # [T, k] int64 for the kept completion tokens
+    topk_logprobs: np.ndarray | None  # [T, k] float32
+    tail_logprob: np.ndarray | None  # [T] float32
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    rows: torch.Tensor  # [N] batch index of each learned position
+    cols: torch.Tensor  # [N] position whose logits predict the target
+    targets: torch.Tensor  # [N] completion token ids
+    topk_ids: torch.Tensor | None  # [N, k]
+    topk_logprobs: torch.Tensor | None  # [N, k]
+    tail_logprob: torch.Tensor | None  # [N]
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets.numel())
+
+
+def examples_from_capture(capture, split: str | None = "train", max_seq_len: int = 512) -> list[Example]:
+    """Read a capture's rows of one split into examples (rows with no completion are skipped)."""
+    out = []
+    for row in capture.rows(split=split):
+        prompt = np.asarray(row["prompt_ids"], dtype=np.int64)
+        completion = np.asarray(row["completion_ids"], dtype=np.int64)
+        if len(completion) == 0 or len(prompt) >= max_seq_len:
+            continue
+        keep = min(len(completion), max_seq_len - len(prompt))
+        topk = row.get("topk")
+        out.append(
+            Example(
+                input_ids=np.concatenate([prompt, completion[:keep]]),
+                prompt_len=len(prompt),
+                topk_ids=None if topk is None else topk.ids[:keep],
+                topk_logprobs=None if topk is None else topk.logprobs[:keep],
+                tail_logprob=None if topk is None else topk.tail_logprob[:keep],
+            )
+        )
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    rows, cols, targets = [], [], []
+    for b, e in enumerate(examples):
+        length = len(e.input_ids)
+        input_ids[b, :length] = torch.from_numpy(e.input_ids)
+        mask[b, :length] = 1
+        t = length - e.prompt_len
+        rows.append(torch.full((t,), b, dtype=torch.long))
+        cols.append(torch.arange(e.prompt_len - 1, length - 1))
+        targets.append(torch.from_numpy(e.input_ids[e.prompt_len :]))
+    has_topk = all(e.topk_ids is not None for e in examples)
+    if has_topk:
+        k = max(e.topk_ids.shape[1] for e in examples)
+        ids = np.concatenate([_pad_k(e.topk_ids, k, 0) for e in examples])
+        lps = np.concatenate([_pad_k(e.topk_logprobs, k, -np.inf) for e in examples])
+        tails = np.concatenate([e.tail_logprob for e in examples])
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        rows=torch.cat(rows),
+        cols=torch.cat(cols),
+        targets=torch.cat(targets),
+        topk_ids=torch.from_numpy(ids) if has_topk else None,
+        topk_logprobs=torch.from_numpy(lps.astype(np.float32)) if has_topk else None,
+        tail_logprob=torch.from_numpy(tails.astype(np.float32)) if has_topk else None,
+    )
+
+
+def _pad_k(a: np.ndarray, k: int, fill) -> np.ndarray:
+    if a.shape[1] == k:
+        return a
+    out = np.full((a.shape[0], k), fill, dtype=a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def batch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Deterministic shuffled batches for one epoch (same seed + epoch -> same batches, so resume is exact)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n_examples, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def micro_batches(n_examples: int, batch_size: int, seed: int):
+    """Endless stream of (epoch, index list) micro-batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        for idx in batch_order(n_examples, batch_size, seed, epoch):
+            yield epoch, idx
+        epoch += 1
+
+
+def student_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits [N, V] at the learned positions only (the LM head runs on those rows alone)."""
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    if inner is not None and head is not None:
+        hidden = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return head(hidden[batch.rows, batch.cols])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[batch.rows, batch.cols]

@@ -1,0 +1,256 @@
+"""The training loop: one function, readable top to bottom.
+
+    potstill train --capture runs/capture --student prune:depth:0.5 --loss fkl --out runs/student
+
+Reads a capture, builds the student, and minimises a distillation loss on the teacher's stored
+top-k (train never talks to a teacher). AdamW, linear warm-up + cosine decay, bf16 autocast where
+supported, gradient accumulation with the loss normalised by the learned tokens of the whole
+optimizer step, resumable checkpoints (`--resume` reaches the same weights as an uninterrupted
+run), one JSONL metrics line per step. The student is saved with `save_pretrained`, its tokenizer
+and a provenance.json (capture manifest hash, full config, potstill version, how it was built).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import potstill
+from potstill.config import TrainConfig
+from potstill.errors import PotstillError
+from potstill.train.data import collate, examples_from_capture, micro_batches, student_logits
+from potstill.train.losses import LossConfig, distill_loss
+from potstill.utils import sha256_file, write_json
+
+
+def autocast_enabled(setting: str, device: torch.device) -> bool:
+    if setting == "off":
+        return False
+    if setting == "on":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from potstill.teachers.hf import _cpu_has_bf16
+
+    return _cpu_has_bf16()
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer, capture_dir: str) -> None:
+    """Refuse a capture whose tokenizer is not the student's (cross-tokenizer losses are not built yet)."""
+    from potstill.teachers.hf import tokenizer_hash
+
+    want = (manifest.get("teacher") or {}).get("tokenizer_sha256")
+    if want and want != tokenizer_hash(tokenizer):
+        raise PotstillError(
+            "tokenizer of the capture's teacher differs from the student's; "
+            "use a student with the teacher's tokenizer",
+            where=f"{capture_dir}/manifest.json: teacher.tokenizer_sha256",
+        )
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    ckpts = [c for c in ckpts if (c / "state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer) -> Path:
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = out / "checkpoints" / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp / "weights.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:  # keep the two newest
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None) -> dict[str, Any]:
+    """Train a student on a capture; returns a summary dict (also in out/train_summary.json)."""
+    from potstill.capture.store import Capture
+
+    capture = Capture.open(cfg.capture)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    examples = examples_from_capture(capture, split="train", max_seq_len=cfg.max_seq_len)
+    if not examples:
+        raise PotstillError("no training rows (split 'train') with completion tokens", where=cfg.capture)
+    loss_cfg = LossConfig(
+        kind=cfg.loss, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha, ce_weight=cfg.ce_weight
+    )
+    if capture.text_only and cfg.loss != "ce":
+        log(f"notice: {cfg.capture} is text-only (the teacher gave no log-probs); training with ce instead of {cfg.loss}")
+        loss_cfg = LossConfig(kind="ce")
+
+    if model is None:
+        from potstill.students import build_student
+        from potstill.teachers.hf import resolve_model_dir
+
+        teacher_dir = resolve_model_dir(cfg.teacher) if not cfg.student.startswith("pretrained:") else None
+        calibration = [e.input_ids.tolist() for e in examples[: cfg.calibration]]
+        model, tokenizer, student_info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
+        if student_info.get("dropped_layers") is not None:
+            log(f"student: {cfg.student}: dropped layers {student_info['dropped_layers']} (least block influence)")
+    check_tokenizer(capture.manifest, tokenizer, cfg.capture)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    model.config.use_cache = False
+    use_bf16 = autocast_enabled(cfg.bf16, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise PotstillError("--resume: no checkpoint to resume from", where=str(out / "checkpoints"))
+        state = torch.load(ckpt / "weights.pt", map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+        _truncate_metrics(metrics_path, start)
+        log(f"resumed from {ckpt} at step {start}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    stream = micro_batches(len(examples), cfg.batch_size, cfg.seed)
+    for _ in range(start * cfg.grad_accum):  # replay the data order up to the resume point
+        next(stream)
+
+    write_json(out / "train_config.json", asdict(cfg))
+    t0 = time.perf_counter()
+    tokens_seen = 0
+    last = {}
+    with open(metrics_path, "a") as metrics:
+        for step in range(start, cfg.max_steps):
+            batches = [collate([examples[i] for i in next(stream)[1]], pad_id) for _ in range(cfg.grad_accum)]
+            n_total = sum(b.n_targets for b in batches)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            kd_sum = ce_sum = loss_sum = 0.0
+            for batch in batches:
+                batch = _to(batch, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = student_logits(model, batch)
+                parts = distill_loss(
+                    logits,
+                    batch.targets,
+                    batch.topk_ids,
+                    batch.topk_logprobs,
+                    batch.tail_logprob,
+                    loss_cfg,
+                    chunk_size=cfg.chunk_size,
+                )
+                (parts["loss_sum"] / n_total).backward()
+                loss_sum += float(parts["loss_sum"].detach())
+                kd_sum += float(parts["kd_sum"])
+                ce_sum += float(parts["ce_sum"])
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip else None
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += sum(int(b.attention_mask.sum()) for b in batches)
+            elapsed = time.perf_counter() - t0
+            done = step + 1 - start
+            last = {
+                "step": step + 1,
+                "loss": loss_sum / n_total,
+                "kd": kd_sum / n_total,
+                "ce": ce_sum / n_total,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "target_tokens": n_total,
+                "tokens_per_s": tokens_seen / elapsed,
+                "elapsed_s": elapsed,
+            }
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
+            eta = elapsed / done * (cfg.max_steps - step - 1)
+            log(
+                f"step {step + 1}/{cfg.max_steps} loss {last['loss']:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
+                f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s eta {eta:.0f}s"
+            )
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+                save_checkpoint(out, step + 1, model, optimizer)
+
+    save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg)
+    summary = {
+        "steps": cfg.max_steps,
+        "final": last,
+        "train_tokens_per_s": last.get("tokens_per_s"),
+        "examples": len(examples),
+        "bf16": use_bf16,
+    }
+    write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def save_student(out: Path, model, tokenizer, cfg: TrainConfig, capture, info: dict, loss_cfg) -> None:
+    """save_pretrained + tokenizer + provenance.json, moved into place file by file; provenance last."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    write_json(
+        out / "provenance.json",
+        {
+            "potstill_version": potstill.__version__,
+            "capture": str(cfg.capture),
+            "capture_manifest_sha256": sha256_file(Path(cfg.capture) / "manifest.json"),
+            "teacher": capture.manifest.get("teacher"),
+            "student": info,
+            "loss": asdict(loss_cfg),
+            "train_config": asdict(cfg),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+
+
+def _to(batch, device):
+    if device.type == "cpu":
+        return batch
+    from dataclasses import replace
+
+    return replace(batch, **{k: v.to(device) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)})
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
