@@ -1,0 +1,223 @@
+"""generate -> train -> eval on a tiny random teacher: real forward passes, real Parquet, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from potstill.config import EvalConfig, GenerateConfig, TrainConfig
+from potstill.errors import PotstillError
+
+PROMPTS = [
+    {"instruction": "Name a color.", "output": "Blue."},
+    {"instruction": "Say hello to the rain.", "output": "Hello, rain."},
+    {"instruction": "Count to three.", "output": "One two three."},
+    {"instruction": "What is the capital of France?", "output": "Paris."},
+    {"instruction": "Write a short poem.", "input": "about the quiet town"},
+    {"instruction": "List two animals.", "output": "cat, dog"},
+    {"instruction": "Explain gravity in one sentence.", "output": "Masses attract each other."},
+    {"instruction": "Summarize the text.", "input": "The rain is falling on the town."},
+    {"instruction": "Name three numbers.", "output": "seven eight nine"},
+    {"instruction": "How to learn a language?", "output": "Practice every day."},
+    {"instruction": "Best way to rest?", "output": "Sleep well."},
+    {"instruction": "Describe the capital of Italy.", "output": "Rome is old."},
+]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def gen_cfg(teacher, prompts, out, **kw):
+    base = dict(teacher=str(teacher), prompts=str(prompts), out=str(out), max_new_tokens=12, top_k=8,
+                batch_size=4, heldout=0.25, dtype="float32", shard_rows=4)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def capture_dir(tmp_path_factory, tiny_model_dir, prompts_file):
+    from potstill.capture.generate import generate
+
+    out = tmp_path_factory.mktemp("cap") / "capture"
+    generate(gen_cfg(tiny_model_dir, prompts_file, out), log=lambda *_: None)
+    return out
+
+
+def test_capture_contents(capture_dir):
+    from potstill.capture.store import Capture
+
+    cap = Capture.open(capture_dir)
+    m = cap.manifest
+    assert len(cap) == len(PROMPTS)
+    assert m["teacher"]["tokenizer_sha256"] and m["teacher"]["chat_template_sha256"]
+    assert m["sampling"]["max_new_tokens"] == 12 and m["k"] == 8
+    rows = list(cap.rows())
+    assert {r["split"] for r in rows} == {"train", "heldout"}
+    for r in rows:
+        t = len(r["completion_ids"])
+        assert r["topk"].ids.shape[0] == t and len(r["sampled_logprob"]) == t
+        assert r["finish_reason"] in ("stop", "length")
+    assert any(r["reference"] for r in rows)
+
+
+def test_generate_is_deterministic_per_row(tmp_path, tiny_model_dir, prompts_file, capture_dir):
+    """Rows don't depend on batch composition: batch 1 gives the same completions as batch 4."""
+    from potstill.capture.generate import generate
+    from potstill.capture.store import Capture
+
+    out = tmp_path / "cap1"
+    generate(gen_cfg(tiny_model_dir, prompts_file, out, batch_size=1), log=lambda *_: None)
+    a = {r["id"]: r["completion_ids"].tolist() for r in Capture.open(out).rows()}
+    b = {r["id"]: r["completion_ids"].tolist() for r in Capture.open(capture_dir).rows()}
+    assert a == b
+
+
+KILL_SCRIPT = """
+import sys, time
+from potstill.capture.generate import generate
+from potstill.config import GenerateConfig
+import potstill.capture.store as store
+orig = store.CaptureWriter.add
+def slow_add(self, row):
+    time.sleep(0.05)
+    return orig(self, row)
+store.CaptureWriter.add = slow_add
+generate(GenerateConfig(teacher=sys.argv[1], prompts=sys.argv[2], out=sys.argv[3], max_new_tokens=12, top_k=8,
+         batch_size=4, heldout=0.25, dtype="float32", shard_rows=4), log=lambda *_: None)
+"""
+
+
+def test_generate_resumes_after_kill9(tmp_path, tiny_model_dir, prompts_file, capture_dir):
+    from potstill.capture.generate import generate
+    from potstill.capture.store import Capture
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tiny_model_dir), str(prompts_file), str(out)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards_before = list(out.glob("shard-*.parquet"))
+    assert shards_before, "the child never wrote a shard"
+    generate(gen_cfg(tiny_model_dir, prompts_file, out), log=lambda *_: None)
+    resumed = [r["id"] for r in Capture.open(out).rows()]
+    uninterrupted = [r["id"] for r in Capture.open(capture_dir).rows()]
+    assert len(resumed) == len(set(resumed)) == len(PROMPTS)
+    assert sorted(resumed) == sorted(uninterrupted)
+
+
+def test_generate_refuses_changed_sampling(tmp_path, tiny_model_dir, prompts_file):
+    from potstill.capture.generate import generate
+
+    out = tmp_path / "c"
+    generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4), log=lambda *_: None)
+    with pytest.raises(PotstillError, match="temperature"):
+        generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4, temperature=0.5), log=lambda *_: None)
+
+
+def train_cfg(capture, out, **kw):
+    base = dict(capture=str(capture), out=str(out), student="prune:depth:2", loss="fkl", max_steps=6,
+                batch_size=2, warmup_steps=2, lr=1e-2, checkpoint_every=3, bf16="off", calibration=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def final_weights(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def test_train_saves_hf_student_with_provenance(tmp_path, capture_dir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.train.loop import train
+
+    out = tmp_path / "student"
+    summary = train(train_cfg(capture_dir, out, teacher=str(tiny_model_dir)), log=lambda *_: None)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(out).chat_template
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["capture_manifest_sha256"] and prov["student"]["dropped_layers"]
+    assert prov["train_config"]["loss"] == "fkl"
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and summary["final"]["step"] == 6
+    first, last = json.loads(lines[0]), json.loads(lines[-1])
+    assert last["loss"] < first["loss"]
+
+
+def test_train_resume_reaches_same_weights(tmp_path, capture_dir, tiny_model_dir):
+    from potstill.train.loop import train
+
+    full = tmp_path / "full"
+    train(train_cfg(capture_dir, full, teacher=str(tiny_model_dir)), log=lambda *_: None)
+    part = tmp_path / "part"
+    # stop after the step-3 checkpoint (as a crash would), then resume to step 6
+    train(train_cfg(capture_dir, part, teacher=str(tiny_model_dir), max_steps=6, checkpoint_every=3), log=lambda *_: None)
+    for f in part.glob("*.safetensors"):
+        f.unlink()
+    assert (part / "checkpoints" / "step-0000003" / "state.json").exists()
+    train(train_cfg(capture_dir, part, teacher=str(tiny_model_dir), resume=True), log=lambda *_: None)
+    a, b = final_weights(full), final_weights(part)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_accumulation_equals_big_batch(tmp_path, capture_dir, tiny_model_dir):
+    """batch 4 x accumulation 1 == batch 2 x accumulation 2 (loss normalised over the whole step)."""
+    from potstill.train.loop import train
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = dict(teacher=str(tiny_model_dir), max_steps=2, checkpoint_every=0, grad_clip=0.0)
+    train(train_cfg(capture_dir, a, batch_size=4, grad_accum=1, **common), log=lambda *_: None)
+    train(train_cfg(capture_dir, b, batch_size=2, grad_accum=2, **common), log=lambda *_: None)
+    # one shuffled order is cut into consecutive micro-batches, so both runs see the same 4 rows per step
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_eval_writes_table(tmp_path, capture_dir, tiny_model_dir):
+    from potstill.evaluate import run_eval
+    from potstill.train.loop import train
+
+    student = tmp_path / "student"
+    train(train_cfg(capture_dir, student, teacher=str(tiny_model_dir), max_steps=2), log=lambda *_: None)
+    res = run_eval(EvalConfig(capture=str(capture_dir), students=[str(student)], teacher=str(tiny_model_dir),
+                              out=str(tmp_path / "eval"), gen_prompts=2, gen_tokens=4), log=lambda *_: None)
+    teacher, stud = res["rows"]
+    assert teacher["kl"] < 1e-3 and teacher["top1_agreement"] > 0.99
+    assert stud["kl"] > teacher["kl"]
+    assert stud["params"] < teacher["params"]
+    assert stud["nll_reference"] > 0 and stud["gen_tokens_per_s"] > 0
+    assert "KL" in (tmp_path / "eval" / "eval.md").read_text()
+
+
+def test_tokenizer_mismatch_refused(tmp_path, capture_dir):
+    from potstill.train.loop import train
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer, save_tiny_model
+
+    other_tok = make_tiny_tokenizer(vocab_size=280)
+    other = save_tiny_model(tmp_path / "other", make_tiny_model(other_tok), other_tok)
+    with pytest.raises(PotstillError, match="tokenizer"):
+        train(train_cfg(capture_dir, tmp_path / "s", student=f"pretrained:{other}"), log=lambda *_: None)
