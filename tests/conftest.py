@@ -21,7 +21,7 @@ def tiny_tokenizer():
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny llama (2 layers) + tokenizer directory, usable as a teacher spec."""
     path = tmp_path_factory.mktemp("tiny-teacher")
-    save_tiny_model(path, make_tiny_model(tiny_tokenizer, layers=4, seed=0), tiny_tokenizer)
+    save_tiny_model(path, make_tiny_model(tiny_tokenizer, layers=4, seed=0, init=0.4), tiny_tokenizer)
     return path
 
 

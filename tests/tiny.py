@@ -45,7 +45,8 @@ def make_tiny_tokenizer(vocab_size: int = 300):
     return fast
 
 
-def make_tiny_model(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0):
+def make_tiny_model(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0, init: float = 0.02):
+    """A random llama; `init` (std of the weights) well above 0.02 gives a peaked, teacher-like distribution."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,6 +63,7 @@ def make_tiny_model(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=init,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -153,10 +153,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    allowed = {"run_dir", "name", *STAGES}
+    allowed = {"run_dir", "name", "eval_before", *STAGES}
     bad = sorted(set(data) - allowed)
     if bad:
         raise PotstillError(f"unknown section {bad[0]!r} (known: {', '.join(sorted(allowed))})", where=str(path))
+    for stage, cls in STAGES.items():
+        section = data.get(stage) or {}
+        if not isinstance(section, dict):
+            raise PotstillError(f"section {stage!r} must be a mapping", where=str(path))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise PotstillError(f"{stage}: unknown field {unknown[0]!r}", where=str(path))
     return data
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from potstill.train.data import collate, student_logits
-from potstill.train.losses import forward_kl, student_bucket_logprobs, teacher_bucket_logprobs
+from potstill.train.losses import forward_kl, stored_slots, student_bucket_logprobs, teacher_bucket_logprobs
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def fidelity(model, examples, pad_id: int, batch_size: int = 8) -> dict[str, flo
         logits = student_logits(model, batch).float()
         if batch.topk_ids is not None:
             p = teacher_bucket_logprobs(batch.topk_logprobs, batch.tail_logprob)
-            q = student_bucket_logprobs(logits, batch.topk_ids)
+            q = student_bucket_logprobs(logits, batch.topk_ids, valid=stored_slots(batch.topk_logprobs))
             kl += float(forward_kl(p, q).sum())
             agree += float((logits.argmax(-1) == batch.topk_ids[:, 0]).sum())
         nll += float(torch.nn.functional.cross_entropy(logits, batch.targets, reduction="sum"))

@@ -1,0 +1,272 @@
+"""Which API keys look like model extraction? Per-key features from the query log -> a 0-1 risk.
+
+    risks = score_keys("queries.db")            # highest risk first
+    print(format_table(risks))
+    write_report("monitor.json", risks)
+    throttle(KeyStore("keys.db"), [r.key_id for r in risks if r.flagged], factor=0.1)
+
+Extraction (distillation) traffic differs from ordinary use in several weak ways at once; each
+feature maps to a 0-1 component score and the risk is their weighted sum (`WEIGHTS`), damped for
+keys with little evidence (x (1 - exp(-n/10))). A key is flagged at `risk >= THRESHOLD`.
+
+| component | feature | why |
+|---|---|---|
+| logprobs (0.25) | share of requests asking for log-probs | distillation wants soft targets; chat apps rarely ask |
+| coverage (0.25) | topic clusters of the prompts (token-set Jaccard, leader clustering) -> 1 - exp(-clusters/50) | extraction sweeps many topics; an app or a person stays on a few |
+| template (0.15) | share of prompts sharing a prefix+suffix skeleton with another prompt (>= 60 % of words, numbers/quotes/URLs masked) | generated prompts fill slots in a few templates |
+| timing (0.15) | 1 - CV of inter-arrival times (needs >= 10 gaps; scaled by gaps/30) | scripts send steadily (CV << 1); people are bursty (CV > 1) |
+| volume (0.15) | mean of 1 - exp(-requests/300) and 1 - exp(-(requests/hour)/600) | extraction needs many samples, fast |
+| diversity (0.05) | distinct word-bigram ratio of the prompts' content | reported for review; weak alone |
+
+Prompts are the last user message (chat) or the prompt (completions); system prompts are
+ignored, so an app's fixed system prompt does not look like a template.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from potstill.guard.querylog import read_log
+from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
+from potstill.utils import write_json
+
+WEIGHTS: dict[str, float] = {
+    "logprobs": 0.25,
+    "coverage": 0.25,
+    "template": 0.15,
+    "timing": 0.15,
+    "volume": 0.15,
+    "diversity": 0.05,
+}
+THRESHOLD = 0.55
+"""Flag keys whose risk is at least this."""
+
+MAX_PROMPTS = 600  # prompts per key used for the quadratic features (evenly spaced sample)
+_STOPWORDS = frozenset(
+    "the a an and or but of to in on for with at by from as is are was were be been it this that these "
+    "those i you he she we they me my your our their what which who how why when where can could would "
+    "should will do does did not no yes so if then than there here about into over please just some any "
+    "all more most very also its it's i'm".split()
+)
+_MASKS = [
+    (re.compile(r"https?://\S+"), " urltoken "),
+    (re.compile(r"\"[^\"]{1,200}\"|“[^”]{1,200}”"), " quotetoken "),
+    (re.compile(r"\d+(?:[.,]\d+)*"), " numtoken "),
+]
+_WORD = re.compile(r"[a-z][a-z'\-]*|numtoken|urltoken|quotetoken")
+
+
+@dataclass
+class KeyRisk:
+    """One key's extraction risk, its component scores (0-1) and the raw features behind them."""
+
+    key_id: str
+    risk: float
+    flagged: bool
+    n_requests: int
+    scores: dict[str, float] = field(default_factory=dict)
+    features: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- prompt text ------------------------------------------------------------------------------
+def prompt_words(prompt: Any) -> list[str]:
+    """Normalised words of the prompt a row asked about (variable spans masked)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [f"t{t}" for t in prompt]  # a token-id prompt: ids are the words
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return prompt_words(prompt[0])
+    text = ""
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        content = (users[-1] if users else (prompt[-1] if isinstance(prompt[-1], dict) else {})).get("content")
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        text = content if isinstance(content, str) else ""
+    text = text.lower()
+    for pattern, repl in _MASKS:
+        text = pattern.sub(repl, text)
+    return _WORD.findall(text)
+
+
+# ---- features ---------------------------------------------------------------------------------
+def template_share(prompts: list[list[str]], min_cover: float = 0.6, min_words: int = 4) -> float:
+    """Share of prompts whose best prefix + best suffix match with other prompts covers >= min_cover."""
+    n = len(prompts)
+    if n < 2:
+        return 0.0
+    lcp, lcs = [0] * n, [0] * n
+    for best, key in ((lcp, lambda i: prompts[i]), (lcs, lambda i: prompts[i][::-1])):
+        order = sorted(range(n), key=key)
+        for a, b in zip(order, order[1:], strict=False):
+            x, y = key(a), key(b)
+            k = 0
+            while k < min(len(x), len(y)) and x[k] == y[k]:
+                k += 1
+            best[a], best[b] = max(best[a], k), max(best[b], k)
+    hits = 0
+    for i, words in enumerate(prompts):
+        covered = min(len(words), lcp[i] + lcs[i])
+        if len(words) and covered >= min_words and covered >= min_cover * len(words):
+            hits += 1
+    return hits / n
+
+
+def content_sets(prompts: list[list[str]], template_df: float = 0.05) -> list[frozenset[str]]:
+    """Content words per prompt: no stopwords, masks, or template words (in > max(3, template_df * n) prompts)."""
+    df = Counter(w for p in prompts for w in set(p))
+    limit = max(3.0, template_df * len(prompts))
+    common = {w for w, c in df.items() if c > limit}
+    return [
+        frozenset(w for w in p if len(w) > 2 and w not in _STOPWORDS and w not in common and not w.endswith("token"))
+        for p in prompts
+    ]
+
+
+def topic_clusters(sets: list[frozenset[str]], threshold: float = 0.3) -> int:
+    """Leader clustering: a prompt joins the first cluster whose leader it overlaps by Jaccard >= threshold."""
+    leaders: list[frozenset[str]] = []
+    for s in sets:
+        if not s:
+            continue
+        for lead in leaders:
+            if len(s & lead) / len(s | lead) >= threshold:
+                break
+        else:
+            leaders.append(s)
+    return len(leaders)
+
+
+def distinct_ngram_ratio(sets_or_words: list[list[str]], n: int = 2) -> float:
+    grams = [tuple(w[i : i + n]) for w in sets_or_words for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def timing_cv(times: list[float]) -> tuple[float, int]:
+    """(coefficient of variation of inter-arrival gaps, number of gaps)."""
+    ts = sorted(times)
+    gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+    if len(gaps) < 2:
+        return math.nan, len(gaps)
+    mean = statistics.fmean(gaps)
+    return (statistics.pstdev(gaps) / mean if mean > 0 else 0.0), len(gaps)
+
+
+def _sample(items: list, k: int) -> list:
+    if len(items) <= k:
+        return items
+    step = len(items) / k
+    return [items[int(i * step)] for i in range(k)]
+
+
+def key_features(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Raw features of one key's rows (any order)."""
+    times = [r["ts"] for r in rows]
+    n = len(rows)
+    span_h = max((max(times) - min(times)) / 3600, 1 / 60) if n else 1 / 60
+    with_prompt = [r for r in rows if r.get("prompt") is not None]
+    prompts = _sample([w for w in (prompt_words(r["prompt"]) for r in with_prompt) if w], MAX_PROMPTS)
+    sets = content_sets(prompts)
+    content = [[w for w in p if w in s] for p, s in zip(prompts, sets, strict=True)]
+    cv, gaps = timing_cv(times)
+    return {
+        "requests": float(n),
+        "requests_per_hour": n / span_h,
+        "logprob_share": sum(bool(r.get("logprobs")) for r in with_prompt) / len(with_prompt) if with_prompt else 0.0,
+        "template_share": template_share(prompts),
+        "topic_clusters": float(topic_clusters(sets)),
+        "distinct_ngram_ratio": distinct_ngram_ratio(content),
+        "timing_cv": cv,
+        "timing_gaps": float(gaps),
+    }
+
+
+def component_scores(f: dict[str, float]) -> dict[str, float]:
+    """Map raw features to 0-1 component scores (see the module table)."""
+    cv, gaps = f["timing_cv"], f["timing_gaps"]
+    timing = 0.0 if math.isnan(cv) or gaps < 10 else max(0.0, 1.0 - cv) * min(1.0, gaps / 30)
+    return {
+        "logprobs": f["logprob_share"],
+        "coverage": 1 - math.exp(-f["topic_clusters"] / 50),
+        "template": f["template_share"],
+        "timing": timing,
+        "volume": 0.5 * (1 - math.exp(-f["requests"] / 300)) + 0.5 * (1 - math.exp(-f["requests_per_hour"] / 600)),
+        "diversity": f["distinct_ngram_ratio"],
+    }
+
+
+def score_keys(
+    log_url: str | Path,
+    since: float | None = None,
+    until: float | None = None,
+    weights: dict[str, float] | None = None,
+    threshold: float = THRESHOLD,
+    min_requests: int = 1,
+) -> list[KeyRisk]:
+    """Risk per key over the log rows in [since, until) (unix seconds), highest risk first."""
+    weights = weights or WEIGHTS
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in read_log(log_url, since=since, until=until):
+        if r.get("key_id"):
+            by_key.setdefault(r["key_id"], []).append(r)
+    risks = []
+    for key_id, rows in by_key.items():
+        if len(rows) < min_requests:
+            continue
+        feats = key_features(rows)
+        scores = component_scores(feats)
+        evidence = 1 - math.exp(-len(rows) / 10)
+        risk = evidence * sum(weights.get(k, 0.0) * v for k, v in scores.items()) / max(sum(weights.values()), 1e-9)
+        risks.append(
+            KeyRisk(key_id, round(risk, 4), risk >= threshold, len(rows),
+                    {k: round(v, 4) for k, v in scores.items()}, {k: round(v, 4) for k, v in feats.items()})
+        )
+    return sorted(risks, key=lambda r: (-r.risk, r.key_id))
+
+
+def format_table(risks: list[KeyRisk]) -> str:
+    """A fixed-width table, one line per key."""
+    cols = list(WEIGHTS)
+    head = f"{'key':<14} {'risk':>5} {'flag':>4} {'reqs':>6} " + " ".join(f"{c[:8]:>8}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for r in risks:
+        lines.append(
+            f"{r.key_id[:14]:<14} {r.risk:>5.2f} {'YES' if r.flagged else '':>4} {r.n_requests:>6} "
+            + " ".join(f"{r.scores.get(c, 0.0):>8.2f}" for c in cols)
+        )
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, risks: list[KeyRisk], **meta: Any) -> None:
+    """JSON report (written atomically): weights, threshold, meta, and every key's risk."""
+    write_json(path, {"weights": WEIGHTS, "threshold": THRESHOLD, **meta, "keys": [r.to_dict() for r in risks]})
+
+
+def throttle(
+    keystore, key_ids: list[str], factor: float = 0.1, default_rpm: int | None = DEFAULT_RPM,
+    default_tpm: int | None = DEFAULT_TPM,
+) -> dict[str, tuple[int | None, int | None]]:
+    """Multiply each key's limits by `factor` (keys on server defaults start from those). Returns new limits."""
+    if not 0 < factor <= 1:
+        raise ValueError("factor must be in (0, 1]")
+    out = {}
+    for key_id in key_ids:
+        rec = keystore.get(key_id)
+        if rec is None:
+            continue
+        rpm = rec.rpm if rec.rpm is not None else default_rpm
+        tpm = rec.tpm if rec.tpm is not None else default_tpm
+        new = (None if rpm is None else max(1, int(rpm * factor)), None if tpm is None else max(1, int(tpm * factor)))
+        keystore.set_limits(key_id, *new)
+        out[key_id] = new
+    return out

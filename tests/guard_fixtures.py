@@ -1,0 +1,76 @@
+"""Shared helpers for the guard tests: a tiny HF teacher and a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+WATERMARK_KEY = "wm-secret-do-not-leak-7d41c9"
+
+
+def tiny_teacher(layers: int = 2, seed: int = 0):
+    from potstill.teachers.hf import HFTeacher
+
+    tok = make_tiny_tokenizer()
+    return HFTeacher(make_tiny_model(tok, layers=layers, seed=seed), tok, name="tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    app: object
+    url: str  # http://127.0.0.1:PORT
+    keys: object  # KeyStore
+    querylog_url: str
+
+    @property
+    def base(self) -> str:
+        return self.url + "/v1"
+
+    def flush(self) -> None:
+        self.app.state.querylog.flush()
+
+
+@contextmanager
+def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", **cfg_kwargs):
+    """Serve `teacher` with uvicorn in a thread; yields a LiveServer; stops (and flushes the log) on exit."""
+    import uvicorn
+
+    from potstill.guard.keys import KeyStore
+    from potstill.guard.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(
+        host="127.0.0.1",
+        port=free_port(),
+        keys_url=str(tmp / "keys.db"),
+        querylog_url=str(tmp / "queries.db"),
+        **cfg_kwargs,
+    )
+    keys = KeyStore(cfg.keys_url)
+    app = create_app(teacher, cfg, keys=keys, limiter=limiter)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, lifespan="on", backlog=2048)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(app, f"http://127.0.0.1:{cfg.port}", keys, cfg.querylog_url)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)

@@ -1,0 +1,40 @@
+"""End-to-end with the real embedded teacher (SmolLM2-135M-Instruct): the demo recipe, scaled down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_recipe_small(tmp_path):
+    run = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "potstill.cli", "demo", "--run-dir", str(run),
+        "--set", "generate.max_prompts=40", "--set", "generate.max_new_tokens=40",
+        "--set", "generate.heldout=0.25",
+        "--set", "train.max_steps=30", "--set", "train.checkpoint_every=15",
+        "--set", "eval.gen_prompts=4", "--set", "eval.gen_tokens=16",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "student (after training)" in proc.stdout
+    result = json.loads((run / "eval.json").read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    teacher, before, after = rows["teacher"], rows["student (before training)"], rows["student (after training)"]
+    assert after["kl"] < before["kl"]
+    assert after["top1_agreement"] > before["top1_agreement"]
+    assert after["nll_teacher_tokens"] < before["nll_teacher_tokens"]
+    assert after["params"] < teacher["params"]
+    manifest = json.loads((run / "capture" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["teacher"]["name"] == "SmolLM2-135M-Instruct"
+    prov = json.loads((run / "student" / "provenance.json").read_text())
+    assert len(prov["student"]["dropped_layers"]) == 15
+    assert (run / "student" / "model.safetensors").exists()
+    assert Path(run / "eval.md").read_text().count("|") > 10

@@ -1,0 +1,105 @@
+"""RateLimiter: per-key request and token buckets with an injected clock."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from potstill.guard.ratelimit import RateLimited, RateLimiter
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_requests_per_minute_burst_then_refill():
+    clock = Clock()
+    lim = RateLimiter(rpm=60, tpm=None, clock=clock)
+    for _ in range(60):
+        lim.acquire("k", tokens=10)
+    with pytest.raises(RateLimited) as err:
+        lim.acquire("k", tokens=10)
+    assert err.value.limit == "requests" and err.value.retry_after == 1
+    clock.t += 1.0  # 60/min -> one request per second
+    lim.acquire("k", tokens=10)
+    with pytest.raises(RateLimited):
+        lim.acquire("k", tokens=10)
+    lim.acquire("other", tokens=10)  # keys are independent
+
+
+def test_tokens_charged_up_front_and_refunded():
+    clock = Clock()
+    lim = RateLimiter(rpm=None, tpm=600, clock=clock)
+    a = lim.acquire("k", tokens=400)  # prompt + max_tokens
+    with pytest.raises(RateLimited) as err:
+        lim.acquire("k", tokens=300)
+    # 100 tokens missing at 10 tokens/s -> 10 s
+    assert err.value.limit == "tokens" and err.value.retry_after == 10
+    lim.settle(a, used_tokens=150)  # refund 250
+    lim.settle(a, used_tokens=0)  # settling twice refunds nothing more
+    lim.acquire("k", tokens=300)  # 200 + 250 refunded - 300 = 150 left
+    with pytest.raises(RateLimited):
+        lim.acquire("k", tokens=200)
+    lim.acquire("k", tokens=150)
+
+
+def test_request_larger_than_the_limit_and_retry_after_rounding():
+    clock = Clock()
+    lim = RateLimiter(rpm=7, tpm=100, clock=clock)
+    with pytest.raises(RateLimited, match="Request too large"):
+        lim.acquire("k", tokens=101)
+    for _ in range(7):
+        lim.acquire("k", tokens=1)
+    clock.t += 8.0  # 7/60 per s -> 0.93 request refilled
+    with pytest.raises(RateLimited) as err:
+        lim.acquire("k", tokens=1)
+    assert err.value.retry_after == 1  # ceil(0.57 s), never 0
+
+
+def test_per_key_limits_override_defaults_and_changes_apply_at_once():
+    clock = Clock()
+    lim = RateLimiter(rpm=100, tpm=None, clock=clock)
+    for _ in range(3):
+        lim.acquire("k", tokens=1, rpm=3)
+    with pytest.raises(RateLimited):
+        lim.acquire("k", tokens=1, rpm=3)
+    lim.acquire("k", tokens=1, rpm=None)  # raised to the default: the extra 97 are available at once
+    assert lim.limits(None, 5) == (100, 5)
+    lim2 = RateLimiter(rpm=100, clock=clock)
+    for _ in range(50):
+        lim2.acquire("k", tokens=1)
+    for _ in range(10):  # throttled to 10/min: the 50 left clamp to 10
+        lim2.acquire("k", tokens=1, rpm=10)
+    with pytest.raises(RateLimited):
+        lim2.acquire("k", tokens=1, rpm=10)
+
+
+def test_thread_safe_exact_admissions():
+    lim = RateLimiter(rpm=500, tpm=None, clock=Clock())
+    ok = []
+
+    def worker():
+        for _ in range(100):
+            try:
+                lim.acquire("k", tokens=1)
+                ok.append(1)
+            except RateLimited:
+                pass
+
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ok) == 500
+
+
+def test_unlimited():
+    lim = RateLimiter(rpm=None, tpm=None, clock=Clock())
+    for _ in range(10_000):
+        lim.acquire("k", tokens=10**6)
