@@ -8,6 +8,7 @@ setting). Heavy imports happen inside commands so `potstill --help` is instant. 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -16,6 +17,9 @@ import click
 
 from potstill.config import EvalConfig, GenerateConfig, TrainConfig, build
 from potstill.errors import PotstillError
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class Group(click.Group):

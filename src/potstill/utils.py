@@ -27,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -57,3 +58,11 @@ def sha256_text(text: str) -> str:
 def stable_hash(obj) -> str:
     """sha256 of the canonical JSON of `obj` (sorted keys): a stable id for configs and prompts."""
     return sha256_text(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str))
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars or advisory warnings from transformers in our output."""
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()

@@ -15,6 +15,7 @@ from typing import Any
 from potstill.config import GenerateConfig
 from potstill.errors import PotstillError
 from potstill.teachers.base import SamplingParams
+from potstill.utils import quiet_transformers
 
 
 def progress_bar(total: int, description: str):
@@ -72,16 +73,16 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
     from potstill.teachers import load_teacher
     from potstill.teachers.hf import row_seed
 
+    prompts = load_prompts(cfg.prompts) if cfg.prompts else None  # bad input fails before the teacher loads
+    quiet_transformers()
     if teacher is None:
-        kwargs: dict[str, Any] = {}
         if cfg.teacher.startswith(("http://", "https://")):
-            kwargs = {"model": cfg.model, "tokenizer": cfg.tokenizer}
+            kwargs: dict[str, Any] = {"model": cfg.model, "tokenizer": cfg.tokenizer}
         else:
             kwargs = {"dtype": cfg.dtype}
         teacher = load_teacher(cfg.teacher, **kwargs)
 
-    if cfg.prompts:
-        prompts = load_prompts(cfg.prompts)
+    if prompts is not None:
         source = cfg.prompts
     else:
         if not hasattr(teacher, "complete_ids"):

@@ -133,7 +133,12 @@ class CaptureWriter:
     # -- writing ---------------------------------------------------------------------------------
 
     def add(self, row: dict[str, Any]) -> None:
-        """Buffer one completion (see the module docstring for fields); writes a shard when full."""
+        """Buffer one completion; writes a shard when `shard_rows` are buffered.
+
+        `row`: id, prompt (messages or their JSON), reference (str|None), split, prompt_ids,
+        completion_ids, completion_text, finish_reason, sampled_logprob ([T] or None), and
+        topk_ids / topk_logprobs ([T, k]; None or absent for a text-only row).
+        """
         if self._closed:
             raise RuntimeError("CaptureWriter is closed")
         rid = str(row["id"])

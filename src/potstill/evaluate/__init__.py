@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.config import EvalConfig
-from potstill.utils import atomic_path, write_json
+from potstill.utils import atomic_path, quiet_transformers, write_json
 
 COLUMNS = [
     ("kl", "KL(teacher‖model) ↓", "{:.4f}"),
@@ -67,6 +67,7 @@ def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=N
 
     torch.manual_seed(0)
     capture, examples, prompts = load_eval_inputs(cfg)
+    quiet_transformers()
     log(f"eval: {len(examples)} held-out completions, {sum(1 for p in prompts if p.reference)} reference answers")
     rows = []
     teacher_dir = resolve_model_dir(cfg.teacher) if teacher_model is None else None

@@ -28,7 +28,7 @@ from potstill.config import TrainConfig
 from potstill.errors import PotstillError
 from potstill.train.data import collate, examples_from_capture, micro_batches, student_logits
 from potstill.train.losses import LossConfig, distill_loss
-from potstill.utils import sha256_file, write_json
+from potstill.utils import quiet_transformers, sha256_file, write_json
 
 
 def autocast_enabled(setting: str, device: torch.device) -> bool:
@@ -89,6 +89,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     from potstill.capture.store import Capture
 
     capture = Capture.open(cfg.capture)
+    quiet_transformers()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
