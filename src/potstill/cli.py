@@ -26,6 +26,8 @@ class Group(click.Group):
     """Turns PotstillError (and bad files) into one line and exit code 2."""
 
     def invoke(self, ctx):
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(line_buffering=True)  # step logs appear as they happen, even in a pipe
         try:
             return super().invoke(ctx)
         except PotstillError as e:
@@ -159,6 +161,43 @@ def eval_cmd(config_file, **flags):
 @app.group()
 def bench():
     """Benchmarks that write JSON and compare against anchors in the same run."""
+
+
+@bench.command("codec")
+@click.option("--capture", default=None, help="Measure on a real capture's top-k instead of synthetic distributions.")
+@click.option("--positions", default=4096, show_default=True, help="Synthetic token positions.")
+@click.option("--vocab", default=49152, show_default=True, help="Synthetic vocabulary size.")
+@click.option("--k", default=20, show_default=True, help="Top-k kept per token (cap for 'mass').")
+@click.option("--out", default="runs/bench/codec.json", show_default=True, help="JSON results.")
+def bench_codec_cmd(capture, positions, vocab, k, out):
+    """Bytes per completion token and fidelity cost (KL) of each top-k codec."""
+    from potstill.bench.codec import bench_codec, format_table
+
+    click.echo(format_table(bench_codec(n_positions=positions, vocab=vocab, k=k, out_json=out, source=capture)))
+    click.echo(f"wrote {out}")
+
+
+@bench.command("generate")
+@click.option("--teacher", default="embedded", show_default=True, help="Teacher model.")
+@click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")
+@click.option("--n", default=64, show_default=True, help="Prompts for the batched decoders.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens per completion.")
+@click.option("--batch-size", default=32, show_default=True, help="Batch size for batched decoders.")
+@click.option("--k", default=20, show_default=True, help="Top log-probs per token.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
+@click.option("--out", default="runs/bench/generate.json", show_default=True, help="JSON results.")
+def bench_generate_cmd(teacher, prompts, n, max_new_tokens, batch_size, k, dtype, out):
+    """Completion tokens/s: naive and batched model.generate against potstill's engine."""
+    from potstill.bench.generate import bench_generate, format_table
+    from potstill.capture.prompts import load_prompts
+    from potstill.teachers.hf import HFTeacher
+    from potstill.utils import quiet_transformers
+
+    quiet_transformers()
+    result = bench_generate(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[:n], max_new_tokens,
+                            batch_size, k, out_json=out)
+    click.echo(format_table(result))
+    click.echo(f"wrote {out}")
 
 
 def main() -> None:  # pragma: no cover

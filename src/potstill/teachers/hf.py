@@ -145,7 +145,7 @@ class HFTeacher:
             return []
         n = len(prompt_ids)
         seeds = seeds if seeds is not None else [row_seed(params.seed, i) for i in range(n)]
-        gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        gens = [np.random.default_rng(s) for s in seeds]
         k = params.top_logprobs
         dev = self.device
 
@@ -244,7 +244,8 @@ class HFTeacher:
         return results
 
     @staticmethod
-    def _sample(logits, logprobs, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
+    def _sample(logits, logprobs, params: SamplingParams, gens: list[np.random.Generator]) -> torch.Tensor:
+        """Inverse-CDF sampling: one uniform per row from the row's own generator, one batched cumsum."""
         if params.temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -253,7 +254,9 @@ class HFTeacher:
             drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
-        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
+        cdf = probs.cumsum(-1)
+        u = torch.tensor([[g.random()] for g in gens], dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)[:, 0]
 
     def _hits_stop(self, ids: list[int], stops: list[str]) -> bool:
         tail = self.tokenizer.decode(ids[-16:], skip_special_tokens=True)

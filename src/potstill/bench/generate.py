@@ -1,0 +1,120 @@
+"""`potstill bench generate`: completion tokens/s of the local teacher engine against its anchors.
+
+Same model, same prompts, same token budget, in one run:
+- `hf-naive`: `model.generate` one prompt at a time (no log-probs);
+- `hf-batched+logprobs`: batched `model.generate` returning the logits, top-k taken afterwards;
+- `potstill`: the batched KV-cache engine of teachers/hf.py with top-k log-probs.
+Ratios are reported against `hf-batched+logprobs` (the anchor), so machine noise cancels.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import torch
+
+from potstill.utils import write_json
+
+
+def _chat_ids(teacher, prompts) -> list[list[int]]:
+    return [teacher.encode_chat(p.messages) for p in prompts]
+
+
+@torch.no_grad()
+def hf_naive(teacher, ids: list[list[int]], max_new_tokens: int) -> int:
+    tokens = 0
+    for p in ids:
+        x = torch.tensor([p])
+        out = teacher.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                     do_sample=True, pad_token_id=teacher.pad_id)
+        tokens += _count(out[0, len(p):].tolist(), teacher.eos_ids)
+    return tokens
+
+
+@torch.no_grad()
+def hf_batched_logprobs(teacher, ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int) -> int:
+    tok = teacher.tokenizer
+    tokens = 0
+    for s in range(0, len(ids), batch_size):
+        chunk = ids[s : s + batch_size]
+        width = max(map(len, chunk))
+        x = torch.full((len(chunk), width), teacher.pad_id)
+        mask = torch.zeros_like(x)
+        for i, p in enumerate(chunk):
+            x[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = teacher.model.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                                     pad_token_id=tok.pad_token_id or teacher.pad_id, output_logits=True,
+                                     return_dict_in_generate=True)
+        for step_logits in out.logits:  # the log-probs a capture needs, from the logits generate kept
+            torch.log_softmax(step_logits.float(), -1).topk(k, dim=-1)
+        for row in out.sequences[:, width:].tolist():
+            tokens += _count(row, teacher.eos_ids)
+    return tokens
+
+
+def potstill_engine(teacher, ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int) -> int:
+    from potstill.teachers.base import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_logprobs=k)
+    tokens = 0
+    for s in range(0, len(ids), batch_size):
+        tokens += sum(len(c.completion_ids) for c in teacher.complete_ids(ids[s : s + batch_size], params))
+    return tokens
+
+
+def _count(row: list[int], eos: list[int]) -> int:
+    for i, t in enumerate(row):
+        if t in eos:
+            return i
+    return len(row)
+
+
+def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int = 32, k: int = 20,
+                   naive_prompts: int = 8, out_json: str | None = None, log=print) -> dict[str, Any]:
+    """Run the three decoders on the same prompts; returns (and writes) tokens/s and ratios."""
+    ids = sorted(_chat_ids(teacher, prompts), key=len)
+    torch.manual_seed(0)
+    potstill_engine(teacher, ids[:2], 4, 2, k)  # warm-up
+    results = []
+    runs = [
+        ("hf-naive (per prompt, no log-probs)", lambda: hf_naive(teacher, ids[:naive_prompts], max_new_tokens),
+         naive_prompts),
+        ("hf-batched+logprobs (anchor)", lambda: hf_batched_logprobs(teacher, ids, max_new_tokens, batch_size, k),
+         len(ids)),
+        ("potstill", lambda: potstill_engine(teacher, ids, max_new_tokens, batch_size, k), len(ids)),
+    ]
+    for name, fn, n in runs:
+        t0 = time.perf_counter()
+        tokens = fn()
+        seconds = time.perf_counter() - t0
+        results.append({"decoder": name, "prompts": n, "tokens": tokens, "seconds": round(seconds, 2),
+                        "tokens_per_s": round(tokens / seconds, 1)})
+        log(f"{name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s")
+    anchor = results[1]["tokens_per_s"]
+    for r in results:
+        r["vs_anchor"] = round(r["tokens_per_s"] / anchor, 2)
+    out = {
+        "model": teacher.name,
+        "dtype": str(next(teacher.model.parameters()).dtype),
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "top_k": k,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "results": results,
+    }
+    if out_json:
+        write_json(out_json, out)
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"bench generate: {result['model']} ({result['dtype']}), {result['max_new_tokens']} new tokens, "
+             f"batch {result['batch_size']}, top-{result['top_k']} log-probs, {result['threads']} threads",
+             f"{'decoder':<40}{'prompts':>8}{'tokens':>8}{'tok/s':>10}{'vs anchor':>11}"]
+    for r in result["results"]:
+        lines.append(f"{r['decoder']:<40}{r['prompts']:>8}{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['vs_anchor']:>11.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""Benchmarks run end to end on tiny inputs and write their JSON (numbers are checked by people, not here)."""
+
+from __future__ import annotations
+
+import json
+
+from potstill.capture.prompts import Prompt
+
+
+def test_bench_generate_tiny(tmp_path, tiny_model_dir):
+    from potstill.bench.generate import bench_generate, format_table
+    from potstill.teachers.hf import HFTeacher
+
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    prompts = [Prompt([{"role": "user", "content": f"Count to {i}."}]) for i in range(6)]
+    out = tmp_path / "gen.json"
+    res = bench_generate(teacher, prompts, max_new_tokens=6, batch_size=3, k=4, naive_prompts=2,
+                         out_json=str(out), log=lambda *_: None)
+    assert [r["decoder"].split()[0] for r in res["results"]] == ["hf-naive", "hf-batched+logprobs", "potstill"]
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in res["results"])
+    assert json.loads(out.read_text())["results"][1]["vs_anchor"] == 1.0
+    assert "potstill" in format_table(res)
+
+
+def test_bench_codec_small(tmp_path):
+    from potstill.bench.codec import bench_codec
+
+    res = bench_codec(n_positions=256, vocab=1000, k=8, out_json=str(tmp_path / "c.json"))
+    assert (tmp_path / "c.json").exists()
+    text = json.dumps(res)
+    assert "mass" in text and "f16" in text

@@ -1,0 +1,50 @@
+"""The local engine: sampling is per-row seeded and unbiased; top-k come from the sampling distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from potstill.teachers.base import SamplingParams
+from potstill.teachers.hf import HFTeacher
+
+
+def test_sampler_matches_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
+    logits = torch.log(probs.clamp_min(1e-30))
+    rng = [np.random.default_rng(0)]
+    counts = np.bincount([int(HFTeacher._sample(logits, None, SamplingParams(), rng)) for _ in range(6000)],
+                         minlength=4)
+    freq = counts / counts.sum()
+    assert counts[1] == 0
+    np.testing.assert_allclose(freq, probs[0].numpy(), atol=0.03)
+
+
+def test_top_p_excludes_tail():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    rng = [np.random.default_rng(1)]
+    seen = {int(HFTeacher._sample(logits, None, SamplingParams(top_p=0.8), rng)) for _ in range(500)}
+    assert seen == {0, 1}
+
+
+def test_completion_independent_of_batch(tiny_model_dir):
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    prompts = [teacher.encode_chat([{"role": "user", "content": t}]) for t in ["hello", "write a poem about rain"]]
+    params = SamplingParams(max_new_tokens=8, top_logprobs=5)
+    both = teacher.complete_ids(prompts, params, seeds=[11, 22])
+    alone = teacher.complete_ids(prompts[1:], params, seeds=[22])
+    assert both[1].completion_ids == alone[0].completion_ids
+    np.testing.assert_allclose(both[1].topk_logprobs, alone[0].topk_logprobs, atol=1e-4)
+    # top-k are sorted log-probs of a distribution and contain the sampled token when it is likely
+    lp = both[0].topk_logprobs
+    assert np.all(np.diff(lp, axis=1) <= 1e-6) and np.all(np.exp(lp).sum(1) <= 1 + 1e-4)
+
+
+def test_stop_strings_trim(tiny_model_dir):
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    ids = teacher.encode_chat([{"role": "user", "content": "hello"}])
+    free = teacher.complete_ids([ids], SamplingParams(max_new_tokens=12, temperature=0), seeds=[0])[0]
+    assert len(free.text) > 2
+    stop = free.text[2:4]
+    cut = teacher.complete_ids([ids], SamplingParams(max_new_tokens=12, temperature=0, stop=[stop]), seeds=[0])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
