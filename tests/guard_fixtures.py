@@ -21,6 +21,19 @@ def tiny_teacher(layers: int = 2, seed: int = 0):
     return HFTeacher(make_tiny_model(tok, layers=layers, seed=seed), tok, name="tiny")
 
 
+@contextmanager
+def one_torch_thread():
+    """Tiny models decode faster on one thread, and a busy shared CI box makes 2-thread OMP barriers stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

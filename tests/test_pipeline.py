@@ -221,3 +221,32 @@ def test_tokenizer_mismatch_refused(tmp_path, capture_dir):
     other = save_tiny_model(tmp_path / "other", make_tiny_model(other_tok), other_tok)
     with pytest.raises(PotstillError, match="tokenizer"):
         train(train_cfg(capture_dir, tmp_path / "s", student=f"pretrained:{other}"), log=lambda *_: None)
+
+
+def test_self_instruct_capture(tmp_path, tiny_model_dir):
+    """No prompts: the teacher writes the user turns itself from its chat template's user prefix."""
+    from potstill.capture.generate import generate
+    from potstill.capture.store import Capture
+
+    out = tmp_path / "magpie"
+    cfg = GenerateConfig(teacher=str(tiny_model_dir), self_instruct=6, out=str(out), max_new_tokens=6, top_k=4,
+                         batch_size=4, heldout=0.2, dtype="float32")
+    generate(cfg, log=lambda *_: None)
+    cap = Capture.open(out)
+    prompts = [r["prompt"][0]["content"] for r in cap.rows()]
+    assert len(prompts) == len(set(prompts)) >= 1
+    assert cap.manifest["prompts"]["source"] == "self-instruct:6"
+
+
+def test_shipped_recipes_load():
+    from importlib import resources
+
+    from potstill.config import STAGES, build, load_recipe
+
+    recipes = list((resources.files("potstill") / "recipes").iterdir())
+    assert recipes
+    for path in recipes:
+        data = load_recipe(str(path))
+        for stage, cls in STAGES.items():
+            extra = {"students": ["x"]} if stage == "eval" else {}
+            build(cls, {**data.get(stage, {}), **extra}, str(path))

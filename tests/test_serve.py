@@ -14,14 +14,15 @@ from potstill.guard.querylog import read_log
 from potstill.guard.ratelimit import RateLimiter
 from potstill.guard.serve import ServeConfig, safe_prefix
 from potstill.guard.watermark import WatermarkConfig, detect_ids
-from tests.guard_fixtures import WATERMARK_KEY, live_server, tiny_teacher
+from tests.guard_fixtures import WATERMARK_KEY, live_server, one_torch_thread, tiny_teacher
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return tiny_teacher()
+    with one_torch_thread():
+        yield tiny_teacher()
 
 
 @pytest.fixture(scope="module")

@@ -48,3 +48,20 @@ def test_stop_strings_trim(tiny_model_dir):
     stop = free.text[2:4]
     cut = teacher.complete_ids([ids], SamplingParams(max_new_tokens=12, temperature=0, stop=[stop]), seeds=[0])[0]
     assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+
+
+def test_continuous_refill_matches_rows_alone(tiny_model_dir):
+    """Rows merged into a running batch (KV cache left-padded) decode exactly as they would alone."""
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    texts = ["hello", "write a poem about rain", "count", "name three colors please now", "the capital of Italy"]
+    prompts = [teacher.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    params = SamplingParams(max_new_tokens=10, top_logprobs=4)
+    seeds = [5, 6, 7, 8, 9]
+    done = []
+    refilled = teacher.complete_ids(prompts, params, seeds, batch_size=2, on_token=lambda t, d: done.append(d))
+    assert sum(done) == len(prompts)
+    for i, p in enumerate(prompts):
+        alone = teacher.complete_ids([p], params, [seeds[i]])[0]
+        assert refilled[i].completion_ids == alone.completion_ids, i
+        np.testing.assert_allclose(refilled[i].topk_logprobs, alone.topk_logprobs, atol=1e-4)
+        assert refilled[i].finish_reason == alone.finish_reason

@@ -256,4 +256,5 @@ def test_bench_watermark_smoke(tiny_teacher, tmp_path):
     assert "s3cr3t" not in out.read_text()  # the key is never written
     first = res["lengths"][0]
     assert first["n_null"] >= 50 and 0 <= first["fpr"] <= 1 and first["n_watermarked"] <= 4
-    assert res["perplexity"]["watermarked"] > 0 and "TPR" in format_table(res)
+    ppl = res["perplexity"]["watermarked"]
+    assert ppl["ppl_lo"] <= ppl["ppl"] <= ppl["ppl_hi"] and "TPR" in format_table(res)

@@ -13,7 +13,9 @@ green-list processor on) and unwatermarked ones (off) for the same prompts, then
   and no false positive, the FPR is below ~0.6% (95%); the p < 0.01 and p < 0.05 rates show
   the calibration with more resolution;
 - quality cost: perplexity of the watermarked and the unwatermarked completions under the
-  unwatermarked teacher (teacher forcing, completion tokens only).
+  unwatermarked teacher (teacher forcing, completion tokens only), pooled over tokens with a
+  bootstrap interval over completions: sampled text from a small model has heavy-tailed
+  perplexity, so a few dozen completions give intervals of +-15%.
 
     python -m potstill.bench.watermark --n-pos 48 --n-neg 48 --threads 1 --out runs/bench-watermark.json
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import time
 from dataclasses import replace
@@ -71,9 +74,9 @@ def _generate(teacher: HFTeacher, prompt_ids, params, tag: str, batch_size: int,
 @torch.no_grad()
 def completion_nll(
     teacher: HFTeacher, completions: list[Completion], batch_size: int = 4
-) -> tuple[float, int]:
-    """Summed NLL (nats) of the completion tokens under the teacher (no processor), and their count."""
-    total, count = 0.0, 0
+) -> list[tuple[float, int]]:
+    """(summed NLL in nats, token count) of each non-empty completion under the teacher (no processor)."""
+    out = []
     rows = [c for c in completions if c.completion_ids]
     for b in range(0, len(rows), batch_size):
         batch = rows[b : b + batch_size]
@@ -91,9 +94,29 @@ def completion_nll(
             p, n = len(c.prompt_ids), len(c.completion_ids)
             lp = logits[i, p - 1 : p + n - 1].float().log_softmax(-1)
             target = torch.tensor(c.completion_ids, device=lp.device)
-            total -= float(lp.gather(1, target[:, None]).sum())
-            count += n
-    return total, count
+            out.append((-float(lp.gather(1, target[:, None]).sum()), n))
+    return out
+
+
+def perplexity_stats(nll: list[tuple[float, int]], seed: int = 0, resamples: int = 1000) -> dict[str, float]:
+    """Pooled perplexity (exp of total NLL / tokens), a bootstrap 90% interval over completions,
+    and the median per-completion perplexity (robust to a few rambling outliers)."""
+    if not nll:
+        return {
+            "ppl": float("nan"),
+            "ppl_lo": float("nan"),
+            "ppl_hi": float("nan"),
+            "median_ppl": float("nan"),
+        }
+    pooled = lambda rows: math.exp(sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1))  # noqa: E731
+    rng = random.Random(seed)
+    boots = sorted(pooled(rng.choices(nll, k=len(nll))) for _ in range(resamples))
+    return {
+        "ppl": pooled(nll),
+        "ppl_lo": boots[int(0.05 * resamples)],
+        "ppl_hi": boots[int(0.95 * resamples) - 1],
+        "median_ppl": statistics.median(math.exp(s / n) for s, n in nll),
+    }
 
 
 def _score(c: Completion, length: int, cfg: WatermarkConfig) -> WatermarkScore:
@@ -166,10 +189,10 @@ def bench_watermark(
             }
         )
 
-    nll_pos, n_tok_pos = completion_nll(teacher, pos)
-    nll_neg, n_tok_neg = completion_nll(teacher, neg)
-    ppl_pos = math.exp(nll_pos / max(n_tok_pos, 1))
-    ppl_neg = math.exp(nll_neg / max(n_tok_neg, 1))
+    ppl_pos = perplexity_stats(completion_nll(teacher, pos), seed)
+    ppl_neg = perplexity_stats(completion_nll(teacher, neg), seed)
+    n_tok_pos = sum(len(c.completion_ids) for c in pos)
+    n_tok_neg = sum(len(c.completion_ids) for c in neg)
     result = {
         "bench": "watermark",
         "teacher": teacher.name,
@@ -186,7 +209,11 @@ def bench_watermark(
             "unwatermarked": n_tok_neg / max(n_neg, 1),
         },
         "lengths": per_length,
-        "perplexity": {"watermarked": ppl_pos, "unwatermarked": ppl_neg, "ratio": ppl_pos / ppl_neg},
+        "perplexity": {
+            "watermarked": ppl_pos,
+            "unwatermarked": ppl_neg,
+            "ratio": ppl_pos["ppl"] / ppl_neg["ppl"],
+        },
         "timing": {
             "watermarked_s": t_pos,
             "unwatermarked_s": t_neg,
@@ -218,9 +245,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{null['rate_p<0.01']:>6.3f} {null['rate_p<0.05']:>6.3f}"
         )
     ppl, t = result["perplexity"], result["timing"]
+    w, u = ppl["watermarked"], ppl["unwatermarked"]
     lines.append(
-        f"perplexity under the unwatermarked teacher: watermarked {ppl['watermarked']:.2f}, "
-        f"unwatermarked {ppl['unwatermarked']:.2f} (x{ppl['ratio']:.3f})"
+        f"perplexity under the unwatermarked teacher (90% CI; median per text): watermarked {w['ppl']:.2f} "
+        f"[{w['ppl_lo']:.2f}, {w['ppl_hi']:.2f}; {w['median_ppl']:.2f}], unwatermarked {u['ppl']:.2f} "
+        f"[{u['ppl_lo']:.2f}, {u['ppl_hi']:.2f}; {u['median_ppl']:.2f}] (x{ppl['ratio']:.3f})"
     )
     lines.append(
         f"speed: {fmt(t['watermarked_tok_s'], '.0f')} tok/s watermarked, "

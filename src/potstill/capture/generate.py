@@ -53,13 +53,14 @@ def self_instruct_prompts(teacher, n: int, seed: int, max_new_tokens: int = 64, 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.98, top_logprobs=0, seed=seed)
     prompts: list = []
     attempt = 0
-    while len(prompts) < n and attempt < 8:
+    while len(prompts) < n and attempt < 4:
         need = (n - len(prompts)) * 2 if attempt else int(n * 1.3) + 1
         seeds = [row_seed(seed, f"magpie-{attempt}-{i}") for i in range(need)]
         texts = []
         for s in range(0, need, batch_size):
             outs = teacher.complete_ids([prefix_ids] * len(seeds[s : s + batch_size]), params, seeds[s : s + batch_size])
-            texts += [o.text.strip() for o in outs if o.finish_reason == "stop" and len(o.text.strip()) >= 8]
+            # a user turn cut at max_new_tokens is still a usable prompt; empty or tiny ones are not
+            texts += [o.text.strip() for o in outs if len(o.text.strip()) >= 8]
         prompts = dedupe(prompts + [Prompt([{"role": "user", "content": t}], None, "self-instruct") for t in texts])[0]
         attempt += 1
     return prompts[:n]
@@ -138,18 +139,28 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
                 encoded = {rid: _encode(teacher, p.messages) for rid, p, _ in window}
                 order = sorted(window, key=lambda t: len(encoded[t[0]] or ()))
                 results: dict[str, Any] = {}
-                for start in range(0, len(order), cfg.batch_size):
-                    chunk = order[start : start + cfg.batch_size]
-                    seeds = [row_seed(cfg.seed, rid) for rid, _, _ in chunk]
-                    if encoded[chunk[0][0]] is not None:
-                        outs = teacher.complete_ids([encoded[rid] for rid, _, _ in chunk], params, seeds)
-                    else:
-                        outs = teacher.complete([p.messages for _, p, _ in chunk], params, seeds)
-                    for (rid, _, _), c in zip(chunk, outs, strict=True):
-                        results[rid] = c
-                        tokens += len(c.completion_ids)
-                    rate = tokens / (time.perf_counter() - t0)
-                    bar.update(task, advance=len(chunk), rate=f"{rate:.0f} tok/s")
+                if encoded[order[0][0]] is not None:  # local: one call, continuous refill keeps the batch full
+
+                    def tick(n_tokens: int, n_done: int) -> None:
+                        nonlocal tokens
+                        tokens += n_tokens
+                        rate = f"{tokens / (time.perf_counter() - t0):.0f} tok/s"
+                        bar.update(task, advance=n_done, rate=rate)
+
+                    outs = teacher.complete_ids([encoded[rid] for rid, _, _ in order], params,
+                                                [row_seed(cfg.seed, rid) for rid, _, _ in order],
+                                                on_token=tick, batch_size=cfg.batch_size)
+                    results = {rid: c for (rid, _, _), c in zip(order, outs, strict=True)}
+                else:
+                    for start in range(0, len(order), cfg.batch_size):
+                        chunk = order[start : start + cfg.batch_size]
+                        outs = teacher.complete([p.messages for _, p, _ in chunk], params,
+                                                [row_seed(cfg.seed, rid) for rid, _, _ in chunk])
+                        for (rid, _, _), c in zip(chunk, outs, strict=True):
+                            results[rid] = c
+                            tokens += len(c.completion_ids)
+                        rate = f"{tokens / (time.perf_counter() - t0):.0f} tok/s"
+                        bar.update(task, advance=len(chunk), rate=rate)
                 for rid, p, split in window:
                     writer.add(_row(rid, p, split, results[rid]))
         gen_seconds = time.perf_counter() - t0

@@ -691,7 +691,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "invalid_request_error")
-        return await _api_error(request, APIError(err.status_code, str(err.detail), kind))
+        return await _api_error(request, APIError(err.status_code, str(err.detail), kind, headers=err.headers))
 
     @app.get("/health", include_in_schema=False)
     async def health():
@@ -704,7 +704,8 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id}", dependencies=bearer, responses={401: _RESPONSES[401]})
+    @app.get("/v1/models/{model_id}", dependencies=bearer,
+             responses={401: _RESPONSES[401], 404: {"description": "No such model", "content": _ERROR_SCHEMA}})
     async def model(model_id: str):
         if model_id != svc.name:
             raise APIError(404, f"The model '{model_id[:256]}' does not exist.", code="model_not_found")

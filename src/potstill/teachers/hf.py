@@ -138,88 +138,101 @@ class HFTeacher:
         params: SamplingParams,
         seeds: list[int] | None = None,
         logits_processor: LogitsProcessor | None = None,
-        on_token: Callable[[int], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+        batch_size: int | None = None,
     ) -> list[Completion]:
-        """Decode a batch of tokenised prompts together. `seeds[i]` seeds row i's sampler."""
+        """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
+
+        When rows finish, waiting prompts are prefilled and merged into the running batch (their
+        KV cache left-padded to the batch's length), so the batch stays full. `seeds[i]` seeds row
+        i's sampler, so a row's completion does not depend on its batch-mates.
+        """
         if not prompt_ids:
             return []
         n = len(prompt_ids)
         seeds = seeds if seeds is not None else [row_seed(params.seed, i) for i in range(n)]
         gens = [np.random.default_rng(s) for s in seeds]
+        cap = batch_size or n
         k = params.top_logprobs
         dev = self.device
+        eos = torch.tensor(self.eos_ids, device=dev)
 
-        width = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        input_ids, attn = input_ids.to(dev), attn.to(dev)
-
-        live = list(range(n))  # batch row -> original index
         contexts = [list(p) for p in prompt_ids]
         out_ids: list[list[int]] = [[] for _ in range(n)]
         out_lp: list[list[float]] = [[] for _ in range(n)]
         out_tk_ids: list[list[np.ndarray]] = [[] for _ in range(n)]
         out_tk_lp: list[list[np.ndarray]] = [[] for _ in range(n)]
         finish = ["length"] * n
-        eos = torch.tensor(self.eos_ids, device=dev)
 
-        cache = None
-        step_ids = input_ids
-        for step in range(params.max_new_tokens):
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=attn,
-                position_ids=pos,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.cache
-            logits = out.logits[:, -1, :].float()
+        def consume(rows: list[int], logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+            """Sample one token for each row from its logits; return the positions of rows still going."""
+            logits = logits.float()
             if logits_processor is not None:
-                logits = logits_processor([contexts[i] for i in live], logits)
+                logits = logits_processor([contexts[i] for i in rows], logits)
             logprobs = torch.log_softmax(logits, dim=-1)
-            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in live])
-            chosen_lp = logprobs.gather(1, next_tok[:, None])[:, 0]
+            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows])
+            chosen = logprobs.gather(1, next_tok[:, None])[:, 0].tolist()
             if k:
                 tk_lp, tk_ids = logprobs.topk(k, dim=-1)
                 tk_lp, tk_ids = tk_lp.cpu().numpy(), tk_ids.cpu().numpy()
-            next_cpu = next_tok.tolist()
-            chosen_cpu = chosen_lp.tolist()
+            toks = next_tok.tolist()
             is_eos = torch.isin(next_tok, eos).tolist()
-
             keep = []
-            for b, i in enumerate(live):
+            for b, i in enumerate(rows):
                 if is_eos[b]:
                     finish[i] = "stop"
                     continue
-                tok = next_cpu[b]
-                out_ids[i].append(tok)
-                out_lp[i].append(chosen_cpu[b])
-                contexts[i].append(tok)
+                out_ids[i].append(toks[b])
+                out_lp[i].append(chosen[b])
+                contexts[i].append(toks[b])
                 if k:
                     out_tk_ids[i].append(tk_ids[b])
                     out_tk_lp[i].append(tk_lp[b])
                 if params.stop and self._hits_stop(out_ids[i], params.stop):
                     finish[i] = "stop"
+                elif len(out_ids[i]) < params.max_new_tokens:
+                    keep.append(b)
+            if on_token is not None:  # (tokens sampled this step, rows that finished)
+                on_token(len(rows), len(rows) - len(keep))
+            return keep, next_tok
+
+        queue = list(range(n))
+        live: list[int] = []
+        cache = attn = step_ids = None
+        while queue or live:
+            free = cap - len(live)
+            if queue and (not live or free >= max(1, cap // 4) or free >= len(queue)):
+                new_rows, queue = queue[:free], queue[free:]
+                new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in new_rows])
+                keep, toks = consume(new_rows, logits)
+                new_rows = [new_rows[b] for b in keep]
+                if new_rows:
+                    idx = torch.tensor(keep, device=dev)
+                    new_cache.batch_select_indices(idx)
+                    new_attn, new_step = new_attn[idx], toks[idx][:, None]
+                    if live:
+                        attn = _merge_cache(cache, attn, new_cache, new_attn)
+                        step_ids = torch.cat([step_ids, new_step])
+                    else:
+                        cache, attn, step_ids = new_cache, new_attn, new_step
+                    live = live + new_rows
+                if not live:
                     continue
-                keep.append(b)
-            if on_token is not None:
-                on_token(len(keep))
-            if not keep:
-                break
-            if len(keep) < len(live):
-                idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
-                attn = attn[idx]
-                next_tok = next_tok[idx]
-                live = [live[b] for b in keep]
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
-            step_ids = next_tok[:, None]
+            pos = attn.sum(-1, keepdim=True) - 1
+            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+            cache = out.cache
+            keep, toks = consume(live, out.logits[:, -1, :])
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, device=dev, dtype=torch.long)
+                if keep:
+                    cache.batch_select_indices(idx)
+                attn = attn[idx]
+                toks = toks[idx]
+                live = [live[b] for b in keep]
+            step_ids = toks[:, None]
+            if not live:
+                cache = attn = step_ids = None
 
         results = []
         for i in range(n):
@@ -242,6 +255,19 @@ class HFTeacher:
                 )
             )
         return results
+
+    def _prefill(self, prompts: list[list[int]]):
+        """Left-padded forward over new prompts: (their cache, attention mask, last-position logits)."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        return out.cache, attn, out.logits[:, -1, :]
 
     @staticmethod
     def _sample(logits, logprobs, params: SamplingParams, gens: list[np.random.Generator]) -> torch.Tensor:
@@ -284,6 +310,24 @@ class HFTeacher:
             lp, tk = logprobs.topk(k, dim=-1)
             results.append((tk.cpu().numpy(), lp.cpu().numpy()))
         return results
+
+
+def _merge_cache(cache, attn: torch.Tensor, new_cache, new_attn: torch.Tensor) -> torch.Tensor:
+    """Append new_cache's rows to cache in place, left-padding the shorter side; returns the merged mask."""
+    la, lb = attn.shape[1], new_attn.shape[1]
+    width = max(la, lb)
+
+    def pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+        if not extra:
+            return t
+        shape = list(t.shape)
+        shape[dim] = extra
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
+        layer.keys = torch.cat([pad(layer.keys, width - la, 2), pad(new_layer.keys, width - lb, 2)])
+        layer.values = torch.cat([pad(layer.values, width - la, 2), pad(new_layer.values, width - lb, 2)])
+    return torch.cat([pad(attn, width - la, 1), pad(new_attn, width - lb, 1)])
 
 
 def tokenizer_hash(tokenizer) -> str:
