@@ -169,3 +169,17 @@ def test_detect_generations(cfg, watermarked, student):
     assert rep.tokens_scored <= 5 and rep.duplicates_skipped >= 240
     skip = detect_generations([list(range(20))], None, cfg, prompt_lengths=[15])
     assert skip.positions == 5
+
+
+class LookAheadModel(CopyModel):
+    """Predicts the actual next token (0 after the last): only pairs read earlier are filtered."""
+
+    def forward(self, input_ids, attention_mask=None):
+        pred = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+        return types.SimpleNamespace(logits=torch.nn.functional.one_hot(pred, V).float())
+
+
+def test_input_filter_only_drops_pairs_already_read(cfg):
+    res = detect_model(LookAheadModel(), None, [[1, 2, 3, 1, 2, 4]], cfg)
+    # t=1..6 -> (1,2) (2,3) (3,1) (1,2) (2,4) (4,0): only t=4 repeats a pair read at t=1
+    assert res.positions == 6 and res.input_pairs_skipped == 1 and res.tokens_scored == 5

@@ -291,6 +291,11 @@ def test_every_request_logged_once_and_no_secret_leaks(teacher, wm_cfg, tmp_path
         sent.append(401)
         assert httpx.get(srv.url + "/health").status_code == 200
         sent.append(200)
+        assert httpx.get(srv.url + "/nope").status_code == 404
+        sent.append(404)
+        big = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+        assert post(srv, "/chat/completions", big, sec).status_code == 413
+        sent.append(413)
         log_url = srv.querylog_url
     rows = read_log(log_url)
     assert sorted(r["status"] for r in rows) == sorted(sent)
@@ -318,3 +323,23 @@ def test_serve_config():
 
     with pytest.raises(PotstillError):
         ServeConfig(max_tokens_cap=0)
+
+
+def test_querylog_wal_batching_and_close(tmp_path):
+    from sqlalchemy import text
+
+    from potstill.guard.querylog import QueryLog
+
+    log = QueryLog(tmp_path / "q.db")
+    with log.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    for i in range(1000):
+        log.record({"key_id": f"k{i % 3}", "endpoint": "/v1/x", "status": 200, "prompt": [{"i": i}], "params": {}})
+    log.flush()
+    assert len(read_log(tmp_path / "q.db")) == 1000
+    log.close()
+    log.record({"status": 401})  # after close: written synchronously, still exactly once
+    log.close()
+    rows = read_log(f"sqlite:///{tmp_path / 'q.db'}")
+    assert len(rows) == 1001 and rows[5]["prompt"] == [{"i": 5}] and rows[-1]["status"] == 401
+    assert len(read_log(tmp_path / "q.db", key_id="k1")) == 333

@@ -200,6 +200,15 @@ def bench_generate_cmd(teacher, prompts, n, max_new_tokens, batch_size, k, dtype
     click.echo(f"wrote {out}")
 
 
+def _register_guard() -> None:
+    from potstill.cli_guard import register
+
+    register(app)
+
+
+_register_guard()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -72,13 +72,14 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
     from potstill.capture.prompts import assign_split, dedupe, load_prompts, prompts_hash
     from potstill.capture.store import CaptureWriter, row_id
     from potstill.teachers import load_teacher
-    from potstill.teachers.hf import row_seed
+    from potstill.teachers.hf import resolve_model_dir, row_seed
 
     prompts = load_prompts(cfg.prompts) if cfg.prompts else None  # bad input fails before the teacher loads
     quiet_transformers()
     if teacher is None:
         if cfg.teacher.startswith(("http://", "https://")):
-            kwargs: dict[str, Any] = {"model": cfg.model, "tokenizer": cfg.tokenizer}
+            tokenizer = str(resolve_model_dir(cfg.tokenizer)) if cfg.tokenizer else None
+            kwargs: dict[str, Any] = {"model": cfg.model, "tokenizer": tokenizer}
         else:
             kwargs = {"dtype": cfg.dtype}
         teacher = load_teacher(cfg.teacher, **kwargs)
@@ -108,7 +109,8 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
         seed=cfg.seed,
     )
     identity = teacher.identity()
-    codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity["vocab_size"], k=cfg.top_k)
+    # a remote teacher without a tokenizer has no known vocab: ids then take 32 bits
+    codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=cfg.top_k)
     sampling = params.to_dict()
     manifest = {
         "teacher": identity,

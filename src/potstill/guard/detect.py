@@ -10,9 +10,12 @@ as for text (see watermark.py), in two modes:
 
 Validity rules (a null model must give uniform p-values, so a small p means something):
 - each (context, token) pair the hash sees is counted once over everything scored;
-- in open-weights mode, a prediction whose (context, token) pair occurs in the input sequence
-  itself is not scored (`exclude_input_pairs`): any model can copy a pair it is shown, and when
-  the inputs are watermarked text such copies are green far more often than gamma;
+- in open-weights mode, a prediction whose (context, token) pair the model has already read in
+  its input (earlier in the same sequence) is not scored (`exclude_input_pairs`): any model can
+  copy a pair it is shown, and when the inputs hold our watermarked text such copies are green
+  far more often than gamma. A pair the model has not read has a key-independent green bit, so
+  scoring the suspect's own samples, references or our own outputs is all valid; predicting
+  the (unseen) next token of our text is allowed;
 - positions inside the prompt part are skipped when the caller gives prompt lengths.
 
     result = detect_model(student, tok, sequences, WatermarkConfig(key=..., vocab_size=...))
@@ -135,13 +138,16 @@ def detect_model(
             pred = preds[i, start - 1 : len(seq)]
             seeds = wm.pair_seeds(ctx, pred[:, None])[:, 0]
             bits = wm.green_from_seeds(seeds, pred).tolist()
-            own: set = set()
+            first: dict = {}  # (seed, token) -> first position where the input itself holds the pair
             if exclude_input_pairs:
                 s_in, t_in, _ = wm.pair_table(seq, h)
-                own = set(zip(s_in, t_in, strict=True))
-            for s, t, g in zip(seeds.tolist(), pred.tolist(), bits, strict=True):
+                for pos, key in enumerate(zip(s_in, t_in, strict=True), start=h):
+                    first.setdefault(key, pos)
+            for pos, (s, t, g) in enumerate(
+                zip(seeds.tolist(), pred.tolist(), bits, strict=True), start=start
+            ):
                 positions += 1
-                if (s, t) in own:
+                if first.get((s, t), pos) < pos:  # the model has read this pair: it may copy it
                     skipped_input += 1
                     continue
                 if (s, t) in seen:

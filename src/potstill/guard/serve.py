@@ -110,11 +110,13 @@ Stop = Annotated[str, StringConstraints(max_length=256)]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool | None = False
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as the schema says
 
     model: str | None = Field(None, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=2**31)
@@ -136,12 +138,14 @@ class _Base(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # JSON types as the schema says
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -319,22 +323,32 @@ class Job:
 class _Tap:
     """Logits processor wrapper that sees each row's tokens as they are generated.
 
-    complete_ids passes the same context list objects at every step, so the first call (all
-    rows live, in order) maps list identity -> row. It streams new tokens to the event loop and
-    records which rows ran past their own max_tokens (-> finish_reason "length").
+    complete_ids passes one context list object per row (prompt + tokens so far) at every step;
+    the first time a list is seen it is matched to the first unmatched job with that prompt
+    (rows enter in order), then by identity. It streams new tokens to the event loop and records
+    which rows ran past their own max_tokens (-> finish_reason "length").
     """
 
     def __init__(self, jobs: list[Job], inner, loop: asyncio.AbstractEventLoop):
         self.jobs, self.inner, self.loop = jobs, inner, loop
-        self.rows: dict[int, int] | None = None
+        self.rows: dict[int, int] = {}
+        self.unmatched = list(range(len(jobs)))
         self.sent = [len(j.prompt_ids) for j in jobs]
         self.reached = [False] * len(jobs)
 
+    def _row(self, ctx: list[int]) -> int | None:
+        b = self.rows.get(id(ctx))
+        if b is None:
+            for j, cand in enumerate(self.unmatched):
+                p = self.jobs[cand].prompt_ids
+                if len(ctx) >= len(p) and ctx[: len(p)] == p:
+                    b = self.rows[id(ctx)] = self.unmatched.pop(j)
+                    break
+        return b
+
     def __call__(self, contexts, logits):
-        if self.rows is None:
-            self.rows = {id(c): b for b, c in enumerate(contexts)}
         for ctx in contexts:
-            b = self.rows.get(id(ctx))
+            b = self._row(ctx)
             if b is None:
                 continue
             job = self.jobs[b]
@@ -512,7 +526,7 @@ class GuardMiddleware:
 
             await self.app(scope, replay, send_logged)
         except Exception as err:
-            log.error("unhandled %s on %s %s", type(err).__name__, scope["method"], scope["path"][:256])
+            log.exception("unhandled %s on %s %s", type(err).__name__, scope["method"], scope["path"][:256])
             row["error_type"] = "server_error"
             if started:
                 raise

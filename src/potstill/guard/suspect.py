@@ -1,0 +1,83 @@
+"""`potstill detect`: load a suspect (open weights or a file of its generations) and test it.
+
+Open-weights mode: the suspect is run under teacher forcing on assistant turns — the prompts'
+reference answers where they have them, then the suspect's own sampled answers — and its argmax
+prediction at each assistant position is scored against our green lists (prompt tokens are
+excluded, each (context, token) pair counts once). A model distilled from our watermarked outputs
+predicts green tokens more often than gamma; one that was not gives a uniform p-value.
+Text-only mode scores the suspect's generations directly (JSONL with a `text`/`completion` field,
+or plain text with one generation per paragraph).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from potstill.errors import PotstillError
+
+
+def read_generations(path: Path) -> list[str]:
+    raw = path.read_text()
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PotstillError(f"invalid JSON ({e.msg})", where=f"{path}:{n}") from None
+            text = next((obj[f] for f in ("text", "completion", "completion_text", "output") if f in obj), None)
+            if not isinstance(text, str):
+                raise PotstillError("no 'text'/'completion' string field", where=f"{path}:{n}")
+            texts.append(text)
+        return texts
+    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+
+
+def assistant_sequences(model, tokenizer, prompts, max_tokens: int, gen_tokens: int = 96, batch_size: int = 16):
+    """(sequences, prompt_lengths): references first, then the suspect's own sampled answers."""
+    from potstill.teachers.base import SamplingParams
+    from potstill.teachers.hf import HFTeacher
+
+    engine = HFTeacher(model, tokenizer, name="suspect")
+    encoded = [engine.encode_chat(p.messages) for p in prompts]
+    seqs, lens = [], []
+    eos = tokenizer.eos_token_id
+    for ids, p in zip(encoded, prompts, strict=True):
+        if p.reference:
+            answer = tokenizer(p.reference, add_special_tokens=False)["input_ids"]
+            seqs.append(ids + answer + ([eos] if eos is not None else []))
+            lens.append(len(ids))
+    budget = sum(len(s) - n for s, n in zip(seqs, lens, strict=True))
+    if budget < max_tokens:
+        params = SamplingParams(max_new_tokens=gen_tokens, temperature=1.0, top_logprobs=0, seed=1234)
+        outs = engine.complete_ids(encoded, params, batch_size=batch_size)
+        for c in outs:
+            seqs.append(c.prompt_ids + c.completion_ids)
+            lens.append(len(c.prompt_ids))
+    return seqs, lens
+
+
+def run_detect(suspect: str, cfg, prompts: str = "builtin:seed_tasks", tokenizer: str = "embedded",
+               max_tokens: int = 20000):
+    """Detect our watermark in a suspect model dir or generations file. Returns a DetectResult."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from potstill.capture.prompts import load_prompts
+    from potstill.guard.detect import detect_generations, detect_model
+    from potstill.teachers.hf import resolve_model_dir
+
+    path = Path(suspect)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise PotstillError("not a model directory (no config.json)", where=suspect)
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        seqs, lens = assistant_sequences(model, tok, load_prompts(prompts), max_tokens)
+        return detect_model(model, tok, seqs, cfg, max_tokens=max_tokens, prompt_lengths=lens)
+    if path.is_file():
+        tok = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer))
+        return detect_generations(read_generations(path), tok, cfg, max_tokens=max_tokens)
+    raise PotstillError("no such model directory or generations file", where=suspect)

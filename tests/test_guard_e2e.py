@@ -1,0 +1,115 @@
+"""The whole guard story over real HTTP on 127.0.0.1, with the real embedded teacher.
+
+serve (watermarked) -> `potstill generate` over HTTP -> `potstill train` (fkl and ce) -> `potstill detect`.
+Controls: a wrong key, and the student as built before training (never saw our outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KEY = "e2e-watermark-secret-7f3a9c"
+N_PROMPTS = int(os.environ.get("POTSTILL_E2E_PROMPTS", "120"))
+STEPS = int(os.environ.get("POTSTILL_E2E_STEPS", "60"))
+
+
+def cli(*args, env=None, timeout=1800):
+    res = subprocess.run([sys.executable, "-m", "potstill.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    assert res.returncode == 0, f"{args[0]} failed:\n{res.stderr[-3000:]}"
+    return res
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guard-e2e")
+    env = {**os.environ, "POTSTILL_WATERMARK_KEY": KEY}
+    keys_db, log_db = str(root / "keys.db"), str(root / "queries.db")
+    secret = cli("keys", "create", "distiller", "--db", keys_db, "--rpm", "100000", "--tpm", "100000000",
+                 env=env).stdout.strip()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "potstill.cli", "serve", "embedded", "--port", str(port), "--keys-db", keys_db,
+         "--log-db", log_db, "--max-batch-size", "32"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"),
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("server did not come up: " + (root / "serve.log").read_text()[-2000:])
+        client_env = {**os.environ, "OPENAI_API_KEY": secret}
+        client_env.pop("POTSTILL_WATERMARK_KEY", None)  # the distiller does not know the key
+        cli("generate", "--teacher", f"http://127.0.0.1:{port}/v1", "--tokenizer", "embedded",
+            "--prompts", "builtin:seed_tasks", "--max-prompts", str(N_PROMPTS), "--max-new-tokens", "64",
+            "--top-k", "20", "--batch-size", "32", "--heldout", "0.1", "--out", str(root / "capture"), env=client_env)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    students = {}
+    for loss in ("fkl", "ce"):
+        out = root / f"student-{loss}"
+        cli("train", "--capture", str(root / "capture"), "--student", "prune:depth:0.5", "--loss", loss,
+            "--max-steps", str(STEPS), "--batch-size", "8", "--lr", "3e-4", "--checkpoint-every", "0",
+            "--out", str(out), env=client_env)
+        students[loss] = out
+    return {"root": root, "students": students, "env": env, "log_db": log_db}
+
+
+def detect(path, env, key=KEY, extra=()):
+    out = path.parent / f"detect-{path.name}-{abs(hash(key)) % 1000}.json"
+    cli("detect", "--suspect", str(path), "--max-tokens", "20000", "--out", str(out), *extra,
+        env={**env, "POTSTILL_WATERMARK_KEY": key})
+    return json.loads(out.read_text())
+
+
+def test_capture_came_over_http_and_was_logged(flow):
+    manifest = json.loads((flow["root"] / "capture" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["teacher"]["backend"] == "http"
+    assert manifest["counts"]["rows"] == N_PROMPTS
+    from potstill.guard.querylog import read_log
+
+    rows = read_log(flow["log_db"])
+    ok = [r for r in rows if r["status"] == 200]
+    assert len(ok) >= N_PROMPTS and all(r["logprobs"] for r in ok)
+    assert KEY not in (flow["root"] / "queries.db").read_bytes().decode("latin-1")
+
+
+def test_fkl_student_detected(flow):
+    res = detect(flow["students"]["fkl"], flow["env"])
+    print("fkl student:", res)
+    assert res["tokens_scored"] <= 20000
+    assert res["p_value"] < 1e-6
+
+
+def test_ce_student(flow):
+    res = detect(flow["students"]["ce"], flow["env"])
+    print("ce student:", res)
+    assert res["p_value"] < 1e-2
+
+
+def test_wrong_key_is_not_detected(flow):
+    res = detect(flow["students"]["fkl"], flow["env"], key="some-other-secret")
+    print("wrong key:", res)
+    assert res["p_value"] > 0.01
