@@ -200,6 +200,17 @@ def bench_generate_cmd(teacher, prompts, n, max_new_tokens, batch_size, k, dtype
     click.echo(f"wrote {out}")
 
 
+@bench.command("watermark", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_watermark_cmd(args):
+    """TPR/FPR by length and the perplexity cost of the watermark (--help for its flags)."""
+    from potstill.bench.watermark import main as bench_main
+    from potstill.utils import quiet_transformers
+
+    quiet_transformers()
+    bench_main(list(args))
+
+
 def _register_guard() -> None:
     from potstill.cli_guard import register
 
