@@ -91,7 +91,7 @@ def test_capture_came_over_http_and_was_logged(flow):
     from potstill.guard.querylog import read_log
 
     rows = read_log(flow["log_db"])
-    ok = [r for r in rows if r["status"] == 200]
+    ok = [r for r in rows if r["status"] == 200 and r["endpoint"] in ("/v1/chat/completions", "/v1/completions")]
     assert len(ok) >= N_PROMPTS and all(r["logprobs"] for r in ok)
     assert KEY not in (flow["root"] / "queries.db").read_bytes().decode("latin-1")
 
@@ -112,4 +112,25 @@ def test_ce_student(flow):
 def test_wrong_key_is_not_detected(flow):
     res = detect(flow["students"]["fkl"], flow["env"], key="some-other-secret")
     print("wrong key:", res)
+    assert res["p_value"] > 0.01
+
+
+def test_never_trained_model_is_not_detected(flow):
+    """Null control: the same student architecture built from the teacher but never trained on our outputs."""
+    from potstill.capture.prompts import load_prompts
+    from potstill.students import build_student
+    from potstill.teachers.hf import resolve_model_dir
+
+    tok_dir = resolve_model_dir("embedded")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    calib = [tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+             for p in load_prompts("builtin:seed_tasks")[:16]]
+    model, tokenizer, _ = build_student("prune:depth:0.5", tok_dir, calib)
+    out = flow["root"] / "student-untrained"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    res = detect(out, flow["env"])
+    print("never trained:", res)
     assert res["p_value"] > 0.01
