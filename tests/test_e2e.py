@@ -24,10 +24,10 @@ def test_demo_recipe_small(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "student (after training)" in proc.stdout
+    assert "student after" in proc.stdout
     result = json.loads((run / "eval.json").read_text())
     rows = {r["model"]: r for r in result["rows"]}
-    teacher, before, after = rows["teacher"], rows["student (before training)"], rows["student (after training)"]
+    teacher, before, after = rows["teacher"], rows["student before"], rows["student after"]
     assert after["kl"] < before["kl"]
     assert after["top1_agreement"] > before["top1_agreement"]
     assert after["nll_teacher_tokens"] < before["nll_teacher_tokens"]

@@ -116,7 +116,7 @@ def _run(recipe, overrides, run_dir, title):
 
     result = run_recipe(recipe, list(overrides), run_dir)
     t = result["timings"]
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(rich_table(result["eval"]["rows"], title=title))
     cap = result["capture"]
     console.print(

@@ -39,10 +39,10 @@ def run_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None 
         f"{where}: train",
     )
     students = [train_cfg.out]
-    labels = ["student (after training)"]
+    labels = ["student after"]
     if data.get("eval_before"):
         students.insert(0, str(run / "student-before"))
-        labels.insert(0, "student (before training)")
+        labels.insert(0, "student before")
     eval_cfg = build(
         EvalConfig,
         {**data.get("eval", {}), "capture": gen.out, "students": students, "labels": labels,

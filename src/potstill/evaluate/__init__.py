@@ -33,7 +33,14 @@ def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConf
     row.update(fidelity(model, examples, pad, cfg.batch_size))
     row.update(reference_nll(model, tokenizer, prompts, cfg.batch_size) or {})
     row.update(size_stats(model, model_dir))
+    import torch
+
+    # speed last, in the dtype the engine serves with (bf16 where the CPU has it): a fair race for every row
+    from potstill.teachers.hf import pick_dtype
+
+    model.to(pick_dtype("auto"))
     row.update(generation_speed(model, tokenizer, prompts, cfg.gen_prompts, cfg.gen_tokens, cfg.batch_size))
+    model.to(torch.float32)
     return row
 
 

@@ -1,0 +1,220 @@
+"""The batcher of `potstill serve`: groups concurrent requests and decodes each group at once.
+
+`Batcher.submit(job)` queues a `Job` (one admitted request). A background task collects jobs for
+`batch_window_ms` (and while a batch is decoding), takes the oldest live job's group (same
+temperature, top_p and stop strings; with stop strings also the same max_tokens) up to
+`max_batch_size` rows and `max_batch_tokens`, and runs one `teacher.complete_ids` call for it
+in a single worker thread, so the event loop stays free. Each row samples from its own seed,
+so a completion does not depend on which batch it joined. `_Tap`, the batch's logits
+processor, streams each row's new token ids to its job and wraps the watermark processor (when
+configured). Rows are then cut to their own `max_tokens` and `top_logprobs`, and each job's
+future gets its `Completion` (or an `APIError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from potstill.guard.openai_api import APIError
+from potstill.teachers.base import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from potstill.guard.serve import ServeConfig
+
+log = logging.getLogger(__name__)
+
+DONE = object()
+"""Put on a streaming job's token queue after its last tokens."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request waiting for (or in) a batch."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    top_k: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int
+    future: asyncio.Future
+    tokens: asyncio.Queue | None = None  # streaming: lists of new token ids, then DONE
+    abandoned: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    @property
+    def group(self) -> tuple:
+        # rows share one SamplingParams; max_tokens may differ (rows are cut to their own
+        # length afterwards) except with stop strings, whose trimming cannot be undone.
+        return (self.temperature, self.top_p, self.stop, self.max_tokens if self.stop else None)
+
+
+class _Tap:
+    """Logits processor wrapper that sees each row's tokens as they are generated.
+
+    complete_ids passes one context list object per row (prompt + tokens so far) at every step;
+    the first time a list is seen it is matched to the first unmatched job with that prompt
+    (rows enter in order), then by identity. It streams new tokens to the event loop and records
+    which rows ran past their own max_tokens (-> finish_reason "length").
+    """
+
+    def __init__(self, jobs: list[Job], inner, loop: asyncio.AbstractEventLoop):
+        self.jobs, self.inner, self.loop = jobs, inner, loop
+        self.rows: dict[int, int] = {}
+        self.unmatched = list(range(len(jobs)))
+        self.sent = [len(j.prompt_ids) for j in jobs]
+        self.reached = [False] * len(jobs)
+
+    def _row(self, ctx: list[int]) -> int | None:
+        b = self.rows.get(id(ctx))
+        if b is None:
+            for j, cand in enumerate(self.unmatched):
+                p = self.jobs[cand].prompt_ids
+                if len(ctx) >= len(p) and ctx[: len(p)] == p:
+                    b = self.rows[id(ctx)] = self.unmatched.pop(j)
+                    break
+        return b
+
+    def __call__(self, contexts, logits):
+        for ctx in contexts:
+            b = self._row(ctx)
+            if b is None:
+                continue
+            job = self.jobs[b]
+            end = len(job.prompt_ids) + job.max_tokens
+            if len(ctx) >= end:
+                self.reached[b] = True
+            if job.tokens is not None and self.sent[b] < min(len(ctx), end):
+                new = ctx[self.sent[b] : min(len(ctx), end)]
+                self.sent[b] += len(new)
+                self.loop.call_soon_threadsafe(job.tokens.put_nowait, new)
+        return logits if self.inner is None else self.inner(contexts, logits)
+
+
+class Batcher:
+    """Collects concurrent jobs and decodes compatible ones together in one worker thread."""
+
+    def __init__(self, teacher, cfg: ServeConfig, processor=None):
+        # reads cfg.batch_window_ms, cfg.max_batch_size and cfg.max_batch_tokens
+        self.teacher, self.cfg, self.processor = teacher, cfg, processor
+        self.pending: deque[Job] = deque()
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="potstill-decode")
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self.pending:
+            self._finish(job, error=APIError(503, "server shutting down", "server_error"))
+        self.pending.clear()
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, job: Job) -> None:
+        self.start()
+        self.pending.append(job)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            wait = self.cfg.batch_window_ms / 1000 - (time.monotonic() - self.pending[0].submitted)
+            if wait > 0 and len(self.pending) < self.cfg.max_batch_size:
+                await asyncio.sleep(wait)
+            batch = self._take()
+            if not batch:
+                continue
+            self.stats["batches"] += 1
+            self.stats["rows"] += len(batch)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._decode, batch, loop)
+            except Exception as err:  # a decoding failure fails this batch, not the server
+                log.exception("decode failed for a batch of %d", len(batch))
+                for job in batch:
+                    self._finish(job, error=APIError(500, f"decoding failed: {type(err).__name__}", "server_error"))
+                continue
+            for job, res in zip(batch, results, strict=True):
+                self._finish(job, result=res)
+
+    def _take(self) -> list[Job]:
+        live = [j for j in self.pending if not (j.abandoned or j.future.cancelled())]
+        if not live:
+            self.pending.clear()
+            return []
+        key = live[0].group
+        batch, rest, budget = [], deque(), 0
+        for j in live:
+            cost = len(j.prompt_ids) + j.max_tokens
+            fits = not batch or (len(batch) < self.cfg.max_batch_size and budget + cost <= self.cfg.max_batch_tokens)
+            if j.group == key and fits:
+                batch.append(j)
+                budget += cost
+            else:
+                rest.append(j)
+        self.pending = rest
+        return batch
+
+    def _decode(self, batch: list[Job], loop) -> list[Completion]:
+        first = batch[0]
+        params = SamplingParams(
+            max_new_tokens=max(j.max_tokens for j in batch),
+            temperature=first.temperature,
+            top_p=first.top_p,
+            top_logprobs=max(j.top_k for j in batch),
+            stop=list(first.stop),
+        )
+        tap = _Tap(batch, self.processor, loop)
+        outs = self.teacher.complete_ids(
+            [j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch], logits_processor=tap
+        )
+        return [self._fit(o, j, tap.reached[b]) for b, (o, j) in enumerate(zip(outs, batch, strict=True))]
+
+    def _fit(self, c: Completion, job: Job, reached: bool) -> Completion:
+        """Cut a row decoded under the batch's params down to its own max_tokens and top-k."""
+        ids, text, finish = c.completion_ids, c.text, c.finish_reason
+        if reached and not job.stop:
+            finish = "length"
+            if len(ids) > job.max_tokens:
+                ids = ids[: job.max_tokens]
+                text = self.teacher.tokenizer.decode(ids, skip_special_tokens=True)
+        t, k = len(ids), job.top_k
+        return Completion(
+            prompt_ids=c.prompt_ids,
+            completion_ids=ids,
+            text=text,
+            finish_reason=finish,
+            sampled_logprob=None if c.sampled_logprob is None else c.sampled_logprob[:t],
+            topk_ids=c.topk_ids[:t, :k] if k and c.topk_ids is not None else None,
+            topk_logprobs=c.topk_logprobs[:t, :k] if k and c.topk_logprobs is not None else None,
+        )
+
+    @staticmethod
+    def _finish(job: Job, result: Completion | None = None, error: Exception | None = None) -> None:
+        if not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+        if job.tokens is not None:
+            job.tokens.put_nowait(DONE)
