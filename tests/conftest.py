@@ -1,11 +1,18 @@
-"""Shared fixtures: a tiny offline tokenizer and tiny random llama models (fast CPU tests, no network)."""
+"""Shared fixtures: a tiny offline tokenizer and tiny random llama models (fast CPU tests, no network).
+
+POTSTILL_HOME (the model cache) points at one fresh directory for the whole session, so the embedded
+teacher is converted at most once per run and nothing leaks into the user's cache; set
+POTSTILL_TEST_HOME to reuse a cache across runs.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["POTSTILL_HOME"] = os.environ.get("POTSTILL_TEST_HOME") or tempfile.mkdtemp(prefix="potstill-home-")
 
 import pytest  # noqa: E402
 
@@ -19,12 +26,7 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A saved tiny llama (2 layers) + tokenizer directory, usable as a teacher spec."""
+    """A saved tiny llama (4 layers, peaked outputs) + tokenizer directory, usable as a teacher spec."""
     path = tmp_path_factory.mktemp("tiny-teacher")
     save_tiny_model(path, make_tiny_model(tiny_tokenizer, layers=4, seed=0, init=0.4), tiny_tokenizer)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _potstill_home(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("POTSTILL_HOME", os.environ.get("POTSTILL_TEST_HOME") or str(tmp_path_factory.getbasetemp() / "home"))

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "e2e-watermark-secret-7f3a9c"
 N_PROMPTS = int(os.environ.get("POTSTILL_E2E_PROMPTS", "120"))
-STEPS = int(os.environ.get("POTSTILL_E2E_STEPS", "60"))
+STEPS = int(os.environ.get("POTSTILL_E2E_STEPS", "40"))
 
 
 def cli(*args, env=None, timeout=1800):
@@ -70,7 +70,7 @@ def flow(tmp_path_factory):
     students = {}
     for loss in ("fkl", "ce"):
         out = root / f"student-{loss}"
-        cli("train", "--capture", str(root / "capture"), "--student", "prune:depth:0.5", "--loss", loss,
+        cli("train", "--capture", str(root / "capture"), "--student", "prune:depth:8", "--loss", loss,
             "--max-steps", str(STEPS), "--batch-size", "8", "--lr", "3e-4", "--checkpoint-every", "0",
             "--out", str(out), env=client_env)
         students[loss] = out
@@ -127,7 +127,7 @@ def test_never_trained_model_is_not_detected(flow):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     calib = [tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)["input_ids"]
              for p in load_prompts("builtin:seed_tasks")[:16]]
-    model, tokenizer, _ = build_student("prune:depth:0.5", tok_dir, calib)
+    model, tokenizer, _ = build_student("prune:depth:8", tok_dir, calib)
     out = flow["root"] / "student-untrained"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
