@@ -163,18 +163,21 @@ def register(app: click.Group) -> None:
     @click.option("--suspect", required=True, help="Suspect model directory (open weights) or a JSONL/text file of its generations.")
     @click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts/texts to score the suspect on (open-weights mode).")
     @click.option("--tokenizer", default="embedded", show_default=True, help="Tokenizer for text-only mode.")
+    @click.option("--log-db", default=None, help="Score on the answers we served (query log): the distiller's contexts.")
+    @click.option("--key-id", default=None, help="With --log-db: only this API key's traffic.")
     @click.option("--max-tokens", default=20000, show_default=True, help="Stop after this many scored (context, token) pairs.")
     @click.option("--out", default=None, help="Write the result as JSON here.")
     @watermark_options
-    def detect(suspect, prompts, tokenizer, max_tokens, out, watermark_key_env, watermark_key_file, gamma, delta,
-               context_width, self_hash):
+    def detect(suspect, prompts, tokenizer, log_db, key_id, max_tokens, out, watermark_key_env, watermark_key_file,
+               gamma, delta, context_width, self_hash):
         """Was SUSPECT distilled from our watermarked outputs? Exact p-value and tokens scored."""
         from potstill.guard.suspect import run_detect
         from potstill.utils import quiet_transformers, write_json
 
         cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
         quiet_transformers()
-        result = run_detect(suspect, cfg, prompts=prompts, tokenizer=tokenizer, max_tokens=max_tokens)
+        result = run_detect(suspect, cfg, prompts=prompts, tokenizer=tokenizer, max_tokens=max_tokens,
+                            log_db=log_db, key_id=key_id)
         if out:
             write_json(out, result.to_dict())
         click.echo(result.summary())

@@ -61,6 +61,7 @@ queries = Table(
     Column("latency_ms", Float),
     Column("status", Integer, index=True),
     Column("error_type", String(64)),
+    Column("completion", Text),  # the text served (evidence for `potstill detect --log-db`)
 )
 
 FIELDS = [c.name for c in queries.columns if c.name != "id"]

@@ -411,6 +411,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                 used = len(job.future.result().completion_ids) if done else 0
                 svc.limiter.settle(res, len(job.prompt_ids) + used)
                 row["tokens_out"] = used
+                row["completion"] = job.future.result().text if done else None
             lp = None
             if wants_lp:
                 lp = chat_logprobs(svc.tokens, c) if chat else completion_logprobs(svc.tokens, c, len(prompt_text))
@@ -443,6 +444,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                     yield SSE_DONE
                     return
                 used = len(c.completion_ids)
+                row["completion"] = c.text
                 if wants_lp:
                     detok = Detokenizer(teacher.tokenizer)
                     offset = len(prompt_text)

@@ -1,6 +1,7 @@
 """`potstill detect`: load a suspect (open weights or a file of its generations) and test it.
 
-Open-weights mode: the suspect is run under teacher forcing on assistant turns — the prompts'
+Open-weights mode: the suspect is run on the answers we served (from the query log, `--log-db`),
+or else under teacher forcing on assistant turns — the prompts'
 reference answers where they have them, then the suspect's own sampled answers — and its argmax
 prediction at each assistant position is scored against our green lists (prompt tokens are
 excluded, each (context, token) pair counts once). A model distilled from our watermarked outputs
@@ -60,9 +61,38 @@ def assistant_sequences(model, tokenizer, prompts, max_tokens: int, gen_tokens: 
     return seqs, lens
 
 
+def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple[list[list[int]], list[int]]:
+    """(prompt + served answer) token sequences from the query log: the contexts a distiller trained on."""
+    from potstill.guard.querylog import read_log
+
+    seqs, lens = [], []
+    for row in read_log(log_db, key_id=key_id):
+        if row.get("status") != 200 or not row.get("completion"):
+            continue
+        prompt = row["prompt"]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        elif isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            continue
+        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        seqs.append(ids + answer)
+        lens.append(len(ids))
+    if not seqs:
+        raise PotstillError("no served completions in the query log" + (f" for key {key_id}" if key_id else ""),
+                            where=str(log_db))
+    return seqs, lens
+
+
 def run_detect(suspect: str, cfg, prompts: str = "builtin:seed_tasks", tokenizer: str = "embedded",
-               max_tokens: int = 20000):
-    """Detect our watermark in a suspect model dir or generations file. Returns a DetectResult."""
+               max_tokens: int = 20000, log_db: str | None = None, key_id: str | None = None):
+    """Detect our watermark in a suspect model dir or generations file. Returns a DetectResult.
+
+    With `log_db`, open-weights mode scores the suspect on the answers we served (optionally one
+    key's traffic): the contexts a distiller trained on, where its learned bias is strongest.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from potstill.capture.prompts import load_prompts
@@ -75,7 +105,10 @@ def run_detect(suspect: str, cfg, prompts: str = "builtin:seed_tasks", tokenizer
             raise PotstillError("not a model directory (no config.json)", where=suspect)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         tok = AutoTokenizer.from_pretrained(path)
-        seqs, lens = assistant_sequences(model, tok, load_prompts(prompts), max_tokens)
+        if log_db:
+            seqs, lens = served_sequences(log_db, tok, key_id)
+        else:
+            seqs, lens = assistant_sequences(model, tok, load_prompts(prompts), max_tokens)
         return detect_model(model, tok, seqs, cfg, max_tokens=max_tokens, prompt_lengths=lens)
     if path.is_file():
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer))
