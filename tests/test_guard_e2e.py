@@ -103,8 +103,8 @@ def test_fkl_student_detected(flow):
     res = detect(flow, flow["students"]["fkl"])
     print("fkl student:", res)
     assert res["tokens_scored"] <= 20000
-    # CI scale (a few minutes of training on ~15k tokens); the closing note reports the measured p-value
-    assert res["p_value"] < 1e-4
+    # CI scale: ~13k served tokens, 80 steps; measured p ~ 1e-40 with ~6.7k scored pairs
+    assert res["p_value"] < 1e-6
 
 
 def test_ce_student(flow):
