@@ -39,7 +39,7 @@ BOGUS = "\u2603not-a-token\u2603"
 
 
 def _byte_decoder() -> dict[str, int]:
-    from potstill.teachers.http import _bytes_to_unicode
+    from potstill.utils import bytes_to_unicode as _bytes_to_unicode
 
     return {c: b for b, c in _bytes_to_unicode().items()}
 

@@ -66,3 +66,16 @@ def quiet_transformers() -> None:
 
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level BPE alphabet: byte -> the printable character that stands for it (b' ' -> 'Ġ')."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))

@@ -46,7 +46,7 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
         if key not in BUILTIN:
             raise PotstillError(f"no built-in prompt set {key!r}; choose one of {', '.join(BUILTIN)}")
         file = Path(str(resources.files("potstill") / "data" / BUILTIN[key]))
-        return _from_records(_jsonl_records(file, name), name)
+        return _from_records(jsonl_records(file, name), name)
     file = Path(path)
     try:
         with open(file, "rb") as f:
@@ -55,10 +55,11 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
         raise PotstillError(f"cannot read prompts ({e.strerror or e})", where=name) from None
     if magic == b"PAR1":
         return _from_records(_parquet_records(file, name), name)
-    return _from_records(_jsonl_records(file, name), name)
+    return _from_records(jsonl_records(file, name), name)
 
 
-def _jsonl_records(file: Path, name: str):
+def jsonl_records(file: Path, name: str):
+    """(line number, parsed object) for each non-blank line; PotstillError naming file:line otherwise."""
     try:
         text = file.read_bytes().decode("utf-8")
     except OSError as e:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from potstill.teachers.base import Completion
+from potstill.utils import bytes_to_unicode
 
 SSE_DONE = "data: [DONE]\n\n"
 """The last event of every stream."""
@@ -147,19 +148,6 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 # ---- token text for log-probs -----------------------------------------------------------------
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 byte-level alphabet: printable char -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
 class TokenText:
     """The bytes and display string of each token id (cached)."""
 
@@ -167,7 +155,7 @@ class TokenText:
         self.tokenizer = tokenizer
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
         self.byte_level = decoder is not None and "ByteLevel" in type(decoder).__name__
-        self.byte_decoder = _byte_decoder()
+        self.byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         self._cache: dict[int, bytes] = {}
 
     def bytes(self, tid: int) -> bytes:

@@ -12,29 +12,23 @@ or plain text with one generation per paragraph).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from potstill.errors import PotstillError
 
 
 def read_generations(path: Path) -> list[str]:
-    raw = path.read_text()
+    from potstill.capture.prompts import jsonl_records
+
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PotstillError(f"invalid JSON ({e.msg})", where=f"{path}:{n}") from None
+        for n, obj in jsonl_records(path, str(path)):
             text = next((obj[f] for f in ("text", "completion", "completion_text", "output") if f in obj), None)
             if not isinstance(text, str):
                 raise PotstillError("no 'text'/'completion' string field", where=f"{path}:{n}")
             texts.append(text)
         return texts
-    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+    return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
 
 
 def assistant_sequences(model, tokenizer, prompts, max_tokens: int, gen_tokens: int = 96, batch_size: int = 16):

@@ -60,7 +60,7 @@ import numpy as np
 
 from potstill.errors import PotstillError
 from potstill.teachers.base import Completion, SamplingParams
-from potstill.utils import atomic_path, sha256_text
+from potstill.utils import atomic_path, bytes_to_unicode, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE vocab form: b' ' -> 'Ġ')."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
 class TokenMapper:
     """Token strings (as servers send them) -> ids of a Hugging Face tokenizer."""
 
@@ -130,7 +117,7 @@ class TokenMapper:
         self.tokenizer = tokenizer
         self.vocab: dict[str, int] = dict(tokenizer.get_vocab())  # == convert_tokens_to_ids, but tells unknowns apart
         self.unk_id = tokenizer.unk_token_id
-        self.byte_chars = _bytes_to_unicode()
+        self.byte_chars = bytes_to_unicode()
         self._memo: dict[tuple[str | None, bytes | None], int | None] = {}
 
     def lookup(self, token: str | None, raw: bytes | None = None) -> int | None:
