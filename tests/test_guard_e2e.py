@@ -37,10 +37,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def flow(tmp_path_factory):
-    root = tmp_path_factory.mktemp("guard-e2e")
+def run_flow(root, watermark: bool, losses: dict[str, int], n_prompts: int, samples: int) -> dict:
+    """serve (watermark on/off) -> generate over HTTP -> train one student per loss; returns the paths."""
     env = {**os.environ, "POTSTILL_WATERMARK_KEY": KEY}
+    server_env = dict(env) if watermark else {k: v for k, v in os.environ.items() if k != "POTSTILL_WATERMARK_KEY"}
     keys_db, log_db = str(root / "keys.db"), str(root / "queries.db")
     secret = cli("keys", "create", "distiller", "--db", keys_db, "--rpm", "100000", "--tpm", "100000000",
                  env=env).stdout.strip()
@@ -48,7 +48,7 @@ def flow(tmp_path_factory):
     server = subprocess.Popen(
         [sys.executable, "-m", "potstill.cli", "serve", "embedded", "--port", str(port), "--keys-db", keys_db,
          "--log-db", log_db, "--max-batch-size", "32"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"),
+        env=server_env, stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"),
     )
     try:
         deadline = time.time() + 300
@@ -63,19 +63,25 @@ def flow(tmp_path_factory):
         client_env = {**os.environ, "OPENAI_API_KEY": secret}
         client_env.pop("POTSTILL_WATERMARK_KEY", None)  # the distiller does not know the key
         cli("generate", "--teacher", f"http://127.0.0.1:{port}/v1", "--tokenizer", "embedded",
-            "--prompts", "builtin:seed_tasks", "--max-prompts", str(N_PROMPTS), "--max-new-tokens", "64",
-            "--top-k", "20", "--batch-size", "32", "--samples", str(SAMPLES), "--heldout", "0.1", "--out", str(root / "capture"), env=client_env)
+            "--prompts", "builtin:seed_tasks", "--max-prompts", str(n_prompts), "--max-new-tokens", "64",
+            "--top-k", "20", "--batch-size", "32", "--samples", str(samples), "--heldout", "0.1",
+            "--out", str(root / "capture"), env=client_env)
     finally:
         server.terminate()
         server.wait(timeout=60)
     students = {}
-    for loss in ("fkl", "ce"):
+    for loss, steps in losses.items():
         out = root / f"student-{loss}"
         cli("train", "--capture", str(root / "capture"), "--student", "prune:depth:8", "--loss", loss,
-            "--max-steps", str(STEPS[loss]), "--batch-size", "8", "--lr", "5e-4", "--checkpoint-every", "0",
+            "--max-steps", str(steps), "--batch-size", "8", "--lr", "5e-4", "--checkpoint-every", "0",
             "--out", str(out), env=client_env)
         students[loss] = out
     return {"root": root, "students": students, "env": env, "log_db": log_db}
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    return run_flow(tmp_path_factory.mktemp("guard-e2e"), True, STEPS, N_PROMPTS, SAMPLES)
 
 
 def detect(flow, path, key=KEY):
@@ -107,10 +113,13 @@ def test_fkl_student_detected(flow):
     assert res["p_value"] < 1e-6
 
 
-def test_ce_student(flow):
-    res = detect(flow, flow["students"]["ce"])
-    print("ce student:", res)
-    assert res["p_value"] < 0.05
+def test_ce_student_carries_less_watermark_than_fkl(flow):
+    """Sampled text alone (ce) transfers less of the mark than the top-k log-probs (fkl): a weaker p-value."""
+    ce = detect(flow, flow["students"]["ce"])
+    fkl = detect(flow, flow["students"]["fkl"])
+    print("ce student:", ce)
+    assert ce["tokens_scored"] > 1000
+    assert ce["log10_p"] > fkl["log10_p"]
 
 
 def test_wrong_key_is_not_detected(flow):
@@ -137,4 +146,12 @@ def test_never_trained_model_is_not_detected(flow):
     tokenizer.save_pretrained(out)
     res = detect(flow, out)
     print("never trained:", res)
+    assert res["p_value"] > 0.01
+
+
+def test_watermark_off_flow_is_not_detected(tmp_path_factory):
+    """Control: the same flow against a server with the watermark off; detection with our key finds nothing."""
+    off = run_flow(tmp_path_factory.mktemp("guard-e2e-off"), False, {"fkl": STEPS["fkl"]}, N_PROMPTS // 2, SAMPLES)
+    res = detect(off, off["students"]["fkl"])
+    print("watermark off:", res)
     assert res["p_value"] > 0.01
