@@ -46,6 +46,11 @@ class GenerateConfig:
     seed: int = opt(0, "Seed for sampling and the split.")
     dtype: str = opt("auto", "Teacher dtype: auto (bf16 where the CPU has it), float32, bfloat16.")
     shard_rows: int = opt(256, "Rows per Parquet shard (a killed run resumes at shard granularity).")
+    answers: str = opt(
+        "sample",
+        "'sample': the teacher writes the answers; 'reference': the teacher scores the prompts' own "
+        "reference answers (teacher forcing at prefill speed, no sampling).",
+    )
 
     def __post_init__(self) -> None:
         if not self.prompts and not self.self_instruct:
@@ -54,6 +59,10 @@ class GenerateConfig:
             raise PotstillError("generate: top_k >= 0, batch_size >= 1, samples >= 1, max_new_tokens >= 1")
         if not 0 <= self.heldout < 1:
             raise PotstillError("generate: heldout must be in [0, 1)")
+        if self.answers not in ("sample", "reference"):
+            raise PotstillError(f"generate: answers must be 'sample' or 'reference', not {self.answers!r}")
+        if self.answers == "reference" and (self.samples != 1 or self.self_instruct):
+            raise PotstillError("generate: --answers reference scores each prompt's one reference (samples 1, no self-instruct)")
 
 
 @dataclass

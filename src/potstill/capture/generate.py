@@ -108,10 +108,22 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
         top_logprobs=cfg.top_k,
         seed=cfg.seed,
     )
+    scoring = cfg.answers == "reference"
+    if scoring:
+        if not hasattr(teacher, "score_ids"):
+            raise PotstillError("--answers reference needs a local teacher (HTTP teachers cannot teacher-force)")
+        missing = [p for p in prompts if not p.reference]
+        if missing:
+            raise PotstillError(
+                f"--answers reference: {len(missing)} of {len(prompts)} prompts have no reference answer "
+                f"(field 'output', 'reference' or a final assistant message)",
+                where=missing[0].where,
+            )
     identity = teacher.identity()
     # a remote teacher without a tokenizer has no known vocab: ids then take 32 bits
     codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=cfg.top_k)
-    sampling = params.to_dict()
+    # scored rows are a different thing from sampled ones: their ids (and the manifest) say so
+    sampling = {**params.to_dict(), "answers": "reference"} if scoring else params.to_dict()
     manifest = {
         "teacher": identity,
         "sampling": sampling,
@@ -119,6 +131,8 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
         "samples_per_prompt": cfg.samples,
         "prompts": {"source": source, "sha256": prompts_hash(prompts), "count": len(prompts)},
         "split": {"heldout_fraction": cfg.heldout, "seed": cfg.seed},
+        # local teachers keep the EOS token (and its top-k) at the end of a stopped completion
+        "eos_in_completion": hasattr(teacher, "complete_ids"),
     }
 
     todo = []
@@ -141,17 +155,22 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
                 encoded = {rid: _encode(teacher, p.messages) for rid, p, _ in window}
                 order = sorted(window, key=lambda t: len(encoded[t[0]] or ()))
                 results: dict[str, Any] = {}
-                if encoded[order[0][0]] is not None:  # local: one call, continuous refill keeps the batch full
 
-                    def tick(n_tokens: int, n_done: int) -> None:
-                        nonlocal tokens
-                        tokens += n_tokens
-                        rate = f"{tokens / (time.perf_counter() - t0):.0f} tok/s"
-                        bar.update(task, advance=n_done, rate=rate)
+                def tick(n_tokens: int, n_done: int) -> None:
+                    nonlocal tokens
+                    tokens += n_tokens
+                    rate = f"{tokens / (time.perf_counter() - t0):.0f} tok/s"
+                    bar.update(task, advance=n_done, rate=rate)
 
+                if scoring:  # teacher forcing on the prompts' own answers: one forward pass per batch
+                    answers = [reference_ids(teacher, p.messages, p.reference, encoded[rid]) for rid, p, _ in order]
+                    outs = teacher.score_ids([encoded[rid] for rid, _, _ in order], answers, cfg.top_k,
+                                             batch_size=cfg.batch_size, on_rows=tick)
+                    results = {rid: c for (rid, _, _), c in zip(order, outs, strict=True)}
+                elif encoded[order[0][0]] is not None:  # local: one call, continuous refill keeps the batch full
                     outs = teacher.complete_ids([encoded[rid] for rid, _, _ in order], params,
                                                 [row_seed(cfg.seed, rid) for rid, _, _ in order],
-                                                on_token=tick, batch_size=cfg.batch_size)
+                                                on_token=tick, batch_size=cfg.batch_size, include_eos=True)
                     results = {rid: c for (rid, _, _), c in zip(order, outs, strict=True)}
                 else:
                     for start in range(0, len(order), cfg.batch_size):
@@ -176,6 +195,22 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
     if getattr(teacher, "stats", None):
         log(f"http: {teacher.stats}")
     return {**final, "this_run": final_stats}
+
+
+def reference_ids(teacher, messages: list[dict], reference: str, prompt_ids: list[int]) -> list[int]:
+    """The reference answer as the teacher's chat template renders an assistant turn, up to and
+    including its end-of-turn (EOS) token; plain tokens + EOS when the template's rendering of
+    the whole conversation does not start with the prompt's ids."""
+    tok = teacher.tokenizer
+    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": reference}], tokenize=True)
+    if isinstance(full, dict) or hasattr(full, "input_ids"):
+        full = full["input_ids"]
+    full = list(full)
+    if full[: len(prompt_ids)] == list(prompt_ids) and len(full) > len(prompt_ids):
+        answer = full[len(prompt_ids) :]
+        ends = [j for j, t in enumerate(answer) if t in teacher.eos_ids]
+        return answer[: ends[0] + 1] if ends else answer
+    return tok(reference, add_special_tokens=False)["input_ids"] + [teacher.eos_ids[0]]
 
 
 def _encode(teacher, messages):

@@ -140,8 +140,13 @@ class HFTeacher:
         logits_processor: LogitsProcessor | None = None,
         on_token: Callable[[int, int], None] | None = None,
         batch_size: int | None = None,
+        include_eos: bool = False,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
+
+        With `include_eos`, a completion that stops on EOS keeps that token (and its top-k) as its
+        last completion token, so a student trained on it learns when to stop; the text never
+        shows it.
 
         When rows finish, waiting prompts are prefilled and merged into the running batch (their
         KV cache left-padded to the batch's length), so the batch stays full. `seeds[i]` seeds row
@@ -181,6 +186,12 @@ class HFTeacher:
             for b, i in enumerate(rows):
                 if is_eos[b]:
                     finish[i] = "stop"
+                    if include_eos:
+                        out_ids[i].append(toks[b])
+                        out_lp[i].append(chosen[b])
+                        if k:
+                            out_tk_ids[i].append(tk_ids[b])
+                            out_tk_lp[i].append(tk_lp[b])
                     continue
                 out_ids[i].append(toks[b])
                 out_lp[i].append(chosen[b])
@@ -301,15 +312,104 @@ class HFTeacher:
 
     # ---- teacher forcing ---------------------------------------------------------------------
     @torch.no_grad()
-    def score(self, sequences: list[list[int]], k: int = 20) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top-k (ids, log-probs) for the next token at every position of each sequence ([L, k] each)."""
-        results = []
-        for seq in sequences:
-            ids = torch.tensor([seq], device=self.device)
-            logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
-            lp, tk = logprobs.topk(k, dim=-1)
-            results.append((tk.cpu().numpy(), lp.cpu().numpy()))
-        return results
+    def score_ids(
+        self,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        k: int = 20,
+        batch_size: int = 16,
+        on_rows: Callable[[int, int], None] | None = None,
+        max_batch_tokens: int = 8192,
+    ) -> list[Completion]:
+        """Teacher forcing at prefill speed: for each (prompt, completion) pair, the teacher's top-k and
+        the log-prob of the given token at every completion position, as a Completion.
+
+        Sequences are length-sorted and right-padded into batches of at most `batch_size` rows and
+        `max_batch_tokens` padded tokens; one forward pass per batch. The output head runs only on
+        the completion positions (not on the prompt), in chunks, so memory stays bounded by
+        chunk x vocab instead of batch x length x vocab.
+        """
+        n = len(prompt_ids)
+        results: list[Completion | None] = [None] * n
+        order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+        start = 0
+        while start < n:
+            chunk = [order[start]]
+            while start + len(chunk) < n and len(chunk) < batch_size:
+                nxt = order[start + len(chunk)]
+                width = len(prompt_ids[nxt]) + len(completion_ids[nxt])  # sorted: the widest so far
+                if width * (len(chunk) + 1) > max_batch_tokens:
+                    break
+                chunk.append(nxt)
+            start += len(chunk)
+            seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(seqs), width), dtype=torch.long)
+            rows, cols = [], []
+            for b, (i, seq) in enumerate(zip(chunk, seqs, strict=True)):
+                ids[b, : len(seq)] = torch.tensor(seq)
+                attn[b, : len(seq)] = 1
+                p, c = len(prompt_ids[i]), len(completion_ids[i])
+                rows += [b] * c
+                cols += range(p - 1, p + c - 1)  # logits at position t predict token t + 1
+            targets = torch.tensor([t for i in chunk for t in completion_ids[i]], dtype=torch.long)
+            logprobs_at = self._position_logprobs(ids.to(self.device), attn.to(self.device), rows, cols)
+            tk_ids, tk_lp, chosen = [], [], []
+            for s, lp in logprobs_at:
+                if k:
+                    v, t = lp.topk(k, dim=-1)
+                    tk_ids.append(t.cpu())
+                    tk_lp.append(v.cpu())
+                chosen.append(lp.gather(1, targets[s : s + len(lp), None].to(lp.device))[:, 0].cpu())
+            chosen_all = torch.cat(chosen).numpy() if chosen else np.zeros(0, np.float32)
+            tk_ids_all = torch.cat(tk_ids).numpy() if k and tk_ids else None
+            tk_lp_all = torch.cat(tk_lp).numpy() if k and tk_lp else None
+            offset = 0
+            for i in chunk:
+                c = len(completion_ids[i])
+                sl = slice(offset, offset + c)
+                offset += c
+                results[i] = Completion(
+                    prompt_ids=list(prompt_ids[i]),
+                    completion_ids=list(completion_ids[i]),
+                    text=self.tokenizer.decode(completion_ids[i], skip_special_tokens=True),
+                    finish_reason="reference",
+                    sampled_logprob=chosen_all[sl].astype(np.float32),
+                    topk_ids=tk_ids_all[sl].astype(np.int64) if tk_ids_all is not None else None,
+                    topk_logprobs=tk_lp_all[sl].astype(np.float32) if tk_lp_all is not None else None,
+                )
+            if on_rows is not None:  # (tokens scored, rows done)
+                on_rows(len(targets), len(chunk))
+        return results  # type: ignore[return-value]
+
+    def _position_logprobs(self, ids, attn, rows: list[int], cols: list[int], chunk: int = 2048):
+        """Yield (offset, log-probs [n, V] float32) for the (row, col) positions, `chunk` at a time.
+
+        The body runs once; the output head runs only where asked. Models whose logits are not just
+        the head of the last hidden state (final soft-capping, logit scaling) take the full forward.
+        """
+        cfg = self.model.config
+        base = getattr(self.model, self.model.base_model_prefix, None)
+        head = self.model.get_output_embeddings()
+        plain = base is not None and head is not None and not any(
+            getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+        )
+        r, c = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        if plain:
+            hidden = base(input_ids=ids, attention_mask=attn).last_hidden_state[r, c]
+            for s in range(0, len(rows), chunk):
+                yield s, torch.log_softmax(head(hidden[s : s + chunk]).float(), dim=-1)
+        else:
+            logits = self.model(input_ids=ids, attention_mask=attn).logits[r, c]
+            for s in range(0, len(rows), chunk):
+                yield s, torch.log_softmax(logits[s : s + chunk].float(), dim=-1)
+
+    def score(self, sequences: list[list[int]], k: int = 20, batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-k (ids, log-probs) of the next token at every position but the last of each sequence
+        ([L - 1, k] each): `score_ids` with the first token as the prompt."""
+        outs = self.score_ids([s[:1] for s in sequences], [s[1:] for s in sequences], k, batch_size)
+        return [(o.topk_ids, o.topk_logprobs) for o in outs]
 
 
 def _merge_cache(cache, attn: torch.Tensor, new_cache, new_attn: torch.Tensor) -> torch.Tensor:
