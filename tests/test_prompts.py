@@ -165,3 +165,45 @@ def test_prompts_hash_is_stable_and_sensitive():
     assert prompts_hash(a) != prompts_hash(a[::-1])
     assert prompts_hash(a) != prompts_hash([Prompt(user("x"), "Y"), a[1]])
     assert len(prompts_hash(a)) == 64
+
+
+# ---- hf:ORG/NAME datasets, read through huggingface_hub's real cache layout (the Hub itself is off-machine) ----
+def _hub_cache(root, repo: str, files: dict[str, object]) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    store = root / ("datasets--" + repo.replace("/", "--"))
+    (store / "refs").mkdir(parents=True)
+    (store / "refs" / "main").write_text(commit)
+    for rel, rows in files.items():
+        path = store / "snapshots" / commit / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_hf_dataset_prompts_from_the_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    train = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(3)]
+    _hub_cache(tmp_path, "acme/qa", {
+        "data/train-00000-of-00002.parquet": train[:2],
+        "data/train-00001-of-00002.parquet": train[2:],
+        "data/test-00000-of-00001.parquet": [{"instruction": "A test question?"}],
+        "chat/train.jsonl": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    })
+    got = load_prompts("hf:acme/qa/data")
+    assert [p.messages[0]["content"] for p in got] == [r["instruction"] for r in train]
+    assert [p.reference for p in got] == [r["output"] for r in train]
+    assert [p.messages[0]["content"] for p in load_prompts("hf:acme/qa/data:test")] == ["A test question?"]
+    chat = load_prompts("hf:acme/qa/chat:train")
+    assert chat[0].messages == [{"role": "user", "content": "hi"}] and chat[0].reference == "yo"
+    assert len(load_prompts("hf:acme/qa")) == 4  # every config's train split
+    with pytest.raises(PotstillError, match="no data files for split 'validation'"):
+        load_prompts("hf:acme/qa:validation")
+    with pytest.raises(PotstillError, match=r"^hf:acme/missing: not in the local Hugging Face cache"):
+        load_prompts("hf:acme/missing")
+    with pytest.raises(PotstillError, match="expected hf:ORG/NAME"):
+        load_prompts("hf:justaname")

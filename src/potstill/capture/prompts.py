@@ -39,7 +39,8 @@ class Prompt:
 
 
 def load_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """Prompts from a JSONL or Parquet file, or `builtin:<name>` (builtin:seed_tasks)."""
+    """Prompts from a JSONL or Parquet file, `builtin:<name>` (builtin:seed_tasks), or a Hugging Face
+    dataset `hf:ORG/NAME[/CONFIG][:SPLIT]` (see hub.py)."""
     name = str(path)
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
@@ -47,6 +48,14 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
             raise PotstillError(f"no built-in prompt set {key!r}; choose one of {', '.join(BUILTIN)}")
         file = Path(str(resources.files("potstill") / "data" / BUILTIN[key]))
         return _from_records(jsonl_records(file, name), name)
+    if name.startswith("hf:"):
+        from potstill.capture.hub import dataset_files
+
+        folder_files = dataset_files(name)
+        out: list[Prompt] = []
+        for f in folder_files:
+            out += load_prompts(f)
+        return out
     file = Path(path)
     try:
         with open(file, "rb") as f:
