@@ -65,3 +65,33 @@ def test_continuous_refill_matches_rows_alone(tiny_model_dir):
         assert refilled[i].completion_ids == alone.completion_ids, i
         np.testing.assert_allclose(refilled[i].topk_logprobs, alone.topk_logprobs, atol=1e-4)
         assert refilled[i].finish_reason == alone.finish_reason
+
+
+def test_decode_attention_equals_sdpa(tiny_model_dir):
+    """The CPU decode attention (matmuls, grouped queries) gives SDPA's logits, padding included."""
+    from transformers import AutoModelForCausalLM
+
+    from potstill.teachers.attention import NAME, use_decode_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA is exercised
+
+    def decode(m):
+        ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+        attn = torch.ones_like(ids)
+        attn[0, :4] = 0  # left padding must stay masked
+        with torch.no_grad():
+            out = m(input_ids=ids, attention_mask=attn, use_cache=True)
+            cache, logits = out.cache, [out.logits[:, -1]]
+            for _ in range(4):
+                attn = torch.cat([attn, attn.new_ones((3, 1))], 1)
+                step = logits[-1].argmax(-1)[:, None]
+                out = m(input_ids=step, attention_mask=attn, position_ids=attn.sum(-1, keepdim=True) - 1,
+                        cache=cache, use_cache=True)
+                cache = out.cache
+                logits.append(out.logits[:, -1])
+        return torch.stack(logits)
+
+    ref = decode(model)
+    assert use_decode_attention(model) and model.config._attn_implementation == NAME
+    torch.testing.assert_close(decode(model), ref, atol=1e-5, rtol=1e-5)

@@ -68,6 +68,9 @@ class HFTeacher:
 
     def __init__(self, model, tokenizer, name: str, model_dir: Path | None = None):
         self.model = model.eval()
+        from potstill.teachers.attention import use_decode_attention
+
+        use_decode_attention(model)  # CPU: single-query attention as matmuls (see attention.py)
         self.tokenizer = tokenizer
         self.name = name
         self.model_dir = model_dir
@@ -141,6 +144,7 @@ class HFTeacher:
         on_token: Callable[[int, int], None] | None = None,
         batch_size: int | None = None,
         include_eos: bool = False,
+        prefill_tokens: int = 8192,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
 
@@ -150,7 +154,10 @@ class HFTeacher:
 
         When rows finish, waiting prompts are prefilled and merged into the running batch (their
         KV cache left-padded to the batch's length), so the batch stays full. `seeds[i]` seeds row
-        i's sampler, so a row's completion does not depend on its batch-mates.
+        i's sampler, so a row's completion does not depend on its batch-mates. Prompts enter
+        shortest first, prefilled in groups of at most `prefill_tokens` padded tokens (one long
+        prompt must not pad a whole batch to its length), and cache columns that no live row
+        uses any more are cut off.
         """
         if not prompt_ids:
             return []
@@ -207,17 +214,23 @@ class HFTeacher:
                 on_token(len(rows), len(rows) - len(keep))
             return keep, next_tok
 
-        queue = list(range(n))
+        # shortest prompts first: rows prefilled together have similar lengths, so little padding
+        queue = sorted(range(n), key=lambda i: len(prompt_ids[i]))
         live: list[int] = []
         cache = attn = step_ids = None
         while queue or live:
             free = cap - len(live)
             if queue and (not live or free >= max(1, cap // 4) or free >= len(queue)):
-                new_rows, queue = queue[:free], queue[free:]
-                new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in new_rows])
-                keep, toks = consume(new_rows, logits)
-                new_rows = [new_rows[b] for b in keep]
-                if new_rows:
+                taken, queue = queue[:free], queue[free:]
+                # a much longer prompt would widen every live row's cache: it waits for a batch of its own
+                width = attn.shape[1] if live else len(prompt_ids[taken[0]])
+                fits = [i for i in taken if len(prompt_ids[i]) <= max(2 * width, width + 64)]
+                queue, taken = taken[len(fits) :] + queue, fits
+                for group in _prefill_groups(taken, [len(prompt_ids[i]) for i in taken], prefill_tokens):
+                    new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in group])
+                    keep, toks = consume(group, logits)
+                    if not keep:
+                        continue
                     idx = torch.tensor(keep, device=dev)
                     new_cache.batch_select_indices(idx)
                     new_attn, new_step = new_attn[idx], toks[idx][:, None]
@@ -226,7 +239,7 @@ class HFTeacher:
                         step_ids = torch.cat([step_ids, new_step])
                     else:
                         cache, attn, step_ids = new_cache, new_attn, new_step
-                    live = live + new_rows
+                    live = live + [group[b] for b in keep]
                 if not live:
                     continue
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
@@ -241,6 +254,8 @@ class HFTeacher:
                 attn = attn[idx]
                 toks = toks[idx]
                 live = [live[b] for b in keep]
+                if live:
+                    attn = _trim_left(cache, attn)
             step_ids = toks[:, None]
             if not live:
                 cache = attn = step_ids = None
@@ -410,6 +425,29 @@ class HFTeacher:
         ([L - 1, k] each): `score_ids` with the first token as the prompt."""
         outs = self.score_ids([s[:1] for s in sequences], [s[1:] for s in sequences], k, batch_size)
         return [(o.topk_ids, o.topk_logprobs) for o in outs]
+
+
+def _prefill_groups(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Split rows (sorted by length) into prefill groups of at most `budget` padded tokens."""
+    groups: list[list[int]] = []
+    for row, length in zip(rows, lengths, strict=True):
+        if groups and (len(groups[-1]) + 1) * length <= budget:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _trim_left(cache, attn: torch.Tensor) -> torch.Tensor:
+    """Drop leading cache columns that are padding for every live row (they only cost time)."""
+    used = attn.any(0).nonzero()
+    cut = int(used[0]) if len(used) else 0
+    if cut:
+        for layer in cache.layers:
+            layer.keys = layer.keys[:, :, cut:]
+            layer.values = layer.values[:, :, cut:]
+        attn = attn[:, cut:]
+    return attn
 
 
 def _merge_cache(cache, attn: torch.Tensor, new_cache, new_attn: torch.Tensor) -> torch.Tensor:
