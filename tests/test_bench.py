@@ -16,7 +16,10 @@ def test_bench_generate_tiny(tmp_path, tiny_model_dir):
     out = tmp_path / "gen.json"
     res = bench_generate(teacher, prompts, max_new_tokens=6, batch_size=3, k=4, naive_prompts=2,
                          out_json=str(out), log=lambda *_: None)
-    assert [r["decoder"].split()[0] for r in res["results"]] == ["hf-naive", "hf-batched+logprobs", "potstill"]
+    names = [r["decoder"].split(" (")[0] for r in res["results"]]
+    assert names == ["hf-naive", "hf-batched+logprobs", "potstill", "potstill score"]
+    assert res["results"][3]["tokens"] == res["results"][2]["tokens"]  # scored exactly what was written
+    assert teacher.model.config._attn_implementation == "potstill_cpu"  # restored after the stock anchors
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in res["results"])
     assert json.loads(out.read_text())["results"][1]["vs_anchor"] == 1.0
     assert "potstill" in format_table(res)

@@ -3,7 +3,11 @@
 Same model, same prompts, same token budget, in one run:
 - `hf-naive`: `model.generate` one prompt at a time (no log-probs);
 - `hf-batched+logprobs`: batched `model.generate` returning the logits, top-k taken afterwards;
-- `potstill`: the batched KV-cache engine of teachers/hf.py with top-k log-probs.
+- `potstill`: the batched KV-cache engine of teachers/hf.py with top-k log-probs, all prompts in
+  one call (continuous refill keeps `batch_size` rows decoding);
+- `potstill score`: teacher forcing of the completions potstill just wrote (`score_ids`, the path of
+  `generate --answers reference`), completion tokens scored per second.
+The HF rows run with transformers' stock SDPA attention; potstill with its CPU decode attention.
 Ratios are reported against `hf-batched+logprobs` (the anchor), so machine noise cancels.
 """
 
@@ -55,14 +59,21 @@ def hf_batched_logprobs(teacher, ids: list[list[int]], max_new_tokens: int, batc
     return tokens
 
 
-def potstill_engine(teacher, ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int) -> int:
+def potstill_engine(teacher, ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int) -> list:
     from potstill.teachers.base import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_logprobs=k)
-    tokens = 0
-    for s in range(0, len(ids), batch_size):
-        tokens += sum(len(c.completion_ids) for c in teacher.complete_ids(ids[s : s + batch_size], params))
-    return tokens
+    return teacher.complete_ids(ids, params, batch_size=batch_size, include_eos=True)
+
+
+def stock_attention(teacher, on: bool) -> None:
+    """Anchors run transformers as it ships (SDPA); potstill rows with its decode attention."""
+    from potstill.teachers.attention import use_decode_attention
+
+    if on:
+        teacher.model.set_attn_implementation("sdpa")
+    else:
+        use_decode_attention(teacher.model)
 
 
 def _count(row: list[int], eos: list[int]) -> int:
@@ -79,20 +90,33 @@ def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int =
     torch.manual_seed(0)
     potstill_engine(teacher, ids[:2], 4, 2, k)  # warm-up
     results = []
+    written: list = []
+
+    def run_potstill() -> int:
+        written[:] = potstill_engine(teacher, ids, max_new_tokens, batch_size, k)
+        return sum(len(c.completion_ids) for c in written)
+
+    def run_score() -> int:
+        teacher.score_ids([c.prompt_ids for c in written], [c.completion_ids for c in written], k, batch_size)
+        return sum(len(c.completion_ids) for c in written)
+
     runs = [
         ("hf-naive (per prompt, no log-probs)", lambda: hf_naive(teacher, ids[:naive_prompts], max_new_tokens),
-         naive_prompts),
+         naive_prompts, True),
         ("hf-batched+logprobs (anchor)", lambda: hf_batched_logprobs(teacher, ids, max_new_tokens, batch_size, k),
-         len(ids)),
-        ("potstill", lambda: potstill_engine(teacher, ids, max_new_tokens, batch_size, k), len(ids)),
+         len(ids), True),
+        ("potstill", run_potstill, len(ids), False),
+        ("potstill score (teacher forcing)", run_score, len(ids), False),
     ]
-    for name, fn, n in runs:
+    for name, fn, n, stock in runs:
+        stock_attention(teacher, stock)
         t0 = time.perf_counter()
         tokens = fn()
         seconds = time.perf_counter() - t0
         results.append({"decoder": name, "prompts": n, "tokens": tokens, "seconds": round(seconds, 2),
                         "tokens_per_s": round(tokens / seconds, 1)})
         log(f"{name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s")
+    stock_attention(teacher, False)
     anchor = results[1]["tokens_per_s"]
     for r in results:
         r["vs_anchor"] = round(r["tokens_per_s"] / anchor, 2)
