@@ -316,3 +316,44 @@ def test_report_renders_in_chromium(report, tmp_path):
         shutil.copy(shot, keep / "report.png")
     except OSError:  # a read-only checkout: the screenshot stays in pytest's tmp dir
         pass
+
+
+@pytest.mark.slow
+def test_report_on_embedded_teacher(tmp_path):
+    """The demo recipe, scaled down, on the real teacher: real text in the examples, numbers consistent with eval."""
+    from potstill.evaluate.report import ReportConfig, build_report
+    from potstill.pipeline import builtin_recipe, run_recipe
+
+    run = tmp_path / "demo"
+    run_recipe(builtin_recipe("demo"), ["generate.max_prompts=16", "generate.max_new_tokens=32",
+                                        "generate.heldout=0.25", "train.max_steps=8", "train.checkpoint_every=0",
+                                        "train.batch_size=4", "eval.gen_prompts=2", "eval.gen_tokens=8"],
+               str(run), log=lambda *_: None)
+    out = tmp_path / "report"
+    result = build_report([str(run)], ReportConfig(out=str(out), examples=16, max_new_tokens=24), log=lambda *_: None)
+    ev = {row["model"]: row for row in json.loads((run / "eval.json").read_text())["rows"]}
+    ex = result["runs"][0]["examples"]
+    for row in ex["rows"]:
+        assert "".join(row["pieces"]) == row["teacher_text"]
+    text = " ".join(r["teacher_text"] for r in ex["rows"])
+    assert sum(c.isascii() and (c.isalpha() or c.isspace()) for c in text) > 0.8 * len(text)  # words, not bytes
+    for st in ex["students"]:
+        assert any(r["answer"].strip() for r in st["rows"])
+        probs = np.concatenate([r["prob"] for r in st["rows"]])
+        assert len(probs) == ev[st["label"]]["tokens"]
+        assert -np.log(probs).mean() == pytest.approx(ev[st["label"]]["nll_teacher_tokens"], rel=1e-3)
+    prov = Page((out / "report.html").read_text()).table("kv")
+    assert any("SmolLM2-135M-Instruct" in text for t in prov for r in t["rows"] for _, text in r["cells"])
+    exe = chromium()
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    res = subprocess.run([exe, *flags, f"--screenshot={shot}", "--window-size=1280,4000",
+                          (out / "report.html").resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    try:
+        keep = ROOT / "runs" / "test-artefacts"
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, keep / "report-embedded.png")
+    except OSError:
+        pass

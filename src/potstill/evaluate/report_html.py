@@ -23,12 +23,12 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}tr.teacher td{backgrou
 td.front{background:#fde8e8;font-weight:600}
 img.plot{max-width:100%;border:1px solid #eaeef2;margin:.5em 0}
 code,.hash{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all}
-pre{background:#f6f8fa;padding:8px;overflow-x:auto;white-space:pre-wrap;font-size:12px;margin:.3em 0}
+pre{background:#f6f8fa;padding:8px;overflow-x:auto;white-space:pre-wrap;overflow-wrap:anywhere;font-size:12px;margin:.3em 0}
 .card{border:1px solid #d0d7de;border-radius:6px;padding:10px 12px;margin:12px 0}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:10px}
 .cell{background:#fbfcfd;border:1px solid #eaeef2;border-radius:4px;padding:6px 8px}
 .cell h4{margin:0 0 4px;font-size:13px}.small{font-size:12px;color:#57606a}
-.tokens{white-space:pre-wrap;font:13px/1.7 ui-monospace,SFMono-Regular,Menlo,monospace}
+.tokens{white-space:pre-wrap;overflow-wrap:anywhere;font:13px/1.7 ui-monospace,SFMono-Regular,Menlo,monospace}
 .tokens span{border-radius:2px}.tokens span.top1{border-bottom:2px solid #1a7f37}
 .legend{display:inline-block;width:160px;height:10px;vertical-align:middle;
  background:linear-gradient(to right,hsl(0,75%,82%),hsl(60,75%,82%),hsl(120,75%,82%))}
@@ -157,7 +157,13 @@ def examples_section(run_name: str, ex: dict[str, Any]) -> str:
                 f'<h4>the teacher\'s answer as {esc(st["label"])} sees it</h4>'
                 f'{shade(row["pieces"], r["prob"], r["top1"])}<p class="small">{esc(stats)}</p></div>'
             )
-        ref = f'<p class="small">reference answer: {esc(row["reference"])}</p>' if row.get("reference") else ""
+        ref = row.get("reference") or ""
+        if len(ref) > 240:  # long references fold away; the answers are what the card is about
+            ref = (f'<details class="small"><summary>reference answer: {esc(ref[:160])}…</summary>'
+                   f"<pre>{esc(ref)}</pre></details>")
+        elif ref:
+            ref = f'<p class="small">reference answer: {esc(ref)}</p>'
+
         parts.append(
             f'<div class="card example" data-run="{esc(run_name)}" data-id="{esc(row["id"])}">'
             f'<h4>prompt <span class="small">({esc(row["split"])} row {esc(row["id"])})</span></h4>'
