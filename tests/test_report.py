@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import asdict
 from html.parser import HTMLParser
 from pathlib import Path
@@ -261,18 +260,18 @@ def test_bare_student_eval_and_bad_dirs(runs, tmp_path):
 
 
 def test_cli_report(runs, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "potstill.cli", "report"]
-    res = subprocess.run([*cmd, str(runs[1]), "--out", str(tmp_path / "r"), "--examples", "0"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr
+    from click.testing import CliRunner
+
+    from potstill.cli import app
+
+    res = CliRunner().invoke(app, ["report", str(runs[1]), "--out", str(tmp_path / "r"), "--examples", "0"])
+    assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "report.html").exists() and (tmp_path / "r" / "pareto.png").exists()
     (tmp_path / "nothing").mkdir()
-    res = subprocess.run([*cmd, str(runs[1]), str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    res = CliRunner().invoke(app, ["report", str(runs[1]), str(tmp_path / "nothing"), "--out", str(tmp_path / "bad")])
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2 and len(lines) == 1 and str(tmp_path / "nothing") in lines[0]
-    assert not (tmp_path / "bad" / "report.html").exists()
+    assert res.exit_code == 2 and len(lines) == 1 and str(tmp_path / "nothing") in lines[0], res.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def chromium() -> str:
@@ -357,3 +356,12 @@ def test_report_on_embedded_teacher(tmp_path):
         shutil.copy(shot, keep / "report-embedded.png")
     except OSError:
         pass
+
+
+def test_plot_labels_are_not_mathtext():
+    """Run and model names are user text: '$' must not switch matplotlib to (failing) mathtext."""
+    from potstill.evaluate.report_plots import eval_bars, training_curves
+
+    name = r"cost $\q{ run$"
+    assert training_curves([(name, [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])])[:4] == b"\x89PNG"
+    assert eval_bars([(name, {"model": "teacher", "kl": 0.0}), ("b", {"model": "s", "kl": 0.2})])[:4] == b"\x89PNG"

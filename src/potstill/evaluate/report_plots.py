@@ -20,6 +20,11 @@ BARS = [("kl", "KL(teacher‖model) ↓", 1.0), ("top1_agreement", "top-1 agreem
         ("size_bytes", "size on disk, MB", 1e-6), ("gen_tokens_per_s", "generation tok/s ↑", 1.0)]
 
 
+def _text(label: str) -> str:
+    """User text for matplotlib: a '$' would start mathtext (and a parse error on an odd label)."""
+    return str(label).replace("$", r"\$")
+
+
 def _plt():
     import matplotlib
 
@@ -52,7 +57,7 @@ def training_curves(series: list[tuple[str, list[dict[str, Any]]]]) -> bytes | N
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, label=label, marker="." if len(pts) < 30 else None)
+                ax.plot(xs, ys, label=_text(label), marker="." if len(pts) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -79,7 +84,7 @@ def eval_bars(entries: list[tuple[str, dict[str, Any]]]) -> bytes | None:
     for ax, (key, title, scale) in zip(axes.flat, keys, strict=False):
         vals = [np.nan if row.get(key) is None else row[key] * scale for _, row in entries]
         ax.bar(range(len(entries)), vals, color=colors)
-        ax.set_xticks(range(len(entries)), [label for label, _ in entries], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(entries)), [_text(label) for label, _ in entries], rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
@@ -116,7 +121,7 @@ def pareto_plot(points: list[dict[str, Any]], teachers: list[tuple[str, dict[str
                    c="crimson", s=70, edgecolors="black", label="student on the Pareto front", zorder=3)
         _front_line(ax, xs, ys, on)
         for p, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(f"{p['run']}: {p['model']}", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(_text(f"{p['run']}: {p['model']}"), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         tx = [(row[row_key] * scale, row[quality]) for _, row in teachers
               if row.get(row_key) is not None and row.get(quality) is not None]
         if tx:
@@ -139,7 +144,7 @@ def entropy_hist(stats: list[tuple[str, np.ndarray]]) -> bytes | None:
     top = max(float(e.max()) for _, e in stats)
     bins = np.linspace(0.0, max(top, 1e-3), 40)
     for name, e in stats:
-        ax.hist(e, bins=bins, alpha=0.55, label=f"{name} (mean {e.mean():.3f})", density=True)
+        ax.hist(e, bins=bins, alpha=0.55, label=_text(f"{name} (mean {e.mean():.3f})"), density=True)
     ax.set_xlabel("teacher entropy per completion token, nats (top-k + tail bucket)")
     ax.set_ylabel("density")
     ax.grid(alpha=0.3)
