@@ -218,6 +218,7 @@ def _register_guard() -> None:
 
 
 _register_guard()
+__import__("potstill.cli_report").cli_report.register(app)  # `potstill report`
 
 
 def main() -> None:  # pragma: no cover
