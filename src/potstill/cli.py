@@ -218,6 +218,9 @@ def _register_guard() -> None:
 
 
 _register_guard()
+from potstill.cli_tasks import register as _register_tasks  # noqa: E402  (eval-harness-task)
+
+_register_tasks(app)
 
 
 def main() -> None:  # pragma: no cover
