@@ -221,3 +221,15 @@ def test_embedded_teacher_potstill_and_lm_eval_agree(tmp_path):
     ours = score_mc(model, AutoTokenizer.from_pretrained(teacher_dir), load_mc_task("builtin:potstill_mc"))
     assert_same_scores(ours, results, samples)
     assert ours["acc"] > 0.35  # well above chance (0.25) for an instruct model on these questions
+
+
+def test_cli_bad_task_file_one_line_exit_2(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ITEMS[0], {"question": "q", "choices": ["a", "b"], "answer": 5}])
+    for args, out in ((["eval", "--capture", str(tmp_path / "cap"), "--tasks", str(bad)], tmp_path / "eval"),
+                      (["eval-harness-task", "--tasks", str(bad)], tmp_path / "harness")):
+        res = subprocess.run([sys.executable, "-m", "potstill.cli", *args, "--out", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert f"{bad}:2" in lines[0] and "field 'answer'" in lines[0]
+        assert not out.exists()  # nothing half-written
