@@ -155,7 +155,7 @@ def eval_cmd(config_file, **flags):
     from potstill.evaluate import rich_table, run_eval
 
     result = run_eval(make_config(EvalConfig, "eval", config_file, flags))
-    Console().print(rich_table(result["rows"], title="potstill eval"))
+    Console(width=None if sys.stdout.isatty() else 200).print(rich_table(result["rows"], title="potstill eval"))
 
 
 @app.group()
@@ -211,14 +211,9 @@ def bench_watermark_cmd(args):
     bench_main(list(args))
 
 
-def _register_guard() -> None:
-    from potstill.cli_guard import register
-
-    register(app)
-
-
-_register_guard()
-__import__("potstill.cli_report").cli_report.register(app)  # `potstill report`
+# verbs that live in their own modules, each with a `register(app)`
+for _module in ("cli_guard", "cli_report", "cli_tasks"):
+    __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 
 def main() -> None:  # pragma: no cover

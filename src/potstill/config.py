@@ -111,6 +111,7 @@ class EvalConfig:
     gen_tokens: int = opt(64, "Tokens per prompt for the speed measurement.")
     batch_size: int = opt(8, "Batch size for scoring and generation.")
     labels: list[str] = opt([], "Row labels for the students (default: directory names).")
+    tasks: list[str] = opt([], "Multiple-choice task JSONL files or builtin:potstill_mc; adds accuracy and % kept.")
 
 
 STAGES = {"generate": GenerateConfig, "train": TrainConfig, "eval": EvalConfig}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.config import EvalConfig
+from potstill.evaluate.tasks import task_columns
 from potstill.utils import atomic_path, quiet_transformers, write_json
 
 COLUMNS = [
@@ -25,14 +26,16 @@ COLUMNS = [
 ]
 
 
-def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConfig, name: str) -> dict[str, Any]:
+def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConfig, name: str, tasks=()) -> dict[str, Any]:
     from potstill.evaluate.metrics import fidelity, generation_speed, reference_nll, size_stats
+    from potstill.evaluate.tasks import task_metrics
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     row: dict[str, Any] = {"model": name}
     row.update(fidelity(model, examples, pad, cfg.batch_size))
     row.update(reference_nll(model, tokenizer, prompts, cfg.batch_size) or {})
     row.update(size_stats(model, model_dir))
+    row.update(task_metrics(model, tokenizer, list(tasks), cfg.batch_size))
     import torch
 
     # speed last, in the dtype the engine serves with (bf16 where the CPU has it): a fair race for every row
@@ -70,9 +73,11 @@ def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from potstill.evaluate.tasks import add_kept, describe, load_mc_tasks
     from potstill.teachers.hf import resolve_model_dir
 
     torch.manual_seed(0)
+    tasks = load_mc_tasks(cfg.tasks)  # before any model loads: a bad task file fails fast
     capture, examples, prompts = load_eval_inputs(cfg)
     quiet_transformers()
     log(f"eval: {len(examples)} held-out completions, {sum(1 for p in prompts if p.reference)} reference answers")
@@ -81,15 +86,16 @@ def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=N
     if teacher_model is None:
         teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir)
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    rows.append(evaluate_model(teacher_model, teacher_tokenizer, teacher_dir, examples, prompts, cfg, "teacher"))
+    rows.append(evaluate_model(teacher_model, teacher_tokenizer, teacher_dir, examples, prompts, cfg, "teacher", tasks))
     log(f"eval: teacher done ({rows[-1]['gen_tokens_per_s']:.0f} gen tok/s)")
     labels = cfg.labels or [Path(s).name for s in cfg.students]
     for path, label in zip(cfg.students, labels, strict=False):
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
-        rows.append(evaluate_model(model, tok, path, examples, prompts, cfg, label))
+        rows.append(evaluate_model(model, tok, path, examples, prompts, cfg, label, tasks))
         log(f"eval: {label} done")
-    result = {"capture": cfg.capture, "split": cfg.split, "rows": rows, "config": cfg.__dict__}
+    add_kept(rows, tasks)
+    result = {"capture": cfg.capture, "split": cfg.split, "rows": rows, "config": cfg.__dict__, "tasks": describe(tasks)}
     out = Path(cfg.out)
     write_json(out / "eval.json", result)
     with atomic_path(out / "eval.md") as tmp:
@@ -106,7 +112,7 @@ def _fmt(key: str, fmt: str | None, value) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cols = [c for c in COLUMNS + task_columns(rows) if any(r.get(c[0]) is not None for r in rows)]
     head = "| model | " + " | ".join(c[1] for c in cols) + " |"
     sep = "|---|" + "|".join("---:" for _ in cols) + "|"
     body = ["| " + r["model"] + " | " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in cols) + " |" for r in rows]
@@ -116,7 +122,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def rich_table(rows: list[dict[str, Any]], title: str = ""):
     from rich.table import Table
 
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    cols = [c for c in COLUMNS + task_columns(rows) if any(r.get(c[0]) is not None for r in rows)]
     table = Table(title=title)
     table.add_column("model")
     for _, label, _ in cols:
