@@ -111,8 +111,43 @@ def _align(n: int, full: int) -> int:
     return max(step, int(round(n / step)) * step) if step > 1 else max(1, int(round(n)))
 
 
-def plan_widths(model, ratio: float | None = None, params: float | None = None) -> tuple[int, int]:
-    """(channels kept per layer, query heads kept per KV group) for a keep ratio or a parameter target."""
+def width_candidates(model, params: float) -> list[tuple[int, int]]:
+    """Every (channels per layer, query heads per KV group) that lands on `params` (one per head count)."""
+    g = geometry(model)
+    total = sum(p.numel() for p in model.parameters())
+    unit = unit_params(model)
+    out = []
+    for m in range(g["group"], 0, -1):
+        heads_cut = (g["group"] - m) * g["kv_heads"] * unit["head"] * g["layers"]
+        channels = g["intermediate"] - (total - heads_cut - params) / (unit["channel"] * g["layers"])
+        if 1 <= channels <= g["intermediate"]:
+            out.append((min(g["intermediate"], _align(channels, g["intermediate"])), m))
+    if not out:
+        raise ValueError(f"no width reaches {params:.4g} parameters (the model has {total:,})")
+    return out
+
+
+def lost_importance(chan_imp, head_imp, channels: int, per_group: int, group: int) -> float:
+    """Summed importance of what a (channels, heads per group) plan cuts, over all layers.
+
+    Channel and head importances are both mean norms of a unit's write into the residual stream, so
+    they add up in the same units: the plan that cuts the least of that total wins.
+    """
+    lost = 0.0
+    for c, h in zip(chan_imp, head_imp, strict=True):
+        lost += float(c.sum() - torch.topk(c, channels).values.sum())
+        groups = h.reshape(-1, group)
+        lost += float(groups.sum() - torch.topk(groups, per_group, dim=1).values.sum())
+    return lost
+
+
+def plan_widths(model, ratio: float | None = None, params: float | None = None, importance=None) -> tuple[int, int]:
+    """(channels kept per layer, query heads kept per KV group) for a keep ratio or a parameter target.
+
+    A ratio cuts MLP channels and heads by a matching share. A parameter target can be met with
+    several head counts; with `importance` (from width_importance) the one that cuts the least
+    importance is taken, else the one whose head share is closest to its channel share.
+    """
     g = geometry(model)
     if ratio is not None:
         if not 0 < ratio <= 1:
@@ -120,30 +155,18 @@ def plan_widths(model, ratio: float | None = None, params: float | None = None) 
         return min(g["intermediate"], _align(g["intermediate"] * ratio, g["intermediate"])), max(
             1, min(g["group"], math.floor(g["group"] * ratio + 0.5))
         )
-    total = sum(p.numel() for p in model.parameters())
-    unit = unit_params(model)
-    best = None
-    for m in range(g["group"], 0, -1):
-        heads_cut = (g["group"] - m) * g["kv_heads"] * unit["head"] * g["layers"]
-        channels = g["intermediate"] - (total - heads_cut - params) / (unit["channel"] * g["layers"])
-        if not 1 <= channels <= g["intermediate"]:
-            continue
-        c = min(g["intermediate"], _align(channels, g["intermediate"]))
-        # prefer the head share closest to the channel share: both shrink by a matching fraction
-        gap = abs(m / g["group"] - c / g["intermediate"])
-        if best is None or gap < best[0]:
-            best = (gap, c, m)
-    if best is None:
-        raise ValueError(f"no width reaches {params:.4g} parameters (the model has {total:,})")
-    return best[1], best[2]
+    candidates = width_candidates(model, params)
+    if importance is not None:
+        return min(candidates, key=lambda cm: lost_importance(*importance, cm[0], cm[1], g["group"]))
+    return min(candidates, key=lambda cm: abs(cm[1] / g["group"] - cm[0] / g["intermediate"]))
 
 
 def prune_width(model, calibration: list[list[int]], ratio: float | None = None, params: float | None = None):
     """Return (new model, info): `model` pruned to a keep ratio or a parameter target. `model` is not modified."""
     g = geometry(model)
     before = sum(p.numel() for p in model.parameters())
-    channels, per_group = plan_widths(model, ratio, params)
     chan_imp, head_imp = width_importance(model, calibration)
+    channels, per_group = plan_widths(model, ratio, params, importance=(chan_imp, head_imp))
     keep_chan, keep_heads = [], []
     for c_imp, h_imp in zip(chan_imp, head_imp, strict=True):
         keep_chan.append(torch.sort(torch.topk(c_imp, channels).indices).values)
