@@ -97,6 +97,26 @@ def test_parameter_target_is_met(tiny_tokenizer):
         prune_width(model, _calibration(tiny_tokenizer), params=total * 2)
 
 
+def test_parameter_target_keeps_the_closest_split(tiny_tokenizer):
+    """The split chosen for a target has the lowest calibration KL, and the masked KL is the sliced model's KL."""
+    model = _model(tiny_tokenizer, layers=4)
+    total = sum(p.numel() for p in model.parameters())
+    calib = _calibration(tiny_tokenizer)
+    new, info = prune_width(model, calib, params=0.7 * total)
+    cands = info["candidates"]
+    assert len(cands) == 2 and {c["num_attention_heads"] for c in cands} == {4, 2}
+    best = min(cands, key=lambda c: c["calibration_kl"])
+    assert (new.config.intermediate_size, new.config.num_attention_heads) == (
+        best["intermediate_size"], best["num_attention_heads"])
+    with torch.no_grad():
+        kl, n = 0.0, 0
+        for ids in calib:
+            p = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits, -1)
+            q = torch.log_softmax(new(input_ids=torch.tensor([ids])).logits, -1)
+            kl, n = kl + float((p.exp() * (p - q)).sum()), n + len(ids)
+    assert kl / n == pytest.approx(best["calibration_kl"], rel=1e-3, abs=1e-5)
+
+
 def test_depth_and_width_combine(tiny_tokenizer, tiny_model_dir):
     model, _, info = build_student("prune:width:0.5+prune:depth:2", tiny_model_dir, _calibration(tiny_tokenizer))
     assert model.config.num_hidden_layers == 2 and len(info["dropped_layers"]) == 2

@@ -13,8 +13,11 @@ Heads are pruned evenly *within* each KV group (grouped-query attention): every 
 m most important query heads, so K/V projections stay whole and the result is still a plain
 Llama-style config (num_attention_heads = m * num_key_value_heads, head_dim kept explicit). Counts
 are uniform across layers (the config has one intermediate_size and one head count); which
-channels and heads survive is chosen per layer. The pruned model is rebuilt from the new config
-with the sliced weights, so `save_pretrained` / `AutoModelForCausalLM.from_pretrained` round-trip.
+channels and heads survive is chosen per layer. A parameter target can be met by several splits
+(fewer heads and more channels or the reverse): each is tried with masks and the one whose
+next-token distributions stay closest (KL) to the original's on calibration tokens is kept.
+The pruned model is rebuilt from the new config with the sliced weights, so `save_pretrained` /
+`AutoModelForCausalLM.from_pretrained` round-trip.
 """
 
 from __future__ import annotations
@@ -127,38 +130,75 @@ def width_candidates(model, params: float) -> list[tuple[int, int]]:
     return out
 
 
-def lost_importance(chan_imp, head_imp, channels: int, per_group: int, group: int) -> float:
-    """Summed importance of what a (channels, heads per group) plan cuts, over all layers.
+def select_units(chan_imp, head_imp, channels: int, per_group: int, group: int):
+    """Per layer: the `channels` most important channels and the `per_group` strongest heads of each KV group."""
+    keep_chan, keep_heads = [], []
+    for c_imp, h_imp in zip(chan_imp, head_imp, strict=True):
+        keep_chan.append(torch.sort(torch.topk(c_imp, channels).indices).values)
+        local = torch.topk(h_imp.reshape(-1, group), per_group, dim=1).indices  # [kv_heads, m]
+        offsets = torch.arange(local.shape[0]).unsqueeze(1) * group
+        keep_heads.append(sorted(int(h) for h in (local + offsets).flatten()))
+    return keep_chan, keep_heads
 
-    Channel and head importances are both mean norms of a unit's write into the residual stream, so
-    they add up in the same units: the plan that cuts the least of that total wins.
+
+@torch.no_grad()
+def masked_kl(model, calibration, plans, max_tokens: int = 1024) -> list[float]:
+    """KL(original || pruned) of next-token distributions on calibration tokens, for each plan.
+
+    A plan is (keep_chan, keep_heads); pruning is simulated by zeroing the cut units' inputs to
+    down_proj / o_proj (the same function as the sliced model, without rebuilding it).
     """
-    lost = 0.0
-    for c, h in zip(chan_imp, head_imp, strict=True):
-        lost += float(c.sum() - torch.topk(c, channels).values.sum())
-        groups = h.reshape(-1, group)
-        lost += float(groups.sum() - torch.topk(groups, per_group, dim=1).values.sum())
-    return lost
+    g = geometry(model)
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    seqs, n = [], 0
+    for ids in calibration:
+        if n >= max_tokens:
+            break
+        seqs.append(torch.tensor([ids[: max_tokens - n]], device=device))
+        n += seqs[-1].shape[1]
+    model.eval()
+    ref = [torch.log_softmax(model(input_ids=ids).logits.float(), -1) for ids in seqs]
+    out = []
+    for keep_chan, keep_heads in plans:
+        handles = []
+        for i, layer in enumerate(layers):
+            attn, mlp = _attn_mlp(layer)
+            cmask = torch.zeros(g["intermediate"], device=device)
+            cmask[keep_chan[i]] = 1
+            hmask = torch.zeros(g["heads"], device=device)
+            hmask[keep_heads[i]] = 1
+            hmask = hmask.repeat_interleave(g["head_dim"])
+            handles.append(mlp.down_proj.register_forward_pre_hook(lambda m, a, k=cmask: (a[0] * k.to(a[0].dtype),)))
+            handles.append(attn.o_proj.register_forward_pre_hook(lambda m, a, k=hmask: (a[0] * k.to(a[0].dtype),)))
+        try:
+            kl = 0.0
+            for ids, p in zip(seqs, ref, strict=True):
+                q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+                kl += float((p.exp() * (p - q)).sum())
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(kl / max(n, 1))
+    return out
 
 
-def plan_widths(model, ratio: float | None = None, params: float | None = None, importance=None) -> tuple[int, int]:
-    """(channels kept per layer, query heads kept per KV group) for a keep ratio or a parameter target.
+def plan_widths(model, ratio: float | None = None, params: float | None = None) -> list[tuple[int, int]]:
+    """Candidate (channels kept per layer, query heads kept per KV group) for a keep ratio or a parameter target.
 
-    A ratio cuts MLP channels and heads by a matching share. A parameter target can be met with
-    several head counts; with `importance` (from width_importance) the one that cuts the least
-    importance is taken, else the one whose head share is closest to its channel share.
+    A ratio gives one plan that cuts MLP channels and heads by a matching share. A parameter target
+    can be met with several head counts (fewer heads, more channels): all are returned and
+    prune_width keeps the one whose pruned model stays closest to the original on calibration.
     """
     g = geometry(model)
     if ratio is not None:
         if not 0 < ratio <= 1:
             raise ValueError(f"width ratio {ratio} is not in (0, 1]")
-        return min(g["intermediate"], _align(g["intermediate"] * ratio, g["intermediate"])), max(
-            1, min(g["group"], math.floor(g["group"] * ratio + 0.5))
-        )
-    candidates = width_candidates(model, params)
-    if importance is not None:
-        return min(candidates, key=lambda cm: lost_importance(*importance, cm[0], cm[1], g["group"]))
-    return min(candidates, key=lambda cm: abs(cm[1] / g["group"] - cm[0] / g["intermediate"]))
+        return [(
+            min(g["intermediate"], _align(g["intermediate"] * ratio, g["intermediate"])),
+            max(1, min(g["group"], math.floor(g["group"] * ratio + 0.5))),
+        )]
+    return width_candidates(model, params)
 
 
 def prune_width(model, calibration: list[list[int]], ratio: float | None = None, params: float | None = None):
@@ -166,15 +206,14 @@ def prune_width(model, calibration: list[list[int]], ratio: float | None = None,
     g = geometry(model)
     before = sum(p.numel() for p in model.parameters())
     chan_imp, head_imp = width_importance(model, calibration)
-    channels, per_group = plan_widths(model, ratio, params, importance=(chan_imp, head_imp))
-    keep_chan, keep_heads = [], []
-    for c_imp, h_imp in zip(chan_imp, head_imp, strict=True):
-        keep_chan.append(torch.sort(torch.topk(c_imp, channels).indices).values)
-        heads = []
-        for grp in range(g["kv_heads"]):  # the m strongest query heads of each KV group, in order
-            local = h_imp[grp * g["group"] : (grp + 1) * g["group"]]
-            heads += sorted(grp * g["group"] + int(j) for j in torch.topk(local, per_group).indices)
-        keep_heads.append(heads)
+    plans = plan_widths(model, ratio, params)
+    units = [select_units(chan_imp, head_imp, c, m, g["group"]) for c, m in plans]
+    # several ways to meet a parameter target: measure each (importance norms of heads and channels
+    # do not compare: on SmolLM2 they favour cutting heads, which costs twice the KL of the best split)
+    kls = masked_kl(model, calibration, units) if len(plans) > 1 else None
+    best = 0 if kls is None else min(range(len(plans)), key=kls.__getitem__)
+    channels, per_group = plans[best]
+    keep_chan, keep_heads = units[best]
     new = rebuild(model, keep_chan, keep_heads)
     after = sum(p.numel() for p in new.parameters())
     info: dict[str, Any] = {
@@ -192,6 +231,11 @@ def prune_width(model, calibration: list[list[int]], ratio: float | None = None,
     }
     if params is not None:
         info["params_target"] = int(params)
+    if kls is not None:
+        info["candidates"] = [
+            {"intermediate_size": c, "num_attention_heads": m * g["kv_heads"], "calibration_kl": round(k, 5)}
+            for (c, m), k in zip(plans, kls, strict=True)
+        ]
     return new, info
 
 
