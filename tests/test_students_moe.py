@@ -117,3 +117,13 @@ def test_moe_student_trains_with_router_loss(tmp_path, moe_capture, tiny_model_d
 def test_bad_moe_specs(spec, tiny_model_dir, tiny_tokenizer):
     with pytest.raises(PotstillError):
         build_student(spec, tiny_model_dir, _calibration(tiny_tokenizer))
+
+
+def test_width_pruned_then_upcycled(tiny_tokenizer, tiny_model_dir):
+    """Upcycling keeps a width-pruned student's explicit head_dim and narrower MLP: same function."""
+    dense, _, _ = build_student("prune:width:0.5", tiny_model_dir, _calibration(tiny_tokenizer))
+    moe, _, info = build_student("moe:upcycle:2:1+prune:width:0.5", tiny_model_dir, _calibration(tiny_tokenizer))
+    assert (moe.config.head_dim, moe.config.num_attention_heads, moe.config.intermediate_size) == (8, 2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=_ids(tiny_tokenizer)).logits, dense(input_ids=_ids(tiny_tokenizer)).logits,
+                                   atol=1e-4, rtol=1e-5)
