@@ -53,7 +53,7 @@ def test_fresh_student_fits_budget(tiny_model_dir):
     assert model.config.num_hidden_layers == 3 and model.config.vocab_size == len(tok)
 
 
-@pytest.mark.parametrize("spec", ["prune:width", "bogus:1", "pretrained:/nonexistent", "prune:depth:99"])
+@pytest.mark.parametrize("spec", ["prune:breadth", "bogus:1", "pretrained:/nonexistent", "prune:depth:99"])
 def test_bad_student_specs(spec, tiny_model_dir, tiny_tokenizer):
     with pytest.raises(PotstillError):
         build_student(spec, tiny_model_dir, _calibration(tiny_tokenizer))

@@ -70,7 +70,11 @@ class TrainConfig:
     capture: str = opt("runs/capture", "Capture directory to learn from.")
     out: str = opt("runs/student", "Output directory for the student (HF format) and its metrics.")
     teacher: str = opt("embedded", "Teacher whose weights/tokenizer seed the student (for prune/fresh).")
-    student: str = opt("prune:depth:0.5", "Student: prune:depth[:N|ratio], fresh:<size>, pretrained:<path>.")
+    student: str = opt(
+        "prune:depth:0.5",
+        "Student: prune:depth[:N|ratio], prune:width[:ratio|params], moe:upcycle[:E[:K[:noise]]] "
+        "(join steps with '+', run depth -> width -> moe), fresh:<size>, pretrained:<path>.",
+    )
     loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd.")
     temperature: float = opt(1.0, "Distillation temperature.")
     beta: float = opt(0.5, "JSD interpolation beta.")

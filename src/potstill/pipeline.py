@@ -89,6 +89,8 @@ def build_and_save_before(cfg: TrainConfig, out: Path, log=print):
     model, tokenizer, info = build_student(cfg.student, resolve_model_dir(cfg.teacher), calibration, seed=cfg.seed)
     if info.get("dropped_layers") is not None:
         log(f"student: {cfg.student}: dropped layers {info['dropped_layers']} (least block influence)")
+    if info.get("summary"):
+        log(f"student: {cfg.student}: {info['summary']}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, tokenizer, info

@@ -117,12 +117,31 @@ def micro_batches(n_examples: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def student_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits [N, V] at the learned positions only (the LM head runs on those rows alone)."""
+def student_logits(model, batch: Batch, with_aux: bool = False):
+    """Logits [N, V] at the learned positions only (the LM head runs on those rows alone).
+
+    with_aux=True returns (logits, aux): aux is a mixture-of-experts student's router load-balancing
+    loss (a scalar, students/moe.py), None for a dense student.
+    """
     inner = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
+    # MoE students (students/moe.py): ask for the router logits to build the load-balancing loss
+    moe = with_aux and getattr(model.config, "router_aux_loss_coef", None) is not None
+    extra = {"output_router_logits": True} if moe else {}
     if inner is not None and head is not None:
-        hidden = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return head(hidden[batch.rows, batch.cols])
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return logits[batch.rows, batch.cols]
+        out = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra)
+        logits = head(out.last_hidden_state[batch.rows, batch.cols])
+    else:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra)
+        logits = out.logits[batch.rows, batch.cols]
+    if not with_aux:
+        return logits
+    if not moe:
+        return logits, None
+    import sys
+
+    balance = sys.modules[type(model).__module__].load_balancing_loss_func  # Mixtral/Qwen2-MoE/OLMoE all have one
+    cfg = model.config
+    n_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    aux = balance(out.router_logits, n_experts, cfg.num_experts_per_tok, batch.attention_mask)
+    return logits, aux

@@ -113,6 +113,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         model, tokenizer, student_info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
         if student_info.get("dropped_layers") is not None:
             log(f"student: {cfg.student}: dropped layers {student_info['dropped_layers']} (least block influence)")
+        if student_info.get("summary"):
+            log(f"student: {cfg.student}: {student_info['summary']}")
     check_tokenizer(capture.manifest, tokenizer, cfg.capture)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
@@ -158,11 +160,11 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            kd_sum = ce_sum = loss_sum = 0.0
+            kd_sum = ce_sum = loss_sum = aux_sum = 0.0
             for batch in batches:
                 batch = _to(batch, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = student_logits(model, batch)
+                    logits, aux = student_logits(model, batch, with_aux=True)
                 parts = distill_loss(
                     logits,
                     batch.targets,
@@ -172,7 +174,11 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                     loss_cfg,
                     chunk_size=cfg.chunk_size,
                 )
-                (parts["loss_sum"] / n_total).backward()
+                loss = parts["loss_sum"] / n_total
+                if aux is not None:  # MoE student: router load-balancing loss, weighted by this batch's share of tokens
+                    loss = loss + model.config.router_aux_loss_coef * aux * (batch.n_targets / n_total)
+                    aux_sum += float(aux.detach()) * batch.n_targets
+                loss.backward()
                 loss_sum += float(parts["loss_sum"].detach())
                 kd_sum += float(parts["kd_sum"])
                 ce_sum += float(parts["ce_sum"])
@@ -195,12 +201,15 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                 "tokens_per_s": tokens_seen / elapsed,
                 "elapsed_s": elapsed,
             }
+            if aux is not None:  # MoE student: the router load-balancing term (before its coefficient)
+                last["router_aux"] = aux_sum / n_total
             metrics.write(json.dumps(last) + "\n")
             metrics.flush()
             eta = elapsed / done * (cfg.max_steps - step - 1)
             log(
                 f"step {step + 1}/{cfg.max_steps} loss {last['loss']:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
                 f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s eta {eta:.0f}s"
+                + (f" router_aux {last['router_aux']:.4f}" if "router_aux" in last else "")
             )
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
                 save_checkpoint(out, step + 1, model, optimizer)
