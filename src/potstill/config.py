@@ -62,7 +62,7 @@ class TrainConfig:
     out: str = opt("runs/student", "Output directory for the student (HF format) and its metrics.")
     teacher: str = opt("embedded", "Teacher whose weights/tokenizer seed the student (for prune/fresh).")
     student: str = opt("prune:depth:0.5", "Student: prune:depth[:N|ratio], fresh:<size>, pretrained:<path>.")
-    loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd.")
+    loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd; cross-tokenizer: uld, uld_kl.")
     temperature: float = opt(1.0, "Distillation temperature.")
     beta: float = opt(0.5, "JSD interpolation beta.")
     alpha: float = opt(0.1, "Skew for skl / srkl.")
