@@ -5,8 +5,9 @@ so the bucket losses of losses.py do not apply. Two terms work without a shared 
 are computed at positions where the two tokenizations share a boundary (train/xtok.py aligns
 them), so teacher and student predict the next token after the same text:
 
-- `uld_loss`: Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer
-  Distillation: the Universal Logit Distillation Loss", arXiv:2402.12030). ULD is the closed-form
+- `uld_loss`: Universal Logit Distillation (Boizard, El Haddad, Hudelot, Colombo, "Towards
+  Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs", arXiv:2402.12030,
+  2024; TMLR 2025). ULD is the closed-form
   Wasserstein-1 distance between the two next-token distributions under a cost that ignores
   which token is which: the L1 distance between the probability vectors sorted in decreasing
   order (zero-padded to the same length). A capture keeps only the teacher's top-k plus the tail

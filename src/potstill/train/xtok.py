@@ -13,10 +13,12 @@ For each capture row (train/loop.py calls `XtokPlan.build` when `--loss` is uld 
 3. token-span alignment: a student position and a teacher position are aligned when the tokens
    they predict START at the same byte, i.e. both models have read exactly the same text and
    predict what comes next (equivalently: the previous student and teacher tokens end at the
-   same character; the first completion token is always aligned). This is the exact-match case
-   of the span alignments of MinED (Wan et al. 2024, "Knowledge Fusion of Large Language
-   Models") and DSKD (Zhang et al. 2024, "Dual-Space Knowledge Distillation"), with no
-   interpolation between unaligned positions;
+   same character; the first completion token is always aligned). Positions inside a span where
+   the boundaries differ get CE only. This is token-span alignment by exact boundaries, the
+   simplest and parameter-free case: MinED (Wan et al. 2024, "Knowledge Fusion of Large Language
+   Models") aligns tokens by minimum edit distance and DSKD (Zhang et al. 2024, "Dual-Space
+   Knowledge Distillation for Large Language Models") learns the alignment with cross-model
+   attention; both also use the unaligned positions, at the price of approximate matches;
 4. the teacher's top-k at aligned positions is kept, with each entry mapped to the student id
    spelling the same bytes (-1 when no single student token does; the teacher's EOS maps to the
    student's EOS) for the `uld_kl` loss.
