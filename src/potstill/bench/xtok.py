@@ -80,7 +80,8 @@ def measure(model_dir: Path, capture, teacher_tok) -> dict[str, Any]:
 
 
 def run(capture_dir: str, out: str, losses: list[str], steps: int, vocab: int, hidden: int, layers: int,
-        teacher: str = "embedded", lr: float = 3e-3, batch_size: int = 8, log=print) -> dict[str, Any]:
+        teacher: str = "embedded", lr: float = 3e-3, batch_size: int = 8, seed: int = 0,
+        log=print) -> dict[str, Any]:
     from potstill.capture.store import Capture
     from potstill.config import TrainConfig
     from potstill.train.loop import train
@@ -96,20 +97,20 @@ def run(capture_dir: str, out: str, losses: list[str], steps: int, vocab: int, h
         texts += [m["content"] for m in row["prompt"]] + [row["completion_text"]]
     tok = train_tokenizer(texts, vocab)
     init = out_dir / "init"
-    model = small_llama(tok, hidden, layers, seed=0)
+    model = small_llama(tok, hidden, layers, seed=seed)
     model.save_pretrained(init)
     tok.save_pretrained(init)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"student tokenizer: {len(tok)} tokens (teacher {len(teacher_tok)}); student {n_params / 1e6:.2f}M params")
     results: dict[str, Any] = {"capture": capture_dir, "student_vocab": len(tok), "teacher_vocab": len(teacher_tok),
-                               "student_params": n_params, "steps": steps, "runs": {"init": measure(init, capture,
+                               "student_params": n_params, "steps": steps, "seed": seed, "runs": {"init": measure(init, capture,
                                                                                                    teacher_tok)}}
     curves = {}
     for loss in losses:
         kind, ce_weight = ("uld", 1.0) if loss == "ce" else (loss, 0.5)
         cfg = TrainConfig(capture=capture_dir, out=str(out_dir / loss), student=f"pretrained:{init}", teacher=teacher,
                           loss=kind, ce_weight=ce_weight, max_steps=steps, batch_size=batch_size, lr=lr,
-                          warmup_steps=max(1, steps // 20), checkpoint_every=0, max_seq_len=384)
+                          warmup_steps=max(1, steps // 20), checkpoint_every=0, max_seq_len=384, seed=seed)
         summary = train(cfg, log=lambda line, name=loss: None if _quiet_step(line, steps) else log(f"{name}: {line}"))
         results["runs"][loss] = {**measure(out_dir / loss, capture, teacher_tok),
                                  "train_tokens_per_s": summary["train_tokens_per_s"]}
@@ -166,9 +167,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0, help="student init and data order")
     args = p.parse_args()
     results = run(args.capture, args.out, args.losses.split(","), args.steps, args.vocab, args.hidden, args.layers,
-                  teacher=args.teacher, lr=args.lr)
+                  teacher=args.teacher, lr=args.lr, seed=args.seed)
     print(format_table(results))
 
 
