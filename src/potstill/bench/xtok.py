@@ -9,6 +9,11 @@ with it, and trains copies of that same student from the capture with each `--lo
 text only). Each student is measured on the held-out split: NLL of the teacher's text (per
 student token and per UTF-8 byte, comparable across tokenizers) and the ULD / mapped-KL to the
 teacher at aligned positions. Writes xtok.json, xtok.md and xtok.png (training CE per step).
+
+Measured once (2026-11-28, shared 2-core CPU): the demo capture of SmolLM2-135M-Instruct (148 train /
+26 held-out rows, 96 tokens max, top-20 `mass` codec), a 3.4M-parameter student with a 4096-token
+BPE, 200 steps of 8 rows, lr 3e-3, seeds 0 / 1. Held-out NLL of the teacher's text per byte:
+init 2.79 / 2.80, CE only 2.40 / 2.48, uld 2.40 (seed 0), uld_kl 2.32 / 2.33 (the teacher: 0.68).
 """
 
 from __future__ import annotations
