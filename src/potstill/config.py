@@ -75,7 +75,7 @@ class TrainConfig:
         "Student: prune:depth[:N|ratio], prune:width[:ratio|params], moe:upcycle[:E[:K[:noise]]] "
         "(join steps with '+', run depth -> width -> moe), fresh:<size>, pretrained:<path>.",
     )
-    loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd.")
+    loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd; cross-tokenizer: uld, uld_kl.")
     temperature: float = opt(1.0, "Distillation temperature.")
     beta: float = opt(0.5, "JSD interpolation beta.")
     alpha: float = opt(0.1, "Skew for skl / srkl.")

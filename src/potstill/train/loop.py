@@ -28,6 +28,7 @@ from potstill.config import TrainConfig
 from potstill.errors import PotstillError
 from potstill.train.data import collate, examples_from_capture, micro_batches, student_logits
 from potstill.train.losses import LossConfig, distill_loss
+from potstill.train.uld import XTOK_LOSSES
 from potstill.utils import quiet_transformers, sha256_file, write_json
 
 
@@ -43,15 +44,15 @@ def autocast_enabled(setting: str, device: torch.device) -> bool:
     return _cpu_has_bf16()
 
 
-def check_tokenizer(manifest: dict[str, Any], tokenizer, capture_dir: str) -> None:
-    """Refuse a capture whose tokenizer is not the student's (cross-tokenizer losses are not built yet)."""
+def check_tokenizer(manifest: dict[str, Any], tokenizer, capture_dir: str, cross_tokenizer: bool = False) -> None:
+    """Refuse a capture whose tokenizer is not the student's, unless a cross-tokenizer loss is asked for."""
     from potstill.teachers.hf import tokenizer_hash
 
     want = (manifest.get("teacher") or {}).get("tokenizer_sha256")
-    if want and want != tokenizer_hash(tokenizer):
+    if want and want != tokenizer_hash(tokenizer) and not cross_tokenizer:
         raise PotstillError(
             "tokenizer of the capture's teacher differs from the student's; "
-            "use a student with the teacher's tokenizer",
+            "use --loss uld (or uld_kl) for cross-tokenizer distillation, or a student with the teacher's tokenizer",
             where=f"{capture_dir}/manifest.json: teacher.tokenizer_sha256",
         )
 
@@ -97,8 +98,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     examples = examples_from_capture(capture, split="train", max_seq_len=cfg.max_seq_len)
     if not examples:
         raise PotstillError("no training rows (split 'train') with completion tokens", where=cfg.capture)
+    xtok = cfg.loss in XTOK_LOSSES  # cross-tokenizer: train/xtok.py swaps in examples, batches and loss
     loss_cfg = LossConfig(
-        kind=cfg.loss, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha, ce_weight=cfg.ce_weight
+        kind="ce" if xtok else cfg.loss, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha, ce_weight=cfg.ce_weight
     )
     if capture.text_only and cfg.loss != "ce":
         log(f"notice: {cfg.capture} is text-only (the teacher gave no log-probs); training with ce instead of {cfg.loss}")
@@ -115,7 +117,13 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             log(f"student: {cfg.student}: dropped layers {student_info['dropped_layers']} (least block influence)")
         if student_info.get("summary"):
             log(f"student: {cfg.student}: {student_info['summary']}")
-    check_tokenizer(capture.manifest, tokenizer, cfg.capture)
+    check_tokenizer(capture.manifest, tokenizer, cfg.capture, cross_tokenizer=xtok)
+    plan = None
+    if xtok:
+        from potstill.train.xtok import XtokPlan
+
+        plan = XtokPlan.build(capture, tokenizer, cfg, log)
+        examples, loss_cfg = plan.examples, plan.loss_cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     model.config.use_cache = False
@@ -155,7 +163,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     last = {}
     with open(metrics_path, "a") as metrics:
         for step in range(start, cfg.max_steps):
-            batches = [collate([examples[i] for i in next(stream)[1]], pad_id) for _ in range(cfg.grad_accum)]
+            batches = [(plan.collate if plan else collate)([examples[i] for i in next(stream)[1]], pad_id)
+                       for _ in range(cfg.grad_accum)]
             n_total = sum(b.n_targets for b in batches)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -165,7 +174,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                 batch = _to(batch, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits, aux = student_logits(model, batch, with_aux=True)
-                parts = distill_loss(
+                parts = plan.loss(logits, batch) if plan else distill_loss(
                     logits,
                     batch.targets,
                     batch.topk_ids,
