@@ -242,6 +242,40 @@ def test_hidden_loss_positive_for_pruned_and_decreases(tmp_path, capture_dir, ti
     assert not list(out.glob("hidden_projections*"))  # not part of the saved HF student
 
 
+def test_hidden_projections_resume_exactly(tmp_path, capture_dir, tiny_model_dir):
+    """--resume restores the projections from the checkpoint: same final weights as an uninterrupted run."""
+    from potstill.train.loop import train
+
+    def run(out, **kw):
+        from potstill.students.prune import keep_layers
+
+        model, tok = load(tiny_model_dir)
+        keep_layers(model, [0, 2, 3])
+        c = cfg(capture_dir, out, tiny_model_dir, student="pretrained:x", hidden_weight=5.0, max_steps=6,
+                checkpoint_every=3, **kw)
+        train(c, log=QUIET, model=model, tokenizer=tok, student_info={"dropped_layers": [1], "layers_before": 4})
+
+    run(tmp_path / "full")
+    run(tmp_path / "part")
+    for f in (tmp_path / "part").glob("*.safetensors"):
+        f.unlink()
+    run(tmp_path / "part", resume=True)
+    a, b = load(tmp_path / "full")[0].state_dict(), load(tmp_path / "part")[0].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_online_mode_distils_from_a_text_only_capture(tmp_path, tiny_model_dir, prompts_file):
+    from potstill.train.loop import train
+
+    cap = _capture(tmp_path / "cap", tiny_model_dir, prompts_file, codec="none")
+    out = tmp_path / "s"
+    logs = []
+    train(cfg(cap, out, tiny_model_dir), log=logs.append)
+    assert not any("text-only" in line for line in logs)
+    assert all(m["kd"] > 0 for m in metrics(out))  # KD from the live teacher, not CE only
+
+
 # -- loss health -----------------------------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ class LossHealth:
         """distill_loss(teacher's own distribution as the student's logits) must be ~0; warn loudly if not."""
         if self.loss_cfg.kind == "ce" or not examples:
             return self.report
-        batch = collate(examples[: max(1, self.cfg.batch_size)], pad_id)
+        batch = collate(examples[: max(1, min(4, self.cfg.batch_size))], pad_id)  # a few rows: full [B, L, V] logits
         if teacher is not None:
             scored = teacher.score(batch)
             # an independent path: the full model forward, all positions, then the learned ones picked
