@@ -60,7 +60,7 @@ class GenerateConfig:
 class TrainConfig:
     capture: str = opt("runs/capture", "Capture directory to learn from.")
     out: str = opt("runs/student", "Output directory for the student (HF format) and its metrics.")
-    teacher: str = opt("embedded", "Teacher whose weights/tokenizer seed the student (for prune/fresh).")
+    teacher: str = opt("embedded", "Teacher whose weights/tokenizer seed the student (prune/fresh); the live teacher in online modes.")
     student: str = opt("prune:depth:0.5", "Student: prune:depth[:N|ratio], fresh:<size>, pretrained:<path>.")
     loss: str = opt("fkl", "Loss: ce, fkl, rkl, jsd, skl, srkl, tvd.")
     temperature: float = opt(1.0, "Distillation temperature.")
