@@ -168,7 +168,7 @@ def test_onpolicy_batches_are_the_students_samples(tmp_path, capture_dir, tiny_m
     for e, row in zip(group, rows, strict=True):
         assert row[: e.prompt_len].tolist() == e.input_ids[: e.prompt_len].tolist()
         with torch.no_grad():  # independent reference: transformers' own greedy decoding
-            ref = model.eval().generate(torch.tensor([e.input_ids[: e.prompt_len]]), max_new_tokens=12,
+            ref = model.eval().generate(torch.from_numpy(e.input_ids[None, : e.prompt_len]), max_new_tokens=12,
                                         do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         model.train()
         ref = ref[0, e.prompt_len :].tolist()

@@ -11,6 +11,10 @@ the dense full-vocabulary one. `TrainModes` is what the training loop talks to: 
 step's micro-batches (swapping a seeded share `lmbda` of them for completions the current student
 samples, in on-policy mode), has the teacher score them, adds the optional hidden-state term
 (hidden.py) and reports per-step metrics. Offline training does not create one.
+
+On a student batch the KD term compares the student with the teacher on the student's own tokens
+(GKD); the CE term, logged always and trained on only with --ce-weight > 0, then targets those
+sampled tokens, which teaches nothing new: keep ce_weight 0 for on-policy runs.
 """
 
 from __future__ import annotations
