@@ -152,7 +152,8 @@ def test_online_refuses_bad_settings(tmp_path, capture_dir, tiny_model_dir):
 def test_onpolicy_batches_are_the_students_samples(tmp_path, capture_dir, tiny_model_dir):
     from potstill.capture.store import Capture
     from potstill.students import build_student
-    from potstill.train.online import sample_from_student, setup_modes
+    from potstill.teachers.hf import HFTeacher
+    from potstill.train.online import engine_keeps_eos, sample_from_student, setup_modes
 
     examples = examples_of(capture_dir)
     model, tok, info = build_student("prune:depth:2", tiny_model_dir, [e.input_ids.tolist() for e in examples[:4]])
@@ -172,7 +173,9 @@ def test_onpolicy_batches_are_the_students_samples(tmp_path, capture_dir, tiny_m
                                         do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         model.train()
         ref = ref[0, e.prompt_len :].tolist()
-        ref = ref[: ref.index(eos)] if eos in ref else ref
+        keep_eos = bool(engine_keeps_eos(HFTeacher(model, tok, name="s")))
+        model.train()
+        ref = ref[: ref.index(eos) + keep_eos] if eos in ref else ref
         assert row[e.prompt_len :].tolist() == ref
     # sampled at T=1 with the step's seeds: reproducible, and not the capture's completions
     sampled = cfg(capture_dir, tmp_path, tiny_model_dir, mode="on-policy", lmbda=1.0)

@@ -128,11 +128,19 @@ def sample_from_student(model, tokenizer, prompts: list[np.ndarray], max_new_tok
     try:
         engine = HFTeacher(model, tokenizer, name="student")  # puts the model in eval mode
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_logprobs=0)
-        outs = engine.complete_ids([p.tolist() for p in prompts], params, seeds=seeds)
+        outs = engine.complete_ids([p.tolist() for p in prompts], params, seeds=seeds, **engine_keeps_eos(engine))
     finally:
         model.train(was_training)
         model.config.use_cache = use_cache
     return [o.completion_ids for o in outs]
+
+
+def engine_keeps_eos(engine) -> dict[str, bool]:
+    """{"include_eos": True} where the decoder can keep a final EOS (as captures do), so the student's
+    samples end like the capture's completions and the stop decision is distilled too."""
+    import inspect
+
+    return {"include_eos": True} if "include_eos" in inspect.signature(engine.complete_ids).parameters else {}
 
 
 class TrainModes:
