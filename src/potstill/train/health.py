@@ -41,6 +41,11 @@ def logits_from_topk(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_l
     return logits[:, :vocab_size]
 
 
+def output_width(model) -> int:
+    """Logits per position of a (possibly DDP/FSDP-wrapped) HF causal LM."""
+    return int(getattr(model, "module", model).get_output_embeddings().weight.shape[0])
+
+
 class LossHealth:
     """Self-check at start, per-step term magnitudes, and the negligible-KD warning."""
 
@@ -59,8 +64,12 @@ class LossHealth:
 
     # -- start ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def self_check(self, examples: list[Example], pad_id: int, vocab_size: int, teacher=None) -> dict[str, Any]:
-        """distill_loss(teacher's own distribution as the student's logits) must be ~0; warn loudly if not."""
+    def self_check(self, examples: list[Example], pad_id: int, student, teacher=None) -> dict[str, Any]:
+        """distill_loss(teacher's own distribution as the student's logits) must be ~0; warn loudly if not.
+
+        `student`: the student model (or its output width as an int), for the vocabulary size.
+        """
+        vocab_size = student if isinstance(student, int) else output_width(student)
         if self.loss_cfg.kind == "ce" or not examples:
             return self.report
         batch = collate(examples[: max(1, min(4, self.cfg.batch_size))], pad_id)  # a few rows: full [B, L, V] logits

@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     )
     modes = setup_modes(cfg, model, tokenizer, student_info, capture, optimizer, device, pad_id, log)  # None offline
     health = LossHealth(cfg, loss_cfg, log)
-    health.self_check(examples, pad_id, model.get_output_embeddings().weight.shape[0], modes and modes.teacher)
+    health.self_check(examples, pad_id, model, modes and modes.teacher)
 
     start = 0
     metrics_path = out / "metrics.jsonl"

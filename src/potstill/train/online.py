@@ -239,7 +239,10 @@ def setup_modes(cfg, model, tokenizer, student_info: dict | None, capture, optim
         return None
     if teacher is None:
         teacher = LiveTeacher.load(cfg.teacher, k=cfg.online_k, dtype=cfg.teacher_dtype, device=device)
-    teacher.check_student(tokenizer, int(model.get_output_embeddings().weight.shape[0]))
+    from potstill.train.health import output_width
+
+    model = getattr(model, "module", model)  # a DDP/FSDP wrapper: sample from and hook the wrapped model
+    teacher.check_student(tokenizer, output_width(model))
     sampling = dict(capture.manifest.get("sampling") or {})
     sampling = {
         "max_new_tokens": cfg.sample_max_new_tokens or int(sampling.get("max_new_tokens") or 64),
