@@ -69,7 +69,9 @@ class GenerateConfig:
 class TrainConfig:
     capture: str = opt("runs/capture", "Capture directory to learn from.")
     out: str = opt("runs/student", "Output directory for the student (HF format) and its metrics.")
-    teacher: str = opt("embedded", "Teacher whose weights/tokenizer seed the student (for prune/fresh).")
+    teacher: str = opt(
+        "embedded", "Teacher whose weights/tokenizer seed the student (prune/fresh); the live teacher in online modes."
+    )
     student: str = opt(
         "prune:depth:0.5",
         "Student: prune:depth[:N|ratio], prune:width[:ratio|params], moe:upcycle[:E[:K[:noise]]] "
@@ -94,12 +96,29 @@ class TrainConfig:
     calibration: int = opt(32, "Calibration prompts for pruning.")
     seed: int = opt(0, "Seed for data order and fresh initialisation.")
     chunk_size: int | None = opt(None, "Compute the loss over this many positions at a time (bounds memory).")
+    mode: str = opt(
+        "offline",
+        "offline (the capture's stored top-k), online (the live --teacher scores every batch), or on-policy "
+        "(GKD: a seeded --lmbda share of batches are completions sampled from the student, scored by the teacher).",
+    )
+    lmbda: float = opt(0.5, "on-policy: fraction of micro-batches whose completions the student samples (0..1).")
+    online_k: int = opt(64, "online/on-policy: teacher top-k taken from its live logits (+ tail bucket).")
+    teacher_dtype: str = opt("float32", "online/on-policy: live teacher dtype: float32, bfloat16 or auto.")
+    sample_max_new_tokens: int | None = opt(None, "on-policy: most sampled tokens per completion (default: the capture's).")
+    sample_temperature: float | None = opt(None, "on-policy: student sampling temperature (default: the capture's).")
+    hidden_weight: float = opt(
+        0.0, "Weight of the hidden-state loss (student layer vs its teacher layer, learned projection); needs online/on-policy."
+    )
+    health_steps: int = opt(10, "Warn if the weighted KD term is under 1% of the weighted CE term over this many first steps.")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise PotstillError("train: max_steps, batch_size and grad_accum must be >= 1")
         if self.bf16 not in ("auto", "on", "off"):
             raise PotstillError(f"train: bf16 must be auto/on/off, not {self.bf16!r}")
+        from potstill.train.online import check_modes  # the mode checks live with the modes
+
+        check_modes(self)
 
 
 @dataclass

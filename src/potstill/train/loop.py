@@ -27,7 +27,9 @@ import potstill
 from potstill.config import TrainConfig
 from potstill.errors import PotstillError
 from potstill.train.data import collate, examples_from_capture, micro_batches, student_logits
+from potstill.train.health import LossHealth
 from potstill.train.losses import LossConfig, distill_loss
+from potstill.train.online import setup_modes
 from potstill.train.uld import XTOK_LOSSES
 from potstill.utils import quiet_transformers, sha256_file, write_json
 
@@ -102,7 +104,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     loss_cfg = LossConfig(
         kind="ce" if xtok else cfg.loss, temperature=cfg.temperature, beta=cfg.beta, alpha=cfg.alpha, ce_weight=cfg.ce_weight
     )
-    if capture.text_only and cfg.loss != "ce":
+    if capture.text_only and cfg.loss != "ce" and cfg.mode == "offline":
         log(f"notice: {cfg.capture} is text-only (the teacher gave no log-probs); training with ce instead of {cfg.loss}")
         loss_cfg = LossConfig(kind="ce")
 
@@ -137,6 +139,10 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
+    modes = setup_modes(cfg, model, tokenizer, student_info, capture, optimizer, device, pad_id, log)  # None offline
+    health = LossHealth(cfg, loss_cfg, log)
+    if plan is None:  # cross-tokenizer targets are in the teacher's vocabulary: no self-check there
+        health.self_check(examples, pad_id, model, modes and modes.teacher)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -163,8 +169,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     last = {}
     with open(metrics_path, "a") as metrics:
         for step in range(start, cfg.max_steps):
-            batches = [(plan.collate if plan else collate)([examples[i] for i in next(stream)[1]], pad_id)
-                       for _ in range(cfg.grad_accum)]
+            groups = [[examples[i] for i in next(stream)[1]] for _ in range(cfg.grad_accum)]
+            batches = modes.batches(step, groups) if modes else [(plan.collate if plan else collate)(g, pad_id)
+                                                                 for g in groups]
             n_total = sum(b.n_targets for b in batches)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -172,6 +179,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             kd_sum = ce_sum = loss_sum = aux_sum = 0.0
             for batch in batches:
                 batch = _to(batch, device)
+                if modes:
+                    batch = modes.score(batch)  # live teacher top-k (+ its hidden states), no grad
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits, aux = student_logits(model, batch, with_aux=True)
                 parts = plan.loss(logits, batch) if plan else distill_loss(
@@ -183,6 +192,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                     loss_cfg,
                     chunk_size=cfg.chunk_size,
                 )
+                if modes:
+                    modes.add_hidden(parts, batch)
                 loss = parts["loss_sum"] / n_total
                 if aux is not None:  # MoE student: router load-balancing loss, weighted by this batch's share of tokens
                     loss = loss + model.config.router_aux_loss_coef * aux * (batch.n_targets / n_total)
@@ -212,16 +223,23 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             }
             if aux is not None:  # MoE student: the router load-balancing term (before its coefficient)
                 last["router_aux"] = aux_sum / n_total
+            if modes:
+                last.update(modes.step_metrics(n_total))
+            health.observe(last)
             metrics.write(json.dumps(last) + "\n")
             metrics.flush()
             eta = elapsed / done * (cfg.max_steps - step - 1)
             log(
                 f"step {step + 1}/{cfg.max_steps} loss {last['loss']:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
-                f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s eta {eta:.0f}s"
-                + (f" router_aux {last['router_aux']:.4f}" if "router_aux" in last else "")
+                f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s eta {eta:.0f}s" + health.suffix(last)
             )
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                save_checkpoint(out, step + 1, model, optimizer)
+                ckpt = save_checkpoint(out, step + 1, model, optimizer)
+                if modes:
+                    modes.save(ckpt)  # hidden-state projections, for --resume
+
+    if modes:
+        modes.close()
 
     save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg)
     summary = {
@@ -230,6 +248,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         "train_tokens_per_s": last.get("tokens_per_s"),
         "examples": len(examples),
         "bf16": use_bf16,
+        "loss_health": health.report,
     }
     write_json(out / "train_summary.json", summary)
     return summary
