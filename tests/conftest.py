@@ -30,3 +30,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("tiny-teacher")
     save_tiny_model(path, make_tiny_model(tiny_tokenizer, layers=4, seed=0, init=0.4), tiny_tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    """The twelve tiny-pipeline prompts of test_pipeline.PROMPTS as a JSONL file."""
+    import json
+
+    from tests.test_pipeline import PROMPTS
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path

@@ -14,16 +14,8 @@ import torch
 
 from potstill.config import GenerateConfig, TrainConfig
 from potstill.errors import PotstillError
-from tests.test_pipeline import PROMPTS
 
 QUIET = lambda *_: None  # noqa: E731
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
 
 
 def _capture(out, teacher, prompts, **kw):

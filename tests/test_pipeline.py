@@ -32,13 +32,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return path
-
-
 def gen_cfg(teacher, prompts, out, **kw):
     base = dict(teacher=str(teacher), prompts=str(prompts), out=str(out), max_new_tokens=12, top_k=8,
                 batch_size=4, heldout=0.25, dtype="float32", shard_rows=4)

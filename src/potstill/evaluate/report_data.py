@@ -64,14 +64,10 @@ def read_json(path: Path) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """metrics.jsonl: one JSON object per optimizer step."""
+    from potstill.capture.prompts import jsonl_records
+
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PotstillError(f"not JSON ({e.msg})", where=f"{path}:{i}") from None
+    for i, rec in jsonl_records(path, str(path)):
         if not isinstance(rec, dict) or "step" not in rec:
             raise PotstillError("a metrics line needs a 'step'", where=f"{path}:{i}")
         out.append(rec)
