@@ -81,12 +81,18 @@ class TrainConfig:
     calibration: int = opt(32, "Calibration prompts for pruning.")
     seed: int = opt(0, "Seed for data order and fresh initialisation.")
     chunk_size: int | None = opt(None, "Compute the loss over this many positions at a time (bounds memory).")
+    dist: str = opt(
+        "auto", "Under torchrun/accelerate launch: ddp or fsdp (FSDP2 fully_shard); auto = ddp when WORLD_SIZE > 1."
+    )
+    grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, ~30% slower).")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise PotstillError("train: max_steps, batch_size and grad_accum must be >= 1")
         if self.bf16 not in ("auto", "on", "off"):
             raise PotstillError(f"train: bf16 must be auto/on/off, not {self.bf16!r}")
+        if self.dist not in ("auto", "ddp", "fsdp"):
+            raise PotstillError(f"train: dist must be auto/ddp/fsdp, not {self.dist!r}")
 
 
 @dataclass
