@@ -56,7 +56,8 @@ def flags(**kw) -> list[str]:
 def torchrun(**kw) -> subprocess.CompletedProcess:
     """2 processes on this machine; --standalone picks a free port (other runs may be going on)."""
     src = str(Path(potstill.__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = src + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "potstill.cli", "train", *flags(**kw)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -89,14 +90,16 @@ def assert_same_run(out: Path, ref: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, capture_dir, tiny_model_dir):
-    """One process (batch 2 x accumulation 2) and 2 processes (batch 2 each) under DDP and FSDP."""
+    """One process (batch 2 x accumulation 2) and 2 processes (batch 2 each) under DDP and FSDP
+    (the latter with activation checkpointing)."""
     from potstill.train.loop import train
 
     root = tmp_path_factory.mktemp("runs")
     base = dict(COMMON, capture=str(capture_dir), teacher=str(tiny_model_dir))
     train(TrainConfig(**base, grad_accum=2, out=str(root / "one")), log=lambda *_: None)
     torchrun(**base, dist="ddp", out=root / "ddp")
-    r = torchrun(**base, dist="fsdp", out=root / "fsdp")
+    # checkpointing does not change gradients, so FSDP with it must still match (and must work with it)
+    r = torchrun(**base, dist="fsdp", grad_checkpointing=True, out=root / "fsdp")
     return root, base, r
 
 
@@ -107,6 +110,7 @@ def test_ddp_and_fsdp_match_one_process(runs):
         assert_same_run(out, root / "one")  # also: one metrics line per step, so only rank 0 wrote
         summary = json.loads((out / "train_summary.json").read_text())
         assert summary["dist"] == mode and summary["world_size"] == 2
+        assert summary["grad_checkpointing"] == (mode == "fsdp")
         assert len(summary["peak_mem_mb_per_rank"]) == 2 and min(summary["peak_mem_mb_per_rank"]) > 50
         assert all(m["peak_mem_mb"] >= 50 for m in metrics(out))
         assert (out / "checkpoints" / "step-0000003" / "state.json").exists()
@@ -142,7 +146,9 @@ def _grads(model, batch, loss_cfg):
 
     model.zero_grad(set_to_none=True)
     logits = student_logits(model, batch)
-    parts = distill_loss(logits, batch.targets, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob, loss_cfg)
+    parts = distill_loss(
+        logits, batch.targets, batch.topk_ids, batch.topk_logprobs, batch.tail_logprob, loss_cfg
+    )
     (parts["loss_sum"] / batch.n_targets).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -174,7 +180,8 @@ def test_grad_checkpointing_gives_same_gradients(capture_dir, tiny_tokenizer):
 def test_grad_checkpointing_flag_trains_the_same(tmp_path, capture_dir, tiny_model_dir):
     from potstill.train.loop import train
 
-    base = dict(COMMON, capture=str(capture_dir), teacher=str(tiny_model_dir), max_steps=2, checkpoint_every=0)
+    base = dict(COMMON, capture=str(capture_dir), teacher=str(tiny_model_dir))
+    base.update(max_steps=2, checkpoint_every=0)
     train(TrainConfig(**base, out=str(tmp_path / "a")), log=lambda *_: None)
     lines = []
     summary = train(TrainConfig(**base, out=str(tmp_path / "b"), grad_checkpointing=True), log=lines.append)

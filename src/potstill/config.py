@@ -81,10 +81,8 @@ class TrainConfig:
     calibration: int = opt(32, "Calibration prompts for pruning.")
     seed: int = opt(0, "Seed for data order and fresh initialisation.")
     chunk_size: int | None = opt(None, "Compute the loss over this many positions at a time (bounds memory).")
-    dist: str = opt(
-        "auto", "Under torchrun/accelerate launch: ddp or fsdp (FSDP2 fully_shard); auto = ddp when WORLD_SIZE > 1."
-    )
-    grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, ~30% slower).")
+    dist: str = opt("auto", "Under torchrun/accelerate launch: ddp, fsdp (FSDP2), or auto (= ddp).")
+    grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, slower).")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:

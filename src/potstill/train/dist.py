@@ -229,7 +229,8 @@ def load_full_state(model: nn.Module, optimizer, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=_options()
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        options=_options(),
     )
 
 
@@ -247,8 +248,28 @@ def full_model_state(model: nn.Module, ctx: Dist) -> dict[str, torch.Tensor] | N
 # -- memory ---------------------------------------------------------------------------------------
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak from here (training), not from building the student (which loads the teacher)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets this process's resident-set high-water mark (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated tensor memory; CPU: this process's peak resident set (Linux KiB)."""
+    """CUDA: peak allocated tensor memory; CPU: this process's peak resident set (VmHWM, which
+    reset_peak_memory can lower; elsewhere getrusage's lifetime ru_maxrss, KiB on Linux)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
