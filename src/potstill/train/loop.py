@@ -71,7 +71,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, ctx: dist.Dist | None = None, micro: int = 0) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, ctx: dist.Dist | None = None, micro: int = 0
+) -> Path:
     """Full (unsharded) weights + optimizer keyed by name, written by rank 0; every rank calls it."""
     ctx = ctx or dist.Dist()
     state = dist.full_state(model, optimizer, ctx)
@@ -117,7 +119,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         from potstill.students import build_student
         from potstill.teachers.hf import resolve_model_dir
 
-        teacher_dir = ctx.main_first(resolve_model_dir, cfg.teacher) if not cfg.student.startswith("pretrained:") else None
+        teacher_dir = None
+        if not cfg.student.startswith("pretrained:"):  # rank 0 first: it may convert a GGUF into the cache
+            teacher_dir = ctx.main_first(resolve_model_dir, cfg.teacher)
         calibration = [e.input_ids.tolist() for e in examples[: cfg.calibration]]
         model, tokenizer, student_info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
         if student_info.get("dropped_layers") is not None:
@@ -165,6 +169,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
 
     if ctx.is_main:
         write_json(out / "train_config.json", asdict(cfg))
+    dist.reset_peak_memory(device)  # the peak of training, not of building the student
     t0 = time.perf_counter()
     tokens_seen = 0
     last = {}
@@ -228,11 +233,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                 f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s peak {peak_mb:.0f} MB eta {eta:.0f}s"
             )
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                save_checkpoint(out, step + 1, model, optimizer, ctx, micro=(step + 1 - start) * per_step + skip)
+                micro = skip + (step + 1 - start) * per_step  # micro-batches of the stream used so far
+                save_checkpoint(out, step + 1, model, optimizer, ctx, micro=micro)
 
-    full_weights = dist.full_model_state(model, ctx)  # FSDP: gathered to rank 0
+    weights = dist.full_model_state(model, ctx)  # FSDP: gathered to rank 0
     if ctx.is_main:
-        save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg, state_dict=full_weights)
+        save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg, state_dict=weights)
     peaks = ctx.gather(dist.peak_memory_mb(device))
     summary = {
         "steps": cfg.max_steps,
@@ -251,7 +257,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     return summary
 
 
-def save_student(out: Path, model, tokenizer, cfg: TrainConfig, capture, info: dict, loss_cfg, state_dict=None) -> None:
+def save_student(
+    out: Path, model, tokenizer, cfg: TrainConfig, capture, info: dict, loss_cfg, state_dict=None
+) -> None:
     """save_pretrained + tokenizer + provenance.json, moved into place file by file; provenance last."""
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
