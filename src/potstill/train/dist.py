@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 -m potstill.cli train --capture runs/cap --out runs/student
     torchrun --nproc_per_node 2 -m potstill.cli train --dist fsdp ...
-    accelerate launch --num_processes 2 -m potstill.cli train ...
+    accelerate launch --multi_gpu --num_processes 2 -m potstill.cli train ...   # also on a CPU
 
 The loop in loop.py stays one function; this file holds what differs between one process and
 many: process-group setup (gloo on CPU, nccl on GPU, from the launcher's RANK/WORLD_SIZE env),
@@ -20,9 +20,13 @@ The loss is normalised by the step's learned tokens summed over ranks; DDP/FSDP 
 gradients over ranks, so each rank scales its loss by `world` to recover the sum. Checkpoints hold
 full (unsharded) state dicts keyed by parameter name, so any mode resumes any other's checkpoint.
 
-FSDP on CPU: FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on gloo with the default
-gradient averaging (gloo has no PREMUL_SUM, so no custom divide factor). Parameters, gradients and
-optimizer state are sharded; a full state dict is gathered to rank 0's CPU memory to save.
+FSDP on CPU (torch 2.13): FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on gloo with its
+default gradient averaging (gloo has no PREMUL_SUM, so no custom divide factor); FSDP1 is not
+used. Parameters, gradients and optimizer state are sharded. Limits: no FSDP mixed-precision
+policy (bf16 is the loop's autocast) and no CPU offload; checkpoints and the saved student are
+gathered in full into rank 0's CPU memory; a micro-batch that skips the gradient sync keeps
+unsharded gradients until the step's last one; every rank reads the checkpoint file, so several
+machines need a shared filesystem. Only `potstill train` is distributed (not `run`/`demo`).
 """
 
 from __future__ import annotations
