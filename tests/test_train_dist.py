@@ -114,6 +114,9 @@ def test_ddp_and_fsdp_match_one_process(runs):
         assert len(summary["peak_mem_mb_per_rank"]) == 2 and min(summary["peak_mem_mb_per_rank"]) > 50
         assert all(m["peak_mem_mb"] >= 50 for m in metrics(out))
         assert (out / "checkpoints" / "step-0000003" / "state.json").exists()
+        # the saved student is what one process saves: same files, no duplicated tied head
+        size = (out / "model.safetensors").stat().st_size
+        assert size == (root / "one" / "model.safetensors").stat().st_size
     # only rank 0 logs: each step line once
     assert fsdp_proc.stdout.count("step 6/6") == 1
 

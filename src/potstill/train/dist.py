@@ -246,7 +246,11 @@ def full_model_state(model: nn.Module, ctx: Dist) -> dict[str, torch.Tensor] | N
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(model, options=_options(cpu_offload=True))
-    return sd if ctx.is_main else None
+    # a tied parameter comes back once per name as separate tensors, which save_pretrained would
+    # write twice: keep the first name of each (as named_parameters does), like a plain save
+    first = {n for n, _ in model.named_parameters()}
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {k: v for k, v in sd.items() if k not in tied} if ctx.is_main else None
 
 
 # -- memory ---------------------------------------------------------------------------------------
