@@ -143,6 +143,34 @@ def test_resume_across_process_counts(runs, tmp_path):
     assert state == {"step": 3, "micro_batches": 6}
 
 
+def test_resume_from_a_checkpoint_of_the_older_format(runs, tmp_path):
+    """Checkpoints written before they were keyed by name (model.state_dict() + optimizer.state_dict(),
+    no micro_batches in state.json) still resume in one process to the same weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from potstill.train.loop import train
+
+    root, base, _ = runs
+    out = tmp_path / "legacy"
+    shutil.copytree(root / "one" / "checkpoints", out / "checkpoints")
+    ckpt = out / "checkpoints" / "step-0000003"
+    state = torch.load(ckpt / "weights.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(root / "one")
+    params = dict(model.named_parameters())
+    groups = [[p for p in params.values() if p.ndim >= 2], [p for p in params.values() if p.ndim < 2]]
+    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=1e-2, betas=(0.9, 0.95))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, ckpt / "weights.pt")
+    (ckpt / "state.json").write_text(json.dumps({"step": 3}))
+    train(TrainConfig(**base, grad_accum=2, out=str(out), resume=True), log=lambda *_: None)
+    assert [m["step"] for m in metrics(out)] == [4, 5, 6]
+    wa, wb = weights(out), weights(root / "one")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
 def _grads(model, batch, loss_cfg):
     from potstill.train.data import student_logits
     from potstill.train.losses import distill_loss

@@ -232,6 +232,13 @@ def load_full_state(model: nn.Module, optimizer, state: dict[str, Any]) -> None:
     """Load a full_state() checkpoint into a plain, DDP or FSDP student (each rank reads the file)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    if any(isinstance(p, int) for g in state["optimizer"].get("param_groups", []) for p in g["params"]):
+        # written before checkpoints were keyed by name: a plain optimizer.state_dict() (no FSDP)
+        if any(hasattr(p, "full_tensor") for p in model.parameters()):
+            raise PotstillError("an older potstill wrote this checkpoint: resume it in one process or DDP")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
         options=_options(),
