@@ -110,6 +110,8 @@ class TrainConfig:
         0.0, "Weight of the hidden-state loss (student layer vs its teacher layer, learned projection); needs online/on-policy."
     )
     health_steps: int = opt(10, "Warn if the weighted KD term is under 1% of the weighted CE term over this many first steps.")
+    dist: str = opt("auto", "Under torchrun/accelerate launch: ddp, fsdp (FSDP2), or auto (= ddp).")
+    grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, slower).")
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -119,6 +121,8 @@ class TrainConfig:
         from potstill.train.online import check_modes  # the mode checks live with the modes
 
         check_modes(self)
+        if self.dist not in ("auto", "ddp", "fsdp"):
+            raise PotstillError(f"train: dist must be auto/ddp/fsdp, not {self.dist!r}")
 
 
 @dataclass

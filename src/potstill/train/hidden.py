@@ -112,12 +112,13 @@ class HiddenMatcher(nn.Module):
             h.remove()
         self._handles = []
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, optimizer=None) -> None:
         tmp = Path(directory) / f".{FILE}.tmp"
-        torch.save({"mapping": self.mapping, "state": self.proj.state_dict()}, tmp)
+        torch.save({"mapping": self.mapping, "state": self.proj.state_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else None}, tmp)
         tmp.replace(Path(directory) / FILE)
 
-    def load(self, directory: Path) -> bool:
+    def load(self, directory: Path, optimizer=None) -> bool:
         path = Path(directory) / FILE
         if not path.exists():
             return False
@@ -125,4 +126,6 @@ class HiddenMatcher(nn.Module):
         if state["mapping"] != self.mapping:
             raise PotstillError("hidden-state projections were saved for another layer mapping", where=str(path))
         self.proj.load_state_dict(state["state"])
+        if optimizer is not None and state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
         return True

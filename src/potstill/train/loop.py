@@ -26,7 +26,8 @@ import torch
 import potstill
 from potstill.config import TrainConfig
 from potstill.errors import PotstillError
-from potstill.train.data import collate, examples_from_capture, micro_batches, student_logits
+from potstill.train import dist
+from potstill.train.data import collate, examples_from_capture, micro_batches
 from potstill.train.health import LossHealth
 from potstill.train.losses import LossConfig, distill_loss
 from potstill.train.online import setup_modes
@@ -73,13 +74,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, ctx: dist.Dist | None = None, micro: int = 0
+) -> Path:
+    """Full (unsharded) weights + optimizer keyed by name, written by rank 0; every rank calls it."""
+    ctx = ctx or dist.Dist()
+    state = dist.full_state(model, optimizer, ctx)
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = out / "checkpoints" / f".step-{step:07d}.tmp"
+    if not ctx.is_main:
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp / "weights.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    torch.save(state, tmp / "weights.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_batches": micro}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:  # keep the two newest
@@ -91,6 +99,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     """Train a student on a capture; returns a summary dict (also in out/train_summary.json)."""
     from potstill.capture.store import Capture
 
+    ctx = dist.setup(cfg.dist)
+    if not ctx.is_main:
+        log = lambda *a, **k: None  # noqa: E731 -- only rank 0 speaks
     capture = Capture.open(cfg.capture)
     quiet_transformers()
     out = Path(cfg.out)
@@ -112,7 +123,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         from potstill.students import build_student
         from potstill.teachers.hf import resolve_model_dir
 
-        teacher_dir = resolve_model_dir(cfg.teacher) if not cfg.student.startswith("pretrained:") else None
+        teacher_dir = None
+        if not cfg.student.startswith("pretrained:"):  # rank 0 first: it may convert a GGUF into the cache
+            teacher_dir = ctx.main_first(resolve_model_dir, cfg.teacher)
         calibration = [e.input_ids.tolist() for e in examples[: cfg.calibration]]
         model, tokenizer, student_info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
         if student_info.get("dropped_layers") is not None:
@@ -126,9 +139,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
 
         plan = XtokPlan.build(capture, tokenizer, cfg, log)
         examples, loss_cfg = plan.examples, plan.loss_cfg
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device
     model.to(device).train()
     model.config.use_cache = False
+    if cfg.grad_checkpointing:  # recompute each layer's activations in backward: less memory, ~1 more forward
+        dist.enable_activation_checkpointing(model)
+    forward = dist.wrap(model, ctx)  # DDP/FSDP under torchrun; before the optimizer (FSDP shards params)
     use_bf16 = autocast_enabled(cfg.bf16, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -144,45 +160,52 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
     if plan is None:  # cross-tokenizer targets are in the teacher's vocabulary: no self-check there
         health.self_check(examples, pad_id, model, modes and modes.teacher)
 
-    start = 0
+    start = skip = 0
     metrics_path = out / "metrics.jsonl"
     if cfg.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise PotstillError("--resume: no checkpoint to resume from", where=str(out / "checkpoints"))
-        state = torch.load(ckpt / "weights.pt", map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-        _truncate_metrics(metrics_path, start)
+        state = torch.load(ckpt / "weights.pt", map_location="cpu", weights_only=True)
+        dist.load_full_state(model, optimizer, state)
+        ckpt_state = json.loads((ckpt / "state.json").read_text())
+        start = ckpt_state["step"]
+        skip = ckpt_state.get("micro_batches") or start * cfg.grad_accum * ctx.world
+        if ctx.is_main:
+            _truncate_metrics(metrics_path, start)
         log(f"resumed from {ckpt} at step {start}")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and ctx.is_main:
         metrics_path.unlink()
 
+    # one data stream for any number of ranks: a step takes world x grad_accum micro-batches of it
+    per_step = cfg.grad_accum * ctx.world
     stream = micro_batches(len(examples), cfg.batch_size, cfg.seed)
-    for _ in range(start * cfg.grad_accum):  # replay the data order up to the resume point
+    for _ in range(skip):  # replay the data order up to the resume point
         next(stream)
 
-    write_json(out / "train_config.json", asdict(cfg))
+    if ctx.is_main:
+        write_json(out / "train_config.json", asdict(cfg))
+    dist.reset_peak_memory(device)  # the peak of training, not of building the student
     t0 = time.perf_counter()
     tokens_seen = 0
     last = {}
-    with open(metrics_path, "a") as metrics:
+    with open(metrics_path if ctx.is_main else os.devnull, "a") as metrics:
         for step in range(start, cfg.max_steps):
-            groups = [[examples[i] for i in next(stream)[1]] for _ in range(cfg.grad_accum)]
+            step_ids = ctx.shard([next(stream)[1] for _ in range(per_step)])
+            groups = [[examples[i] for i in idx] for idx in step_ids]
             batches = modes.batches(step, groups) if modes else [(plan.collate if plan else collate)(g, pad_id)
                                                                  for g in groups]
-            n_total = sum(b.n_targets for b in batches)
+            (n_total,) = ctx.sum(sum(b.n_targets for b in batches))  # the whole step's, over all ranks
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             kd_sum = ce_sum = loss_sum = aux_sum = 0.0
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 batch = _to(batch, device)
                 if modes:
                     batch = modes.score(batch)  # live teacher top-k (+ its hidden states), no grad
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits, aux = student_logits(model, batch, with_aux=True)
+                    logits, aux = forward(batch, sync=i == len(batches) - 1)
                 parts = plan.loss(logits, batch) if plan else distill_loss(
                     logits,
                     batch.targets,
@@ -198,16 +221,24 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                 if aux is not None:  # MoE student: router load-balancing loss, weighted by this batch's share of tokens
                     loss = loss + model.config.router_aux_loss_coef * aux * (batch.n_targets / n_total)
                     aux_sum += float(aux.detach()) * batch.n_targets
-                loss.backward()
+                # DDP/FSDP average gradients over ranks; x world makes it the sum of the ranks' shares
+                (loss * ctx.world).backward()
                 loss_sum += float(parts["loss_sum"].detach())
                 kd_sum += float(parts["kd_sum"])
                 ce_sum += float(parts["ce_sum"])
             grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip else None
+                dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if cfg.grad_clip
+                else None
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += sum(int(b.attention_mask.sum()) for b in batches)
+            if modes:
+                modes.step(lr)
+            step_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+            loss_sum, kd_sum, ce_sum, step_tokens = ctx.sum(loss_sum, kd_sum, ce_sum, step_tokens)
+            tokens_seen += step_tokens
+            peak_mb = ctx.max(dist.peak_memory_mb(device))
             elapsed = time.perf_counter() - t0
             done = step + 1 - start
             last = {
@@ -220,6 +251,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                 "target_tokens": n_total,
                 "tokens_per_s": tokens_seen / elapsed,
                 "elapsed_s": elapsed,
+                "peak_mem_mb": peak_mb,
             }
             if aux is not None:  # MoE student: the router load-balancing term (before its coefficient)
                 last["router_aux"] = aux_sum / n_total
@@ -231,17 +263,22 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             eta = elapsed / done * (cfg.max_steps - step - 1)
             log(
                 f"step {step + 1}/{cfg.max_steps} loss {last['loss']:.4f} kd {last['kd']:.4f} ce {last['ce']:.4f} "
-                f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s eta {eta:.0f}s" + health.suffix(last)
+                f"lr {lr:.2e} {last['tokens_per_s']:.0f} tok/s peak {peak_mb:.0f} MB eta {eta:.0f}s"
+                + health.suffix(last)
             )
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-                ckpt = save_checkpoint(out, step + 1, model, optimizer)
-                if modes:
+                micro = skip + (step + 1 - start) * per_step  # micro-batches of the stream used so far
+                ckpt = save_checkpoint(out, step + 1, model, optimizer, ctx, micro=micro)
+                if modes and ctx.is_main:
                     modes.save(ckpt)  # hidden-state projections, for --resume
 
     if modes:
         modes.close()
 
-    save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg)
+    weights = dist.full_model_state(model, ctx)  # FSDP: gathered to rank 0
+    if ctx.is_main:
+        save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg, state_dict=weights)
+    peaks = ctx.gather(dist.peak_memory_mb(device))
     summary = {
         "steps": cfg.max_steps,
         "final": last,
@@ -249,17 +286,25 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         "examples": len(examples),
         "bf16": use_bf16,
         "loss_health": health.report,
+        "dist": ctx.mode,
+        "world_size": ctx.world,
+        "grad_checkpointing": cfg.grad_checkpointing,
+        "peak_mem_mb_per_rank": peaks,
     }
-    write_json(out / "train_summary.json", summary)
+    if ctx.is_main:
+        write_json(out / "train_summary.json", summary)
+    ctx.close()
     return summary
 
 
-def save_student(out: Path, model, tokenizer, cfg: TrainConfig, capture, info: dict, loss_cfg) -> None:
+def save_student(
+    out: Path, model, tokenizer, cfg: TrainConfig, capture, info: dict, loss_cfg, state_dict=None
+) -> None:
     """save_pretrained + tokenizer + provenance.json, moved into place file by file; provenance last."""
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)

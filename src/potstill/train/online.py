@@ -223,9 +223,19 @@ class TrainModes:
         return out
 
     # -- checkpoints (the projections are trained with the student but are not part of the HF model) --
+    hidden_opt = None
+
+    def step(self, lr: float) -> None:
+        """Step the hidden-state projections with the student (same learning-rate schedule)."""
+        if self.hidden_opt is not None:
+            for group in self.hidden_opt.param_groups:
+                group["lr"] = lr
+            self.hidden_opt.step()
+            self.hidden_opt.zero_grad(set_to_none=True)
+
     def save(self, ckpt: Path) -> None:
         if self.hidden is not None:
-            self.hidden.save(ckpt)
+            self.hidden.save(ckpt, self.hidden_opt)
 
     def close(self) -> None:
         if self.hidden is not None:
@@ -250,22 +260,25 @@ def setup_modes(cfg, model, tokenizer, student_info: dict | None, capture, optim
                              else sampling.get("temperature", 1.0)),
         "top_p": float(sampling.get("top_p") or 1.0),
     }
-    hidden = None
+    hidden = hidden_opt = None
     if cfg.hidden_weight > 0:
         from potstill.train.hidden import HiddenMatcher
 
         hidden = HiddenMatcher.build(model, teacher.model, student_info or {}, device)
-        optimizer.add_param_group({"params": list(hidden.parameters()), "weight_decay": 0.0, "lr": cfg.lr})
+        # their own optimizer: the student's optimizer state is keyed by the student's parameter names
+        hidden_opt = torch.optim.AdamW(hidden.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
         log(f"hidden-state loss: student layer -> teacher layer {hidden.mapping} (weight {cfg.hidden_weight})")
         if cfg.resume:
             from potstill.train.loop import latest_checkpoint
 
             ckpt = latest_checkpoint(Path(cfg.out))
-            if ckpt is not None and not hidden.load(ckpt):
+            if ckpt is not None and not hidden.load(ckpt, hidden_opt):
                 log(f"warning: {ckpt} has no hidden-state projections; they restart from their initialisation")
     extra = f", student samples for {cfg.lmbda:.0%} of batches ({sampling})" if cfg.mode == "on-policy" else ""
     log(f"mode {cfg.mode}: live teacher {teacher.name}, top-{teacher.k} + tail from its logits{extra}")
-    return TrainModes(cfg, teacher, model, tokenizer, pad_id, sampling, hidden, log)
+    modes = TrainModes(cfg, teacher, model, tokenizer, pad_id, sampling, hidden, log)
+    modes.hidden_opt = hidden_opt
+    return modes
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
