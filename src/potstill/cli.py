@@ -220,6 +220,15 @@ def _register_guard() -> None:
 _register_guard()
 
 
+def _register_bench_train() -> None:
+    from potstill.bench.train import register
+
+    register(bench)
+
+
+_register_bench_train()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

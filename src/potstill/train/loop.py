@@ -84,8 +84,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer) -> Path:
     return final
 
 
-def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None) -> dict[str, Any]:
-    """Train a student on a capture; returns a summary dict (also in out/train_summary.json)."""
+def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None, on_step=None) -> dict[str, Any]:
+    """Train a student on a capture; returns a summary dict (also in out/train_summary.json).
+
+    `on_step(metrics)`, if given, runs after each optimizer step with that step's metrics dict;
+    returning True stops training there (the student is still saved), e.g. for a time budget.
+    """
     from potstill.capture.store import Capture
 
     capture = Capture.open(cfg.capture)
@@ -204,10 +208,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             )
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
                 save_checkpoint(out, step + 1, model, optimizer)
+            if on_step is not None and on_step(last):
+                break
 
     save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg)
     summary = {
-        "steps": cfg.max_steps,
+        "steps": last.get("step", cfg.max_steps),
         "final": last,
         "train_tokens_per_s": last.get("tokens_per_s"),
         "examples": len(examples),
