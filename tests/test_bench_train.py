@@ -52,7 +52,8 @@ def test_bench_train_tiny(tmp_path, tiny_model_dir, tiny_capture):
     assert p["init"]["kl"] == pytest.approx(t["init"]["kl"], rel=1e-6)  # same init, same metric
     for arm in (p, t):
         assert arm["steps"] >= 2 and arm["completion_tokens"] > 0 and arm["tokens_per_s"] > 0
-        assert arm["train_s"] >= 2.0 and arm["peak_rss_delta_mb"] > 0
+        assert arm["train_s"] >= 2.0 and 0 < arm["first_step_s"] < arm["train_s"] and arm["peak_rss_delta_mb"] > 0
+        assert arm["cpu_tokens_per_s"] > 0
         assert math.isfinite(arm["final"]["kl"]) and arm["final"]["kl"] < arm["init"]["kl"]
         assert arm["curve"][0]["t"] == 0.0 and arm["curve"][-1] == arm["final"]
         assert [c["tokens"] for c in arm["curve"]] == sorted(c["tokens"] for c in arm["curve"])

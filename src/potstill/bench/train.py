@@ -104,7 +104,7 @@ def bench_train(
     arms: tuple[str, ...] = ("potstill", "trl"),
     capture_prompts: int = 64,
     capture_tokens: int = 64,
-    capture_heldout: float = 0.1,
+    capture_heldout: float = 0.2,
     log=print,
 ) -> dict[str, Any]:
     """Run both arms and write JSON, markdown table and PNG (paths in the result's `artefacts`)."""
@@ -159,7 +159,9 @@ def bench_train(
             "potstill": {"trainer": "potstill.train.loop.train", "teacher_signal": "stored top-k + tail bucket",
                          "loss": "jsd", "beta": beta, "temperature": 1.0, "checkpoint_every": 0},
             "trl": {"trainer": "trl.experimental.gkd.GKDTrainer", "teacher_signal": "live teacher forward pass",
-                    "data": "captured prompt + completion_text as chat messages (DataCollatorForChatML)",
+                    "data": "captured prompt + completion_text as chat messages (DataCollatorForChatML); "
+                            "the chat template's end-of-turn tokens after each completion are learned too",
+                    "temperature_note": "GKD's temperature only samples on-policy completions: unused at lmbda=0",
                     **results.get("trl", {}).pop("settings", {})},
         },
         "arms": results,

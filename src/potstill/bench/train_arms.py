@@ -76,6 +76,7 @@ class Budget:
         self.next_eval = self.eval_every
         self.next_log = 0.0
         self.train_s = 0.0
+        self.first_step_s: float | None = None
 
     def evaluate(self, t: float) -> dict[str, float]:
         from potstill.evaluate.metrics import fidelity
@@ -84,8 +85,9 @@ class Budget:
         was_training = self.model.training
         res = fidelity(self.model, self.examples, self.pad_id, self.batch_size)
         self.model.train(was_training)
-        self.paused += time.perf_counter() - t0
-        self.cpu_paused += time.process_time() - c0
+        if self.steps:  # the t=0 measurement comes before the training clock starts: nothing to pause
+            self.paused += time.perf_counter() - t0
+            self.cpu_paused += time.process_time() - c0
         point = {"t": round(t, 3), "step": self.steps, "tokens": self.tokens, "kl": res["kl"],
                  "top1_agreement": res["top1_agreement"], "nll_teacher_tokens": res["nll_teacher_tokens"]}
         self.curve.append(point)
@@ -103,6 +105,7 @@ class Budget:
         cpu = time.process_time() - self.cpu_paused
         if self.cpu_mark is None:
             self.cpu_mark = (cpu, self.tokens)
+            self.first_step_s = t
         else:
             self.cpu_s, self.cpu_tokens = cpu - self.cpu_mark[0], self.tokens - self.cpu_mark[1]
         if t >= self.next_log:
@@ -263,6 +266,7 @@ def main(spec_path: str) -> None:
         "completion_tokens": budget.tokens,
         "train_s": budget.train_s,
         "tokens_per_s": budget.tokens / budget.train_s if budget.train_s > 0 else 0.0,
+        "first_step_s": budget.first_step_s,
         "cpu_s_after_step1": budget.cpu_s,
         "cpu_tokens_per_s": budget.cpu_tokens / budget.cpu_s if budget.cpu_s > 0 else None,
         "eval_paused_s": budget.paused,
