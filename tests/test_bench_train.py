@@ -75,3 +75,18 @@ def test_bench_train_cli_rejects_bad_input(tmp_path):
     assert r.exit_code == 2 and "manifest.json" in r.output
     r = CliRunner().invoke(app, ["bench", "train", "--arms", "potstill,deepspeed"])
     assert r.exit_code == 2 and "--arms" in r.output
+
+
+def test_train_on_step_stops_early(tmp_path, tiny_model_dir, tiny_capture):
+    """train(on_step=...) sees every step's metrics and stops (saving the student) when it returns True."""
+    from potstill.config import TrainConfig
+    from potstill.train.loop import train
+
+    seen = []
+    cfg = TrainConfig(capture=str(tiny_capture), out=str(tmp_path / "s"), teacher=str(tiny_model_dir),
+                      student="prune:depth:2", max_steps=50, batch_size=4, checkpoint_every=0)
+    summary = train(cfg, log=lambda *_: None, on_step=lambda m: seen.append(m) or m["step"] == 3)
+    assert [m["step"] for m in seen] == [1, 2, 3] and summary["steps"] == 3
+    assert all(m["target_tokens"] > 0 for m in seen)
+    assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "s" / "model.safetensors").exists()

@@ -152,7 +152,9 @@ def bench_train(
             "common": {"loss": f"generalised JSD, beta={beta}, temperature 1 (GKD's loss takes no temperature)",
                        "batch_size": batch_size, "grad_accum": 1, "lr": lr,
                        "lr_schedule": f"linear warm-up {warmup_steps} steps, cosine to 10% at step {max_steps} "
-                                      "(the budget ends first)",
+                                      "(the budget ends first); HF's warm-up starts at lr 0 on step 1, "
+                                      "potstill's at lr/warmup",
+                       "budget": "checked after each optimizer step: a step begun inside the budget is finished",
                        "optimizer": "AdamW betas (0.9, 0.95), weight decay 0, grad-norm clip 1.0",
                        "max_seq_len": max_seq_len, "bf16_autocast": bf16_on, "master_weights": "float32",
                        "seed": seed, "threads": threads, "eval": "fidelity() on the capture's heldout split"},
@@ -272,6 +274,7 @@ def plot(result: dict, path: Path) -> None:
         label = f"{name} ({a['tokens_per_s']:.0f} tok/s)"
         axes[0].plot(ts, kls, marker="o", label=label)
         axes[1].plot(toks, kls, marker="o", label=label)
+    axes[0].axvline(result["budget_s"], color="grey", linestyle="--", linewidth=1, label="budget")
     axes[0].set_xlabel("training wall-clock (s, KL measurement excluded)")
     axes[1].set_xlabel("completion tokens trained")
     for ax in axes:
