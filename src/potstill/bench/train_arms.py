@@ -223,7 +223,7 @@ def run_trl(spec: dict, model, tokenizer, heldout, pad_id: int) -> tuple[Budget,
         "lmbda", "beta", "temperature", "seq_kd", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
         "warmup_steps", "max_steps", "weight_decay", "adam_beta1", "adam_beta2", "optim", "max_grad_norm",
         "max_length", "bf16", "gradient_checkpointing", "per_device_train_batch_size", "disable_dropout")}
-    settings["optim"] = str(settings["optim"])
+    settings["optim"] = str(getattr(settings["optim"], "value", settings["optim"]))
     return budget, {"settings": settings, "teacher_dtype": teacher_dtype,
                     "teacher_lm_head_dtype": teacher_probe.get("dtype"),
                     "train_rows": len(rows)}
