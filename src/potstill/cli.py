@@ -216,6 +216,15 @@ for _module in ("cli_guard", "cli_report", "cli_tasks"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 
+def _register_bench_train() -> None:
+    from potstill.bench.train import register
+
+    register(bench)
+
+
+_register_bench_train()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -95,8 +95,12 @@ def save_checkpoint(
     return final
 
 
-def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None) -> dict[str, Any]:
-    """Train a student on a capture; returns a summary dict (also in out/train_summary.json)."""
+def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None, on_step=None) -> dict[str, Any]:
+    """Train a student on a capture; returns a summary dict (also in out/train_summary.json).
+
+    `on_step(metrics, model)`, if given, runs after each optimizer step with that step's metrics dict;
+    returning True stops training there (the student is still saved), e.g. for a time budget.
+    """
     from potstill.capture.store import Capture
 
     ctx = dist.setup(cfg.dist)
@@ -271,6 +275,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
                 ckpt = save_checkpoint(out, step + 1, model, optimizer, ctx, micro=micro)
                 if modes and ctx.is_main:
                     modes.save(ckpt)  # hidden-state projections, for --resume
+            if on_step is not None and on_step(last, model):  # e.g. a benchmark's time budget, a study's evals
+                break
 
     if modes:
         modes.close()
@@ -280,7 +286,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg, state_dict=weights)
     peaks = ctx.gather(dist.peak_memory_mb(device))
     summary = {
-        "steps": cfg.max_steps,
+        "steps": last.get("step", cfg.max_steps),
         "final": last,
         "train_tokens_per_s": last.get("tokens_per_s"),
         "examples": len(examples),
