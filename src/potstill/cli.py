@@ -218,6 +218,7 @@ def _register_guard() -> None:
 
 
 _register_guard()
+__import__("potstill.cli_study", fromlist=["register"]).register(app)  # `potstill study ...`
 
 
 def main() -> None:  # pragma: no cover

@@ -81,8 +81,11 @@ class TrainConfig:
     calibration: int = opt(32, "Calibration prompts for pruning.")
     seed: int = opt(0, "Seed for data order and fresh initialisation.")
     chunk_size: int | None = opt(None, "Compute the loss over this many positions at a time (bounds memory).")
+    lr_schedule: str = opt("cosine", "After warm-up: cosine (decay to 10% at max_steps) or constant.")
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise PotstillError(f"train: lr_schedule must be cosine/constant, not {self.lr_schedule!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise PotstillError("train: max_steps, batch_size and grad_accum must be >= 1")
         if self.bf16 not in ("auto", "on", "off"):

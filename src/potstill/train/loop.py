@@ -57,9 +57,11 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer, capture_dir: str) -> No
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at max_steps."""
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at max_steps (or constant)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -84,8 +86,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer) -> Path:
     return final
 
 
-def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None) -> dict[str, Any]:
-    """Train a student on a capture; returns a summary dict (also in out/train_summary.json)."""
+def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=None, on_step=None) -> dict[str, Any]:
+    """Train a student on a capture; returns a summary dict (also in out/train_summary.json).
+
+    `on_step(metrics, model)`, if given, runs after every optimizer step (e.g. to evaluate at token
+    budgets); returning True ends training there (the student is saved as usual).
+    """
     from potstill.capture.store import Capture
 
     capture = Capture.open(cfg.capture)
@@ -204,10 +210,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
             )
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
                 save_checkpoint(out, step + 1, model, optimizer)
+            if on_step is not None and on_step(last, model):
+                break
 
     save_student(out, model, tokenizer, cfg, capture, student_info or {}, loss_cfg)
     summary = {
-        "steps": cfg.max_steps,
+        "steps": last.get("step", start),
         "final": last,
         "train_tokens_per_s": last.get("tokens_per_s"),
         "examples": len(examples),
