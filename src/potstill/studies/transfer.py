@@ -91,7 +91,10 @@ class TransferConfig:
             return sorted(set(int(b) for b in self.budgets))
         if self.n_budgets == 1:
             return [self.max_tokens]
-        return sorted(set(int(round(b)) for b in np.geomspace(self.min_tokens, self.max_tokens, self.n_budgets)))
+        spaced = np.geomspace(self.min_tokens, self.max_tokens, self.n_budgets)
+        # two significant digits (5040 -> 5000), the ends exactly as asked
+        nice = [int(float(f"{b:.2g}")) for b in spaced[1:-1]]
+        return sorted({self.min_tokens, *nice, self.max_tokens})
 
 
 def reference_capture(capture_dir: str | Path, out: str | Path, tokenizer) -> Path:
@@ -194,7 +197,7 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict[str, Any]:
 def _one_run(tcfg, arm, seed, budgets, examples, prompts, key, train, bar, task, clock, say) -> dict[str, Any]:
     """One training trajectory, measured at each budget it passes (and at initialisation)."""
     points: list[dict[str, Any]] = []
-    state = {"tokens": 0, "next": 0, "t0": time.perf_counter()}
+    state = {"tokens": 0, "next": 0, "t0": time.perf_counter(), "shown": time.perf_counter()}
 
     def on_step(metrics: dict[str, Any], model) -> bool:
         before = state["tokens"]
@@ -206,7 +209,13 @@ def _one_run(tcfg, arm, seed, budgets, examples, prompts, key, train, bar, task,
             row = measure(model, tok, examples, prompts)
             points.append({"budget": budgets[state["next"]], "tokens": state["tokens"], "step": metrics["step"],
                            "train_loss": metrics["loss"], **_pick(row)})
+            say(f"[transfer] {arm} seed {seed}: {budgets[state['next']]:,}-token budget at {state['tokens']:,} tokens: "
+                f"reference NLL {points[-1].get('nll_reference', math.nan):.3f} | {clock.line()}")
             state["next"] += 1
+        if not bar.console.is_terminal and time.perf_counter() - state["shown"] > 30:  # a log file has no live bar
+            state["shown"] = time.perf_counter()
+            say(f"[transfer] {arm} seed {seed}: {state['tokens']:,}/{budgets[-1]:,} tokens, "
+                f"{metrics['tokens_per_s']:.0f} tok/s | {clock.line()}")
         return state["next"] >= len(budgets)
 
     from potstill.students import build_student
