@@ -45,14 +45,14 @@ class CollapseConfig:
     prompts: str = opt("builtin:seed_tasks", "Prompts (with reference answers for the NLL column).")
     out: str = opt("runs/study-collapse", "Output directory (gen-N/capture, gen-N/student, results, PNG).")
     generations: int = opt(3, "Student generations after the teacher.")
-    student: str = opt("prune:depth:0.5", "Student architecture, the same every generation.")
+    student: str = opt("prune:depth:0.3", "Student architecture, the same every generation.")
     init: str = opt("same", "same: every generation starts from one initialisation; previous: from the last student.")
     loss: str = opt("fkl", "Training loss on the previous generation's capture (fkl, ce, rkl, ...).")
     max_prompts: int | None = opt(None, "Use at most this many prompts.")
     max_new_tokens: int = opt(64, "Completion length of every generation's capture.")
     top_k: int = opt(20, "Top-k stored per token.")
     heldout: float = opt(0.15, "Fraction of prompts held out (never trained on, in any generation).")
-    steps: int = opt(60, "Optimizer steps per generation.")
+    steps: int = opt(40, "Optimizer steps per generation.")
     lr: float = opt(3e-4, "Peak learning rate (warm-up + cosine, one full schedule per generation).")
     warmup_steps: int = opt(5, "Warm-up steps.")
     batch_size: int = opt(8, "Sequences per optimizer step.")
@@ -60,6 +60,7 @@ class CollapseConfig:
     gen_batch_size: int = opt(16, "Decoding batch size.")
     dtype: str = opt("auto", "Decoding dtype of every generation: auto (bf16 where the CPU has it), float32.")
     seed: int = opt(0, "Seed for sampling, the split, the student's init and data order.")
+    entropy_rows: int = opt(64, "Own samples (the first N rows) the entropy is measured on; 0 = all.")
 
     def __post_init__(self) -> None:
         if self.generations < 1 or self.steps < 1:
@@ -91,8 +92,8 @@ def own_entropy(model, examples, pad_id: int, batch_size: int = 8) -> float:
     return total / max(n, 1)
 
 
-def sample_stats(capture_dir: str | Path, model, tokenizer) -> dict[str, Any]:
-    """Diversity of a generation's own samples and its entropy on them."""
+def sample_stats(capture_dir: str | Path, model, tokenizer, entropy_rows: int = 0) -> dict[str, Any]:
+    """Diversity of a generation's own samples (all of them) and its entropy on the first `entropy_rows`."""
     from potstill.capture.store import Capture
     from potstill.train.data import examples_from_capture
 
@@ -100,6 +101,7 @@ def sample_stats(capture_dir: str | Path, model, tokenizer) -> dict[str, Any]:
     seqs = [r["completion_ids"].tolist() for r in capture.rows(columns=["completion_ids", "finish_reason"])]
     stops = [r["finish_reason"] == "stop" for r in capture.rows(columns=["finish_reason"])]
     examples = examples_from_capture(capture, split=None, max_seq_len=4096)
+    examples = examples[:entropy_rows] if entropy_rows else examples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return {
         **{f"distinct_{n}": distinct_n(seqs, n) for n in (1, 2, 3)},
@@ -107,6 +109,7 @@ def sample_stats(capture_dir: str | Path, model, tokenizer) -> dict[str, Any]:
         "stop_fraction": float(np.mean(stops)) if stops else 0.0,
         "samples": len(seqs),
         "entropy": own_entropy(model, examples, pad),
+        "entropy_tokens": int(sum(len(e.input_ids) - e.prompt_len for e in examples)),
     }
 
 
@@ -140,9 +143,21 @@ def run_collapse(cfg: CollapseConfig, log=print) -> dict[str, Any]:
     log(f"[collapse] generation 0 ({cfg.teacher}): capture")
     captures = [capture_of(cfg.teacher, out / "gen-0" / "capture")]
     examples0, prompts0 = heldout_inputs(captures[0])
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    gens = [_measure_generation(0, "teacher", model, tokenizer, captures[0], examples0, prompts0)]
-    gens[0]["seconds"] = round(time.perf_counter() - t_start, 1)
+    from potstill.studies.report import write_collapse_outputs
+
+    def finish(gens: list[dict[str, Any]], info: dict[str, Any], complete: bool) -> dict[str, Any]:
+        """results.json/table.md/drift.png after every generation, so a stopped run still shows its curve."""
+        result = {"study": "collapse", "complete": complete, "config": asdict(cfg), "student_info": _jsonable(info),
+                  "generations": gens, "timings": {"total_s": round(time.perf_counter() - t_start, 1)}}
+        write_collapse_outputs(result, out)
+        return result
+
+    def measure_gen0() -> dict[str, Any]:
+        teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        return _measure_generation(0, "teacher", teacher_model, tokenizer, captures[0], examples0, prompts0, cfg.entropy_rows)
+
+    key0 = stable_hash({"teacher": str(teacher_dir), "capture": _capture_id(captures[0]), "rows": cfg.entropy_rows})
+    gens = [_cached(out / "gen-0" / "measured.json", key0, measure_gen0)]
     log(f"[collapse] gen 0: {_brief(gens[0])} | elapsed {fmt_s(time.perf_counter() - t_start)}")
 
     train0 = examples_from_capture(Capture.open(captures[0]), split="train", max_seq_len=cfg.max_seq_len)
@@ -150,7 +165,7 @@ def run_collapse(cfg: CollapseConfig, log=print) -> dict[str, Any]:
     init_model, _, info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
     if info.get("dropped_layers") is not None:
         log(f"[collapse] student {cfg.student}: dropped layers {info['dropped_layers']} (once, for every generation)")
-    del model
+    finish(gens, info, complete=False)
     previous = None
     for g in range(1, cfg.generations + 1):
         t_gen = time.perf_counter()
@@ -173,28 +188,40 @@ def run_collapse(cfg: CollapseConfig, log=print) -> dict[str, Any]:
         log(f"[collapse] gen {g}: capture from the gen-{g} student")
         captures.append(capture_of(str(gdir / "student"), gdir / "capture"))
         model.float()
-        row = _measure_generation(g, f"student gen {g}", model, tokenizer, captures[-1], examples0, prompts0)
+        key_g = stable_hash({"student": key, "capture": _capture_id(captures[-1]), "rows": cfg.entropy_rows})
+        row = _cached(gdir / "measured.json", key_g, lambda g=g, model=model: _measure_generation(
+            g, f"student gen {g}", model, tokenizer, captures[-1], examples0, prompts0, cfg.entropy_rows))
         row["seconds"] = round(time.perf_counter() - t_gen, 1)
         gens.append(row)
+        finish(gens, info, complete=g == cfg.generations)
         previous = model
         per_gen = np.mean([r["seconds"] for r in gens[1:]])
         log(f"[collapse] gen {g}: {_brief(row)} | elapsed {fmt_s(time.perf_counter() - t_start)}, "
             f"eta {fmt_s(per_gen * (cfg.generations - g))}")
-    result = {"study": "collapse", "config": asdict(cfg), "student_info": _jsonable(info), "generations": gens,
-              "timings": {"total_s": round(time.perf_counter() - t_start, 1)}}
-    from potstill.studies.report import write_collapse_outputs
-
-    write_collapse_outputs(result, out)
-    return result
+    return finish(gens, info, complete=True)
 
 
-def _measure_generation(g: int, name: str, model, tokenizer, capture_dir, examples0, prompts0) -> dict[str, Any]:
+def _cached(path: Path, key: str, compute) -> dict[str, Any]:
+    """A generation's measurements, reused when a rerun finds them for the same model and capture."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["row"]
+    t0 = time.perf_counter()
+    row = compute()
+    row["measure_seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(path, {"key": key, "row": row})
+    return row
+
+
+def _measure_generation(g: int, name: str, model, tokenizer, capture_dir, examples0, prompts0,
+                        entropy_rows: int) -> dict[str, Any]:
     fid = measure(model, tokenizer, examples0, prompts0)
     row: dict[str, Any] = {"generation": g, "model": name, "capture": str(capture_dir),
                            "kl_to_gen0": fid.get("kl"), "top1_agreement_gen0": fid.get("top1_agreement"),
                            "nll_gen0_text": fid.get("nll_teacher_tokens"), "nll_reference": fid.get("nll_reference"),
                            "heldout_tokens": fid.get("tokens"), "reference_tokens": fid.get("reference_tokens")}
-    row.update(sample_stats(capture_dir, model, tokenizer))
+    row.update(sample_stats(capture_dir, model, tokenizer, entropy_rows))
     return row
 
 
