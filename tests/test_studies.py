@@ -79,6 +79,19 @@ def test_token_ratio_on_hand_made_curves():
     assert r["ratio"] is None and r["status"] == "not_reached" and r["ci95_unbounded_high"]
 
 
+def test_constant_lr_schedule_and_its_validation():
+    from potstill.config import TrainConfig
+    from potstill.errors import PotstillError
+    from potstill.train.loop import lr_at
+
+    cfg = TrainConfig(lr=1e-3, warmup_steps=4, max_steps=100, lr_schedule="constant")
+    assert lr_at(1, cfg) == pytest.approx(5e-4)  # warm-up as before
+    assert lr_at(4, cfg) == lr_at(60, cfg) == lr_at(99, cfg) == 1e-3
+    assert lr_at(99, TrainConfig(lr=1e-3, warmup_steps=4, max_steps=100)) < 2e-4  # the default still decays
+    with pytest.raises(PotstillError):
+        TrainConfig(lr_schedule="linear")
+
+
 def test_distinct_n():
     assert distinct_n([[1, 2, 1, 2]], 1) == 0.5
     assert distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
@@ -103,6 +116,10 @@ def test_transfer_study_tiny(tmp_path, tiny_model_dir, prompts_file):
                 assert p["tokens"] >= p["budget"]
                 assert all(math.isfinite(p[m]) for m in ("nll_reference", "kl"))
         assert len(saved["curves"][arm]) == 2
+    # on_step ended each run at its last budget, not at max_steps (= the largest budget)
+    for r in saved["runs"]:
+        summary = json.loads((out / "runs" / f"{r['arm']}-seed{r['seed']}" / "train_summary.json").read_text())
+        assert summary["steps"] == r["points"][-1]["step"] < 120
     # the same initialisation for every arm of a seed: identical measurements before training
     inits = {r["arm"]: r["init"] for r in saved["runs"] if r["seed"] == 0}
     assert inits["kd"] == inits["ce-teacher"] == inits["scratch"]

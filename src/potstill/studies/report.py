@@ -44,8 +44,12 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     for arm, per_metric in result.get("ratios_vs_scratch", {}).items():
         for metric, r in per_metric.items():
             lo, hi = r["ci95"]
-            ci = "n/a (1 seed)" if lo is None and not r["ci95_unbounded_high"] else (
-                f"{_num(lo, '{:.3f}')}–{'∞' if r['ci95_unbounded_high'] else _num(hi, '{:.3f}')}")
+            if r["bootstrap"]["not_reached_fraction"] == 1.0:
+                ci = "not reached in any resample"
+            elif lo is None and not r["ci95_unbounded_high"]:
+                ci = "n/a (1 seed)"
+            else:
+                ci = f"{_num(lo, '{:.3f}')}–{'∞' if r['ci95_unbounded_high'] else _num(hi, '{:.3f}')}"
             how = {"at_or_before_first": " (reached at the first budget: an upper bound)",
                    "not_reached": " (not reached within the budgets)"}.get(r["status"], "")
             lines.append(
@@ -55,9 +59,15 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _short(n: int) -> str:
+    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else str(n)
+
+
 def plot_transfer(result: dict[str, Any], path: str | Path) -> None:
     """Quality vs tokens (log x), seed mean with a 95% t-interval band, one panel per metric."""
     plt = pyplot()
+    from matplotlib.ticker import NullFormatter
+
     metrics = [m for m in METRIC_LABELS if any(m in row for c in result["curves"].values() for row in c)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -78,7 +88,9 @@ def plot_transfer(result: dict[str, Any], path: str | Path) -> None:
         if ratio is not None:
             ax.axhline(ratio["target"], color="tab:green", linestyle=":", linewidth=1, label="target (scratch's best)")
         ax.set_xscale("log")
-        ax.set_xlabel("learned tokens")
+        ax.set_xticks(result["budgets"], [_short(b) for b in result["budgets"]])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a short log axis overlap
+        ax.set_xlabel("learned tokens (budgets)")
         ax.set_ylabel(METRIC_LABELS[metric])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
