@@ -212,7 +212,7 @@ def bench_watermark_cmd(args):
 
 
 # verbs that live in their own modules, each with a `register(app)`
-for _module in ("cli_guard", "cli_report", "cli_tasks"):
+for _module in ("cli_guard", "cli_report", "cli_tasks", "cli_study"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 

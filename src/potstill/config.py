@@ -112,8 +112,11 @@ class TrainConfig:
     health_steps: int = opt(10, "Warn if the weighted KD term is under 1% of the weighted CE term over this many first steps.")
     dist: str = opt("auto", "Under torchrun/accelerate launch: ddp, fsdp (FSDP2), or auto (= ddp).")
     grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, slower).")
+    lr_schedule: str = opt("cosine", "After warm-up: cosine (decay to 10% at max_steps) or constant.")
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise PotstillError(f"train: lr_schedule must be cosine/constant, not {self.lr_schedule!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise PotstillError("train: max_steps, batch_size and grad_accum must be >= 1")
         if self.bf16 not in ("auto", "on", "off"):

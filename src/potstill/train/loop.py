@@ -61,9 +61,11 @@ def check_tokenizer(manifest: dict[str, Any], tokenizer, capture_dir: str, cross
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at max_steps."""
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at max_steps (or constant)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 

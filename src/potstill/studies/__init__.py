@@ -1,0 +1,8 @@
+"""Studies: experiments composed from the pipeline's stages, each writing JSON, a table and a PNG.
+
+- transfer.py: `potstill study transfer` — tokens to reach a quality with KD, with CE on the
+  teacher's text, and with CE on human references (no teacher), over seeds, with intervals;
+- collapse.py: `potstill study collapse` — each generation's student teaches the next; diversity,
+  fidelity to generation 0 and reference NLL per generation;
+- stats.py (intervals, interpolation, bootstrap), common.py (measurements, ETA), report.py (outputs).
+"""
