@@ -234,6 +234,9 @@ def test_token_pieces_keep_multibyte_characters(tiny_tokenizer):
     pieces = token_pieces(tiny_tokenizer, ids)
     assert len(pieces) == len(ids) and "".join(pieces) == text
     assert "" in pieces  # a character split over byte tokens sits on the token that completes it
+    eos = tiny_tokenizer.eos_token_id  # a capture keeps the EOS of a stopped completion: no text of its own
+    with_eos = token_pieces(tiny_tokenizer, ids + [eos])
+    assert with_eos[-1] == "" and "".join(with_eos) == text
 
 
 def test_bare_student_eval_and_bad_dirs(runs, tmp_path):

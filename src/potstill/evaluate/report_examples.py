@@ -22,9 +22,15 @@ def token_pieces(tokenizer, ids) -> list[str]:
     """The text of each token, so that the pieces join to the decoded text.
 
     Byte-level BPE tokens can split a UTF-8 character; its text goes to the token that completes it.
-    Tokenizers that are not byte-level fall back to decoding each token alone.
+    Tokenizers that are not byte-level fall back to decoding each token alone. Special tokens (the
+    EOS a capture keeps at the end of a stopped completion) get an empty piece, as the text has none.
     """
     ids = [int(i) for i in ids]
+    special = set(tokenizer.all_special_ids)
+    return [p if i not in special else "" for i, p in zip(ids, _pieces(tokenizer, ids), strict=True)]
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     tokens = tokenizer.convert_ids_to_tokens(ids)
     if all(t is not None and all(ch in byte_of for ch in t) for t in tokens):
