@@ -66,7 +66,7 @@ def register(app: click.Group) -> None:
     @click.option("--rpm", default=None, type=int, help="Default requests/minute per key.")
     @click.option("--tpm", default=None, type=int, help="Default tokens/minute per key.")
     @click.option("--max-tokens-cap", default=1024, show_default=True, help="Largest max_tokens a request may ask.")
-    @click.option("--max-batch-size", default=16, show_default=True, help="Most requests decoded together (bf16 CPU decoding slows sharply above 16 here).")
+    @click.option("--max-batch-size", default=16, show_default=True, help="Most requests decoded together (continuous refill keeps the batch full).")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
     @watermark_options
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, name,
