@@ -150,9 +150,8 @@ def test_onpolicy_batches_are_the_students_samples(tmp_path, capture_dir, tiny_m
     examples = examples_of(capture_dir)
     model, tok, info = build_student("prune:depth:2", tiny_model_dir, [e.input_ids.tolist() for e in examples[:4]])
     model.train()
-    opt = torch.optim.AdamW(model.parameters())
     greedy = cfg(capture_dir, tmp_path, tiny_model_dir, mode="on-policy", lmbda=1.0, sample_temperature=0.0)
-    modes = setup_modes(greedy, model, tok, info, Capture.open(capture_dir), opt, torch.device("cpu"), 0, QUIET)
+    modes = setup_modes(greedy, model, tok, info, Capture.open(capture_dir), torch.device("cpu"), 0, QUIET)
     group = examples[:3]
     batch = modes.batches(0, [group])[0]
     assert modes.kinds == ["student"] and model.training  # back in train mode after sampling

@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-    modes = setup_modes(cfg, model, tokenizer, student_info, capture, optimizer, device, pad_id, log)  # None offline
+    modes = setup_modes(cfg, model, tokenizer, student_info, capture, device, pad_id, log)  # None offline
     health = LossHealth(cfg, loss_cfg, log)
     if plan is None:  # cross-tokenizer targets are in the teacher's vocabulary: no self-check there
         health.self_check(examples, pad_id, model, modes and modes.teacher)

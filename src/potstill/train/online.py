@@ -147,7 +147,7 @@ class TrainModes:
     """The loop's handle on online / on-policy training and the hidden-state term."""
 
     def __init__(self, cfg, teacher: LiveTeacher, model, tokenizer, pad_id: int, sampling: dict[str, Any],
-                 hidden=None, log=print):
+                 hidden=None, log=print, hidden_opt=None):
         self.cfg = cfg
         self.teacher = teacher
         self.model = model
@@ -155,6 +155,7 @@ class TrainModes:
         self.pad_id = pad_id
         self.sampling = sampling
         self.hidden = hidden
+        self.hidden_opt = hidden_opt  # the projections' own AdamW (None without a hidden-state loss)
         self.log = log
         self.kinds: list[str] = []
         self.hidden_sum = 0.0
@@ -223,8 +224,6 @@ class TrainModes:
         return out
 
     # -- checkpoints (the projections are trained with the student but are not part of the HF model) --
-    hidden_opt = None
-
     def step(self, lr: float) -> None:
         """Step the hidden-state projections with the student (same learning-rate schedule)."""
         if self.hidden_opt is not None:
@@ -242,7 +241,7 @@ class TrainModes:
             self.hidden.remove()
 
 
-def setup_modes(cfg, model, tokenizer, student_info: dict | None, capture, optimizer, device, pad_id: int,
+def setup_modes(cfg, model, tokenizer, student_info: dict | None, capture, device, pad_id: int,
                 log=print, teacher: LiveTeacher | None = None) -> TrainModes | None:
     """Load the live teacher and wire online / on-policy / hidden-state training; None when offline."""
     if cfg.mode == "offline":
@@ -276,9 +275,7 @@ def setup_modes(cfg, model, tokenizer, student_info: dict | None, capture, optim
                 log(f"warning: {ckpt} has no hidden-state projections; they restart from their initialisation")
     extra = f", student samples for {cfg.lmbda:.0%} of batches ({sampling})" if cfg.mode == "on-policy" else ""
     log(f"mode {cfg.mode}: live teacher {teacher.name}, top-{teacher.k} + tail from its logits{extra}")
-    modes = TrainModes(cfg, teacher, model, tokenizer, pad_id, sampling, hidden, log)
-    modes.hidden_opt = hidden_opt
-    return modes
+    return TrainModes(cfg, teacher, model, tokenizer, pad_id, sampling, hidden, log, hidden_opt)
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
