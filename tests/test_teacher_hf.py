@@ -95,3 +95,70 @@ def test_decode_attention_equals_sdpa(tiny_model_dir):
     ref = decode(model)
     assert use_decode_attention(model) and model.config._attn_implementation == NAME
     torch.testing.assert_close(decode(model), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_prefilled_once_decodes_the_same(tiny_model_dir):
+    """Prompts that share a system turn: prefilling it once and copying its KV gives the same
+    completions and top-k as prefilling every prompt whole."""
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly."}
+    texts = ["hello", "write a poem about rain", "count to five", "name three colors please now"]
+    prompts = [teacher.encode_chat([system, {"role": "user", "content": t}]) for t in texts]
+    shared = teacher._shared_prefix(prompts)
+    assert shared is not None and shared[0] >= len(teacher.encode_chat([system])) // 2
+    params = SamplingParams(max_new_tokens=10, top_logprobs=4)
+    with_prefix = teacher.complete_ids(prompts, params, seeds=[1, 2, 3, 4], batch_size=3)
+    whole = teacher.complete_ids(prompts, params, seeds=[1, 2, 3, 4], batch_size=3, share_prefix=False)
+    for a, b in zip(with_prefix, whole, strict=True):
+        assert a.completion_ids == b.completion_ids
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
+    # n samples of one prompt share all of it but the last token
+    same = teacher.complete_ids([prompts[1]] * 3, params, seeds=[7, 8, 9])
+    alone = teacher.complete_ids([prompts[1]], params, seeds=[8])[0]
+    assert teacher._shared_prefix([prompts[1]] * 3)[0] == len(prompts[1]) - 1
+    assert same[1].completion_ids == alone.completion_ids
+
+
+def test_kv_slab_matches_plain_tensor_ops_and_reuses_memory():
+    """Append, drop rows, add right-aligned rows, trim: the slab's keys equal the same edits done
+    with torch.cat/indexing, and steady decoding allocates nothing new."""
+    from transformers.cache_utils import DynamicCache
+
+    from potstill.teachers.kvslab import SlabCache
+
+    g = torch.Generator().manual_seed(0)
+
+    def kv(b, w):
+        return torch.randn(b, 2, w, 4, generator=g), torch.randn(b, 2, w, 4, generator=g)
+
+    k0, v0 = kv(3, 5)
+    slab = SlabCache(DynamicCache(ddp_cache_data=[(k0, v0)]), row_capacity=4, columns=8)
+    layer = slab.cache.layers[0]
+    ref_k, ref_v = k0, v0
+    attn = torch.ones(3, 5, dtype=torch.long)
+    pointers = set()
+    for _ in range(6):  # decode steps
+        k1, v1 = kv(3, 1)
+        layer.update(k1, v1)
+        ref_k, ref_v = torch.cat([ref_k, k1], 2), torch.cat([ref_v, v1], 2)
+        pointers.add(layer.keys.data_ptr())
+        attn = torch.cat([attn, attn.new_ones((3, 1))], 1)
+    assert len(pointers) <= 3  # two buffers, grown once past the reserve
+    torch.testing.assert_close(layer.keys, ref_k)
+    slab.keep_rows([0, 2])
+    ref_k, ref_v, attn = ref_k[[0, 2]], ref_v[[0, 2]], attn[[0, 2]]
+    torch.testing.assert_close(layer.values, ref_v)
+    k2, v2 = kv(2, 14)  # wider than the live rows: they get left padding
+    new_attn = torch.ones(2, 14, dtype=torch.long)
+    attn = slab.add_rows(DynamicCache(ddp_cache_data=[(k2, v2)]), attn, new_attn)
+    pad = torch.zeros(2, 2, 3, 4)
+    ref_k = torch.cat([torch.cat([pad, ref_k], 2), k2])
+    torch.testing.assert_close(layer.keys, ref_k)
+    assert attn.shape == (4, 14) and attn[:2, :3].sum() == 0 and attn[2:].all()
+    slab.keep_rows([2, 3])
+    attn = slab.trim_left(attn[[2, 3]])  # the padded rows left: nothing to trim
+    assert attn.shape == (2, 14) and layer.keys.shape == (2, 2, 14, 4)
+    attn[:, :4] = 0
+    attn = slab.trim_left(attn)
+    assert attn.shape == (2, 10)
+    torch.testing.assert_close(layer.keys, k2[:, :, 4:])

@@ -1,10 +1,12 @@
 """Local transformers teacher: batched decoding with a KV cache, top-k log-probs from the same logits.
 
 `HFTeacher.load(spec)` accepts "embedded", a model directory (safetensors) or a `.gguf` file
-(converted once and cached, see embedded.py). Decoding is batched with left padding; rows that
-finish are dropped from the batch and the cache (`batch_select_indices`), so the batch only
-pays for live rows. Each completion samples from its own `torch.Generator`, seeded from the
-run seed and the row's id, so a completion does not depend on which batch it landed in.
+(converted once and cached, see embedded.py). Decoding is batched with left padding in a KV cache
+written in place (kvslab.py); rows that finish leave the batch and waiting prompts take their
+slots, so the batch only pays for live rows. Prompts that start alike (a chat template's system
+turn) share one prefill of the common part. Each completion samples from its own generator,
+seeded from the run seed and the row's id, so a completion does not depend on which batch it
+landed in.
 
     teacher = HFTeacher.load("embedded")
     out = teacher.complete([[{"role": "user", "content": "Hi"}]], SamplingParams(max_new_tokens=16))
@@ -13,6 +15,7 @@ run seed and the row's id, so a completion does not depend on which batch it lan
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 
 from potstill.errors import PotstillError
 from potstill.teachers.base import Completion, LogitsProcessor, SamplingParams
+from potstill.teachers.kvslab import SlabCache, keep_freed_memory
 from potstill.utils import sha256_file, sha256_text
 
 
@@ -145,6 +149,7 @@ class HFTeacher:
         batch_size: int | None = None,
         include_eos: bool = False,
         prefill_tokens: int = 8192,
+        share_prefix: bool = True,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
 
@@ -157,7 +162,8 @@ class HFTeacher:
         i's sampler, so a row's completion does not depend on its batch-mates. Prompts enter
         shortest first, prefilled in groups of at most `prefill_tokens` padded tokens (one long
         prompt must not pad a whole batch to its length), and cache columns that no live row
-        uses any more are cut off.
+        uses any more are cut off. With `share_prefix`, the prompts' common leading tokens are
+        prefilled once and their keys and values copied into every row.
         """
         if not prompt_ids:
             return []
@@ -216,8 +222,11 @@ class HFTeacher:
 
         # shortest prompts first: rows prefilled together have similar lengths, so little padding
         queue = sorted(range(n), key=lambda i: len(prompt_ids[i]))
+        prefix = self._shared_prefix(prompt_ids) if share_prefix else None
+        keep_freed_memory()
         live: list[int] = []
-        cache = attn = step_ids = None
+        slab: SlabCache | None = None
+        attn = step_ids = None
         while queue or live:
             free = cap - len(live)
             if queue and (not live or free >= max(1, cap // 4) or free >= len(queue)):
@@ -227,38 +236,36 @@ class HFTeacher:
                 fits = [i for i in taken if len(prompt_ids[i]) <= max(2 * width, width + 64)]
                 queue, taken = taken[len(fits) :] + queue, fits
                 for group in _prefill_groups(taken, [len(prompt_ids[i]) for i in taken], prefill_tokens):
-                    new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in group])
+                    new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in group], prefix)
                     keep, toks = consume(group, logits)
                     if not keep:
                         continue
-                    idx = torch.tensor(keep, device=dev)
-                    new_cache.batch_select_indices(idx)
-                    new_attn, new_step = new_attn[idx], toks[idx][:, None]
-                    if live:
-                        attn = _merge_cache(cache, attn, new_cache, new_attn)
-                        step_ids = torch.cat([step_ids, new_step])
+                    if len(keep) < len(group):
+                        idx = torch.tensor(keep, device=dev)
+                        new_cache.batch_select_indices(idx)
+                        new_attn, toks = new_attn[idx], toks[idx]
+                    if slab is None:
+                        columns = new_attn.shape[1] + params.max_new_tokens
+                        slab, attn, step_ids = SlabCache(new_cache, cap, columns), new_attn, toks[:, None]
                     else:
-                        cache, attn, step_ids = new_cache, new_attn, new_step
+                        attn = slab.add_rows(new_cache, attn, new_attn)
+                        step_ids = torch.cat([step_ids, toks[:, None]])
                     live = live + [group[b] for b in keep]
                 if not live:
                     continue
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
             pos = attn.sum(-1, keepdim=True) - 1
-            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
-            cache = out.cache
+            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, cache=slab.cache,
+                             use_cache=True)
             keep, toks = consume(live, out.logits[:, -1, :])
+            if not keep:
+                live, slab, attn, step_ids = [], None, None, None
+                continue
             if len(keep) < len(live):
-                idx = torch.tensor(keep, device=dev, dtype=torch.long)
-                if keep:
-                    cache.batch_select_indices(idx)
-                attn = attn[idx]
-                toks = toks[idx]
-                live = [live[b] for b in keep]
-                if live:
-                    attn = _trim_left(cache, attn)
+                slab.keep_rows(keep)
+                idx = torch.tensor(keep, device=dev)
+                attn, toks, live = slab.trim_left(attn[idx]), toks[idx], [live[b] for b in keep]
             step_ids = toks[:, None]
-            if not live:
-                cache = attn = step_ids = None
 
         results = []
         for i in range(n):
@@ -282,17 +289,45 @@ class HFTeacher:
             )
         return results
 
-    def _prefill(self, prompts: list[list[int]]):
-        """Left-padded forward over new prompts: (their cache, attention mask, last-position logits)."""
-        width = max(len(p) for p in prompts)
+    def _shared_prefix(self, prompts: list[list[int]], min_tokens: int = 8):
+        """The prompts' common leading tokens (a chat template's system turn, n samples of one prompt)
+        and their KV cache, computed once; None when shorter than `min_tokens`. Every prompt keeps at
+        least one token of its own, whose logits start its completion."""
+        if len(prompts) < 2:
+            return None
+        common = os.path.commonprefix([list(p) for p in prompts])[: min(map(len, prompts)) - 1]
+        if len(common) < min_tokens:
+            return None
+        ids = torch.tensor([common], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        return len(common), [(layer.keys, layer.values) for layer in out.cache.layers]
+
+    def _prefill(self, prompts: list[list[int]], prefix=None):
+        """Forward over new prompts: (their cache, attention mask, last-position logits).
+
+        Rows are `[shared prefix][left padding][own tokens]`: the prefix's keys and values are copied
+        from `_shared_prefix` instead of recomputed, and the mask hides the padding in between.
+        """
+        from transformers.cache_utils import DynamicCache
+
+        p = prefix[0] if prefix else 0
+        own = [q[p:] for q in prompts]
+        width = max(len(q) for q in own)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
+        attn = torch.zeros((len(prompts), p + width), dtype=torch.long)
+        attn[:, :p] = 1
+        for i, q in enumerate(own):
+            ids[i, width - len(q) :] = torch.tensor(q)
+            attn[i, p + width - len(q) :] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        cache = None
+        if prefix:
+            b = len(prompts)
+            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+                                                 for k, v in prefix[1]])
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                         logits_to_keep=1)
         return out.cache, attn, out.logits[:, -1, :]
 
     @staticmethod
@@ -436,36 +471,6 @@ def _prefill_groups(rows: list[int], lengths: list[int], budget: int) -> list[li
         else:
             groups.append([row])
     return groups
-
-
-def _trim_left(cache, attn: torch.Tensor) -> torch.Tensor:
-    """Drop leading cache columns that are padding for every live row (they only cost time)."""
-    used = attn.any(0).nonzero()
-    cut = int(used[0]) if len(used) else 0
-    if cut:
-        for layer in cache.layers:
-            layer.keys = layer.keys[:, :, cut:]
-            layer.values = layer.values[:, :, cut:]
-        attn = attn[:, cut:]
-    return attn
-
-
-def _merge_cache(cache, attn: torch.Tensor, new_cache, new_attn: torch.Tensor) -> torch.Tensor:
-    """Append new_cache's rows to cache in place, left-padding the shorter side; returns the merged mask."""
-    la, lb = attn.shape[1], new_attn.shape[1]
-    width = max(la, lb)
-
-    def pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
-        if not extra:
-            return t
-        shape = list(t.shape)
-        shape[dim] = extra
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-    for layer, new_layer in zip(cache.layers, new_cache.layers, strict=True):
-        layer.keys = torch.cat([pad(layer.keys, width - la, 2), pad(new_layer.keys, width - lb, 2)])
-        layer.values = torch.cat([pad(layer.values, width - la, 2), pad(new_layer.values, width - lb, 2)])
-    return torch.cat([pad(attn, width - la, 1), pad(new_attn, width - lb, 1)])
 
 
 def tokenizer_hash(tokenizer) -> str:
