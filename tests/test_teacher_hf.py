@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from potstill.teachers.base import SamplingParams
@@ -23,8 +24,32 @@ def test_sampler_matches_distribution():
 def test_top_p_excludes_tail():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     rng = [np.random.default_rng(1)]
-    seen = {int(HFTeacher._sample(logits, None, SamplingParams(top_p=0.8), rng)) for _ in range(500)}
+    seen = {int(HFTeacher._sample(logits, None, SamplingParams(top_p=0.75), rng)) for _ in range(500)}
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.9)])
+def test_sampler_tail_and_nucleus_beyond_candidates(temperature, top_p):
+    """Draws that land past the top candidates (the slow path) keep the distribution exact,
+    with temperature and with a top-p nucleus wider than the candidates."""
+    from potstill.teachers.hf import SAMPLE_TOP
+
+    vocab, rows = 300, 2000
+    logits = torch.cat([torch.linspace(4.0, 1.0, 20), torch.zeros(vocab - 20)])  # long flat tail
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_p, order = probs.sort(descending=True)
+    kept = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+    expected = torch.zeros(vocab).scatter(0, order, kept / kept.sum())
+    assert expected[order[SAMPLE_TOP:]].sum() > 0.1  # a real share of draws takes the slow path
+    batch = logits.expand(rows, vocab).clone()
+    gens = [np.random.default_rng(i) for i in range(rows)]
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    draws = torch.cat([HFTeacher._sample(batch, None, params, gens) for _ in range(10)])
+    freq = torch.bincount(draws, minlength=vocab).double() / len(draws)
+    groups = [order[:5], order[5:20], order[20:SAMPLE_TOP], order[SAMPLE_TOP:160], order[160:]]
+    for g in groups:
+        assert abs(float(freq[g].sum() - expected[g].sum())) < 0.015
+    assert float(freq[expected == 0].sum()) == 0.0
 
 
 def test_completion_independent_of_batch(tiny_model_dir):
@@ -55,7 +80,7 @@ def test_continuous_refill_matches_rows_alone(tiny_model_dir):
     teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
     texts = ["hello", "write a poem about rain", "count", "name three colors please now", "the capital of Italy"]
     prompts = [teacher.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    params = SamplingParams(max_new_tokens=10, top_logprobs=4)
+    params = SamplingParams(max_new_tokens=40, top_logprobs=4)  # past the KV slab's slack: it moves
     seeds = [5, 6, 7, 8, 9]
     done = []
     refilled = teacher.complete_ids(prompts, params, seeds, batch_size=2, on_token=lambda t, d: done.append(d))
@@ -119,9 +144,9 @@ def test_shared_prefix_prefilled_once_decodes_the_same(tiny_model_dir):
     assert same[1].completion_ids == alone.completion_ids
 
 
-def test_kv_slab_matches_plain_tensor_ops_and_reuses_memory():
-    """Append, drop rows, add right-aligned rows, trim: the slab's keys equal the same edits done
-    with torch.cat/indexing, and steady decoding allocates nothing new."""
+def test_kv_slab_matches_plain_tensor_ops_and_writes_in_place():
+    """Decode steps, dropping rows, adding wider rows, trimming: every live row's visible keys equal
+    the same edits done with torch.cat/indexing, and the masks show each row only its own columns."""
     from transformers.cache_utils import DynamicCache
 
     from potstill.teachers.kvslab import SlabCache
@@ -131,34 +156,43 @@ def test_kv_slab_matches_plain_tensor_ops_and_reuses_memory():
     def kv(b, w):
         return torch.randn(b, 2, w, 4, generator=g), torch.randn(b, 2, w, 4, generator=g)
 
+    def visible(layer, slab, attn):  # each row's unmasked keys, in order
+        window = layer.kbuf[: slab.rows, :, slab.lo : slab.hi]
+        return [window[r][:, attn[r].bool()] for r in range(slab.rows)]
+
     k0, v0 = kv(3, 5)
-    slab = SlabCache(DynamicCache(ddp_cache_data=[(k0, v0)]), row_capacity=4, columns=8)
-    layer = slab.cache.layers[0]
-    ref_k, ref_v = k0, v0
     attn = torch.ones(3, 5, dtype=torch.long)
-    pointers = set()
+    attn[0, :2] = 0  # a left-padded row
+    slab = SlabCache(DynamicCache(ddp_cache_data=[(k0, v0)]), attn, row_capacity=4, slack=4)
+    layer = slab.cache.layers[0]
+    ref = [k0[r][:, attn[r].bool()] for r in range(3)]
+    buffers = set()
     for _ in range(6):  # decode steps
-        k1, v1 = kv(3, 1)
-        layer.update(k1, v1)
-        ref_k, ref_v = torch.cat([ref_k, k1], 2), torch.cat([ref_v, v1], 2)
-        pointers.add(layer.keys.data_ptr())
         attn = torch.cat([attn, attn.new_ones((3, 1))], 1)
-    assert len(pointers) <= 3  # two buffers, grown once past the reserve
-    torch.testing.assert_close(layer.keys, ref_k)
-    slab.keep_rows([0, 2])
-    ref_k, ref_v, attn = ref_k[[0, 2]], ref_v[[0, 2]], attn[[0, 2]]
-    torch.testing.assert_close(layer.values, ref_v)
-    k2, v2 = kv(2, 14)  # wider than the live rows: they get left padding
-    new_attn = torch.ones(2, 14, dtype=torch.long)
-    attn = slab.add_rows(DynamicCache(ddp_cache_data=[(k2, v2)]), attn, new_attn)
-    pad = torch.zeros(2, 2, 3, 4)
-    ref_k = torch.cat([torch.cat([pad, ref_k], 2), k2])
-    torch.testing.assert_close(layer.keys, ref_k)
-    assert attn.shape == (4, 14) and attn[:2, :3].sum() == 0 and attn[2:].all()
-    slab.keep_rows([2, 3])
-    attn = slab.trim_left(attn[[2, 3]])  # the padded rows left: nothing to trim
-    assert attn.shape == (2, 14) and layer.keys.shape == (2, 2, 14, 4)
+        mask = slab.step_mask(attn)
+        assert mask.shape == (3, 1, 1, slab.columns) and mask[:, 0, 0].sum() == attn.sum()
+        k1, v1 = kv(3, 1)
+        keys, _ = layer.update(k1, v1)
+        assert keys.is_contiguous() and keys.shape[2] == slab.columns
+        slab.advance()
+        ref = [torch.cat([ref[r], k1[r]], 1) for r in range(3)]
+        buffers.add(layer.kbuf.data_ptr())
+    assert len(buffers) <= 2  # written in place; one move when the window reached the edge
+    for got, want in zip(visible(layer, slab, attn), ref, strict=True):
+        torch.testing.assert_close(got, want)
+    order = slab.keep_rows([0, 2])  # row 2 moves into the free slot 1
+    assert order == [0, 2]
+    attn, ref = attn[order], [ref[r] for r in order]
+    k2, _ = kv(2, 14)  # wider than the live rows: they get hidden columns on the left
+    attn = slab.add_rows(DynamicCache(ddp_cache_data=[(k2, k2)]), attn, torch.ones(2, 14, dtype=torch.long))
+    ref += [k2[0], k2[1]]
+    assert attn.shape == (4, 14)
+    for got, want in zip(visible(layer, slab, attn), ref, strict=True):
+        torch.testing.assert_close(got, want)
+    order = slab.keep_rows([2, 3])
+    attn, ref = slab.trim_left(attn[order]), [ref[r] for r in order]
+    assert attn.shape == (2, 14)  # the new rows use every column
     attn[:, :4] = 0
     attn = slab.trim_left(attn)
-    assert attn.shape == (2, 10)
-    torch.testing.assert_close(layer.keys, k2[:, :, 4:])
+    assert attn.shape == (2, 10) and slab.hi - slab.lo == 10
+    torch.testing.assert_close(layer.kbuf[:2, :, slab.lo : slab.hi], k2[:, :, 4:])

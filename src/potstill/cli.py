@@ -180,9 +180,9 @@ def bench_codec_cmd(capture, positions, vocab, k, out):
 @bench.command("generate")
 @click.option("--teacher", default="embedded", show_default=True, help="Teacher model.")
 @click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")
-@click.option("--n", default=64, show_default=True, help="Prompts for the batched decoders.")
+@click.option("--n", default=0, show_default=True, help="Prompts for the batched decoders (0: all).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens per completion.")
-@click.option("--batch-size", default=32, show_default=True, help="Batch size for batched decoders.")
+@click.option("--batch-size", default=64, show_default=True, help="Batch size for batched decoders.")
 @click.option("--k", default=20, show_default=True, help="Top log-probs per token.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
 @click.option("--out", default="runs/bench/generate.json", show_default=True, help="JSON results.")
@@ -194,7 +194,7 @@ def bench_generate_cmd(teacher, prompts, n, max_new_tokens, batch_size, k, dtype
     from potstill.utils import quiet_transformers
 
     quiet_transformers()
-    result = bench_generate(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[:n], max_new_tokens,
+    result = bench_generate(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[: n or None], max_new_tokens,
                             batch_size, k, out_json=out)
     click.echo(format_table(result))
     click.echo(f"wrote {out}")

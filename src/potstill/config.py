@@ -40,7 +40,7 @@ class GenerateConfig:
     top_k: int = opt(20, "Top log-probs kept per completion token (cap when the codec is 'mass').")
     codec: str = opt("mass", "Top-k codec: 'mass' (adaptive k, quantised, compact) or 'f16'.")
     samples: int = opt(1, "Completions per prompt.")
-    batch_size: int = opt(16, "Prompts decoded together.")
+    batch_size: int = opt(64, "Prompts decoded together (local teachers keep this many rows decoding).")
     heldout: float = opt(0.1, "Fraction of prompts held out for eval (seeded split, recorded in the manifest).")
     max_prompts: int | None = opt(None, "Use at most this many prompts (after de-duplication).")
     seed: int = opt(0, "Seed for sampling and the split.")

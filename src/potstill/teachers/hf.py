@@ -188,11 +188,11 @@ class HFTeacher:
             if logits_processor is not None:
                 logits = logits_processor([contexts[i] for i in rows], logits)
             logprobs = torch.log_softmax(logits, dim=-1)
-            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows])
+            top = logprobs.topk(min(max(k, SAMPLE_TOP), logprobs.shape[1]), dim=-1)  # sorted: capture and sampler
+            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows], top)
             chosen = logprobs.gather(1, next_tok[:, None])[:, 0].tolist()
             if k:
-                tk_lp, tk_ids = logprobs.topk(k, dim=-1)
-                tk_lp, tk_ids = tk_lp.cpu().numpy(), tk_ids.cpu().numpy()
+                tk_lp, tk_ids = top[0][:, :k].cpu().numpy(), top[1][:, :k].cpu().numpy()
             toks = next_tok.tolist()
             is_eos = torch.isin(next_tok, eos).tolist()
             keep = []
@@ -245,8 +245,7 @@ class HFTeacher:
                         new_cache.batch_select_indices(idx)
                         new_attn, toks = new_attn[idx], toks[idx]
                     if slab is None:
-                        columns = new_attn.shape[1] + params.max_new_tokens
-                        slab, attn, step_ids = SlabCache(new_cache, cap, columns), new_attn, toks[:, None]
+                        slab, attn, step_ids = SlabCache(new_cache, new_attn, cap), new_attn, toks[:, None]
                     else:
                         attn = slab.add_rows(new_cache, attn, new_attn)
                         step_ids = torch.cat([step_ids, toks[:, None]])
@@ -255,16 +254,17 @@ class HFTeacher:
                     continue
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
             pos = attn.sum(-1, keepdim=True) - 1
-            out = self.model(input_ids=step_ids, attention_mask=attn, position_ids=pos, cache=slab.cache,
-                             use_cache=True)
+            out = self.model(input_ids=step_ids, attention_mask=slab.step_mask(attn), position_ids=pos,
+                             cache=slab.cache, use_cache=True)
+            slab.advance()
             keep, toks = consume(live, out.logits[:, -1, :])
             if not keep:
                 live, slab, attn, step_ids = [], None, None, None
                 continue
             if len(keep) < len(live):
-                slab.keep_rows(keep)
-                idx = torch.tensor(keep, device=dev)
-                attn, toks, live = slab.trim_left(attn[idx]), toks[idx], [live[b] for b in keep]
+                order = slab.keep_rows(keep)  # finished rows' slots refilled from the end: a new row order
+                idx = torch.tensor(order, device=dev)
+                attn, toks, live = slab.trim_left(attn[idx]), toks[idx], [live[b] for b in order]
             step_ids = toks[:, None]
 
         results = []
@@ -331,19 +331,44 @@ class HFTeacher:
         return out.cache, attn, out.logits[:, -1, :]
 
     @staticmethod
-    def _sample(logits, logprobs, params: SamplingParams, gens: list[np.random.Generator]) -> torch.Tensor:
-        """Inverse-CDF sampling: one uniform per row from the row's own generator, one batched cumsum."""
+    def _sample(logits, logprobs, params: SamplingParams, gens: list[np.random.Generator], top=None) -> torch.Tensor:
+        """Inverse-CDF sampling with one uniform per row from the row's own generator.
+
+        The CDF runs over the tokens in order of probability: first the `top` candidates (the
+        sorted top-k the capture takes anyway), then the rest of the vocabulary. A row whose draw
+        lands in the top candidates (nearly all) never touches the other ~V entries; only rows
+        whose draw falls in the tail, or whose top-p nucleus reaches past the candidates, take a
+        cumulative sum over the full vocabulary. Exact for any temperature and top-p.
+        """
         if params.temperature == 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if logprobs is None:
+            logprobs = torch.log_softmax(logits, dim=-1)
+        if top is None:
+            top = logprobs.topk(min(SAMPLE_TOP, logprobs.shape[1]), dim=-1)
+        top_ids = top[1]
+        if params.temperature == 1.0:
+            scaled_lp = logprobs
+        else:
+            scaled = logits / params.temperature
+            scaled_lp = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+        top_p = scaled_lp.gather(1, top_ids).exp()  # [B, K], descending
+        cum = top_p.cumsum(-1)
+        r = torch.tensor([g.random() for g in gens], dtype=cum.dtype, device=cum.device)
+        last = top_ids.shape[1] - 1
         if params.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(1, order, sorted_p)
-        cdf = probs.cumsum(-1)
-        u = torch.tensor([[g.random()] for g in gens], dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-        return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)[:, 0]
+            kept = (cum - top_p) < params.top_p  # the nucleus: tokens whose preceding mass is under top_p
+            cum = (top_p * kept).cumsum(-1)
+            pick = torch.searchsorted(cum, (r * cum[:, -1])[:, None], right=True)[:, 0]
+            pick = torch.minimum(pick, kept.sum(-1) - 1)
+            slow = cum[:, -1] < params.top_p  # the nucleus reaches past the candidates
+        else:
+            pick = torch.searchsorted(cum, r[:, None], right=True)[:, 0]
+            slow = pick > last  # the draw falls in the tail
+        out = top_ids.gather(1, pick.clamp(max=last)[:, None])[:, 0]
+        for b in slow.nonzero()[:, 0].tolist():
+            out[b] = _sample_row(scaled_lp[b].exp(), top_ids[b], float(r[b]), params.top_p)
+        return out
 
     def _hits_stop(self, ids: list[int], stops: list[str]) -> bool:
         tail = self.tokenizer.decode(ids[-16:], skip_special_tokens=True)
@@ -460,6 +485,26 @@ class HFTeacher:
         ([L - 1, k] each): `score_ids` with the first token as the prompt."""
         outs = self.score_ids([s[:1] for s in sequences], [s[1:] for s in sequences], k, batch_size)
         return [(o.topk_ids, o.topk_logprobs) for o in outs]
+
+
+SAMPLE_TOP = 64  # sampling candidates taken with the capture's top-k (see HFTeacher._sample)
+
+
+def _sample_row(probs: torch.Tensor, top_ids: torch.Tensor, r: float, top_p: float) -> int:
+    """The slow path of `_sample` for one row, at its uniform draw `r`: with top-p, the nucleus over
+    the fully sorted vocabulary; else the CDF over the candidates then the rest of the vocabulary."""
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        kept = sorted_p.cumsum(-1) - sorted_p < top_p
+        cdf = (sorted_p * kept).cumsum(-1)
+        idx = int(torch.searchsorted(cdf, torch.tensor([r * float(cdf[-1])], dtype=cdf.dtype), right=True)[0])
+        return int(order[min(idx, int(kept.sum()) - 1)])
+    rest = probs.clone()
+    rest[top_ids] = 0.0
+    cdf = rest.cumsum(-1)
+    u = max(r - float(probs[top_ids].sum()), 0.0)
+    idx = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True)[0])
+    return min(idx, len(cdf) - 1)
 
 
 def _prefill_groups(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:

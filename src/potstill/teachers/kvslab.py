@@ -1,28 +1,32 @@
-"""A KV cache for continuous batching that reuses its memory: two preallocated buffers per layer.
+"""A KV cache for continuous batching, written in place: one preallocated buffer per layer and tensor.
 
 transformers' `DynamicLayer` concatenates every decode step (`torch.cat([keys, new])`), so each
-step allocates a new, one column longer copy of the whole cache, and dropping a finished row
-copies it again. The copy is cheap; the allocation is not: on CPU each fresh block is
-first-touch page faults, and a batch of 64 rows on the 2-core benchmark machine spent more
-time faulting (~40k faults a step) than computing once the cache passed ~60 columns.
+step copies the whole cache into a fresh, one column longer block, and dropping a finished row
+copies it again. On CPU the fresh blocks are first-touch page faults (a batch of 64 rows on the
+2-core benchmark machine spent more time faulting than computing once the cache passed ~60
+columns) and the copies alone were ~12 % of a `bench generate` run.
 
-Here every layer owns two flat buffers and its keys/values are a contiguous view of one of
-them. Each operation writes its result into the other buffer (`torch.cat(..., out=)`,
-`index_select(..., out=)`) and the two swap, so memory is allocated only when the cache
-outgrows the buffers (by half again each time). Keys and values stay contiguous, which the
-CPU's bf16 batched matmul needs: on a strided view of a larger buffer it copies internally
-and the decode attention ran ~2x slower (measured: 0.47 vs 0.21 ms a layer at batch 64, 120
-columns).
+Here each layer owns buffers `[row_capacity, kv_heads, columns, head_dim]`; every row's cache is
+one contiguous block of it, all rows share the column geometry. The live rows are `[:rows]`, the
+live columns the window `[lo, hi)`:
 
-The engine's operations: a decode step appends one column (`update`, called by the model);
-finished rows are dropped (`keep_rows`); new prompts' caches are appended as rows,
-right-aligned, the shorter side left-padded with zeros that the attention mask hides
-(`add_rows`); leading columns that no live row uses any more are dropped (`trim_left`).
+- a decode step writes column `hi` of the live rows (`update`, called by the model), then the
+  window grows by one (`advance`);
+- finished rows are removed by moving the last live rows into their slots (`keep_rows`), so
+  only those rows are copied;
+- new prompts' caches are written into the next rows, right-aligned with the window
+  (`add_rows`); the shorter side's columns are hidden by the attention mask;
+- leading columns that no live row uses any more leave the window (`trim_left`).
+
+The attention runs over every column of the live rows (the model gets `[:rows]` of the buffers,
+contiguous, which the CPU's bf16 batched matmul needs: on a strided window it copies
+internally, ~2x slower) with a 4-D mask (`step_mask`) that shows each row its own columns only.
+So the buffers are kept tight: when the window reaches the right edge it moves into a buffer
+of its width plus `slack` columns. Buffers start zeroed and are only written with finite
+values, so hidden columns never hold NaN.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -31,116 +35,142 @@ from potstill.errors import PotstillError
 
 
 class SlabLayer(DynamicLayer):
-    """One layer's keys and values, alternating between two reusable buffers per tensor."""
+    """One layer's keys and values in preallocated buffers; geometry (rows, lo, hi) kept by SlabCache."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int):
+    def __init__(self, slab: SlabCache, keys: torch.Tensor, values: torch.Tensor):
         super().__init__()
+        self.slab = slab
         self.device = keys.device
         self.is_initialized = True
-        self._spare: dict[str, torch.Tensor] = {}
-        self._live: dict[str, torch.Tensor] = {}
-        for name, t in (("keys", keys), ("values", values)):
-            self._live[name] = t.new_empty(max(reserve, t.numel()))
-            self._spare[name] = t.new_empty(max(reserve, t.numel()))
-            self._target(name, t.shape).copy_(t)
-            self._swap(name, t.shape)
+        self.kbuf = keys.new_zeros((slab.row_capacity, keys.shape[1], slab.columns, keys.shape[3]))
+        self.vbuf = values.new_zeros((slab.row_capacity, values.shape[1], slab.columns, values.shape[3]))
+        self._views()
 
-    def _target(self, name: str, shape) -> torch.Tensor:
-        """A contiguous tensor of `shape` in the spare buffer (grown by half again when too small)."""
-        numel = math.prod(shape)
-        if self._spare[name].numel() < numel:
-            self._spare[name] = self._spare[name].new_empty(numel + numel // 2)
-        return self._spare[name][:numel].view(shape)
-
-    def _swap(self, name: str, shape) -> None:
-        self._live[name], self._spare[name] = self._spare[name], self._live[name]
-        setattr(self, name, self._live[name][: math.prod(shape)].view(shape))
-
-    def _apply(self, fn) -> None:
-        """Write `fn(current, target_shape_fn)` results for keys and values into the spares and swap."""
-        for name in ("keys", "values"):
-            shape = fn(name, getattr(self, name))
-            self._swap(name, shape)
+    def _views(self) -> None:
+        self.keys = self.kbuf[: self.slab.rows]
+        self.values = self.vbuf[: self.slab.rows]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if key_states.shape[0] != self.keys.shape[0]:
-            raise PotstillError(f"KV cache: {key_states.shape[0]} rows written into a batch of {self.keys.shape[0]}")
-        new = {"keys": key_states, "values": value_states}
-
-        def append(name, cur):
-            shape = (*cur.shape[:2], cur.shape[2] + new[name].shape[2], cur.shape[3])
-            torch.cat([cur, new[name]], dim=2, out=self._target(name, shape))
-            return shape
-
-        self._apply(append)
+        slab = self.slab
+        if key_states.shape[0] != slab.rows or key_states.shape[2] != 1:
+            raise PotstillError(f"KV slab: a decode step writes one column of {slab.rows} rows, "
+                                f"got {tuple(key_states.shape)}")
+        self.kbuf[: slab.rows, :, slab.hi : slab.hi + 1] = key_states
+        self.vbuf[: slab.rows, :, slab.hi : slab.hi + 1] = value_states
         return self.keys, self.values
 
+    def get_seq_length(self) -> int:
+        return self.slab.hi - self.slab.lo
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        def select(name, cur):
-            shape = (len(indices), *cur.shape[1:])
-            torch.index_select(cur, 0, indices, out=self._target(name, shape))
-            return shape
-
-        self._apply(select)
-
-    def add_rows(self, new: dict[str, torch.Tensor]) -> None:
-        def merge(name, cur):
-            extra = new[name]
-            width = max(cur.shape[2], extra.shape[2])
-            shape = (cur.shape[0] + extra.shape[0], cur.shape[1], width, cur.shape[3])
-            out = self._target(name, shape)
-            for rows, part in ((slice(0, cur.shape[0]), cur), (slice(cur.shape[0], shape[0]), extra)):
-                pad = width - part.shape[2]
-                out[rows, :, :pad] = 0
-                out[rows, :, pad:] = part
-            return shape
-
-        self._apply(merge)
-
-    def trim_left(self, cut: int) -> None:
-        def trim(name, cur):
-            shape = (*cur.shape[:2], cur.shape[2] - cut, cur.shape[3])
-            self._target(name, shape).copy_(cur[:, :, cut:])
-            return shape
-
-        self._apply(trim)
+        raise PotstillError("KV slab: rows are removed with SlabCache.keep_rows")
 
 
 class SlabCache:
     """The engine's handle on a model cache whose layers are `SlabLayer`s (`.cache` goes to the model)."""
 
-    def __init__(self, prefill_cache, row_capacity: int, columns: int):
+    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, slack: int = 32):
         layers = prefill_cache.layers
         if any(type(layer) is not DynamicLayer for layer in layers):
             kinds = sorted({type(layer).__name__ for layer in layers})
             raise PotstillError(f"batched decoding supports full-attention KV caches only (this model uses {kinds})")
+        self.slack = slack
+        self.row_capacity = max(row_capacity, attn.shape[0])
+        width = attn.shape[1]
+        self.rows, self.lo, self.hi, self.columns = 0, width, width, width + slack  # empty window
         self.cache = prefill_cache
-        self.cache.layers = [
-            SlabLayer(layer.keys, layer.values, row_capacity * layer.keys.shape[1] * columns * layer.keys.shape[3])
-            for layer in layers
-        ]
+        self.cache.layers = [SlabLayer(self, layer.keys, layer.values) for layer in layers]
+        self.add_rows(_Cache(layers), attn.new_zeros((0, 0)), attn)  # the prefill's rows come in like any others
 
-    def keep_rows(self, keep: list[int]) -> None:
-        idx = torch.tensor(keep, device=self.cache.layers[0].keys.device)
-        for layer in self.cache.layers:
-            layer.batch_select_indices(idx)
+    @property
+    def layers(self) -> list[SlabLayer]:
+        return self.cache.layers
+
+    def _rebuffer(self, columns: int, start: int) -> None:
+        """Move the live window into fresh buffers of `columns` columns, starting at column `start`."""
+        width = self.hi - self.lo
+        for layer in self.layers:
+            for name in ("kbuf", "vbuf"):
+                old = getattr(layer, name)
+                new = old.new_zeros((old.shape[0], old.shape[1], columns, old.shape[3]))
+                new[: self.rows, :, start : start + width] = old[: self.rows, :, self.lo : self.hi]
+                setattr(layer, name, new)
+        self.columns, self.lo, self.hi = columns, start, start + width
+        self._views()
+
+    def _views(self) -> None:
+        for layer in self.layers:
+            layer._views()
+
+    def step_mask(self, attn: torch.Tensor) -> torch.Tensor:
+        """Make room for one more column; the 4-D boolean mask over all buffer columns for a decode
+        step, from the window-aligned 2-D mask `attn` (live rows x window + 1, new column included)."""
+        if self.hi + 1 > self.columns:
+            self._rebuffer(self.hi - self.lo + self.slack, 0)
+        mask = torch.zeros((self.rows, 1, 1, self.columns), dtype=torch.bool, device=attn.device)
+        mask[:, 0, 0, self.lo : self.hi + 1] = attn.bool()
+        return mask
+
+    def advance(self) -> None:
+        """The decode step wrote column `hi`: it joins the window."""
+        self.hi += 1
+
+    def keep_rows(self, keep: list[int]) -> list[int]:
+        """Keep the rows at positions `keep` (ascending); returns the new row order (old positions).
+
+        Kept rows below the new row count stay where they are; the free slots among them are
+        filled with the kept rows from above, so only those rows are copied.
+        """
+        n = len(keep)
+        kept = set(keep)
+        holes = [p for p in range(n) if p not in kept]
+        movers = [p for p in keep if p >= n]
+        order = list(range(n))
+        for dst, src in zip(holes, movers, strict=True):
+            order[dst] = src
+        if holes:
+            dev = self.layers[0].kbuf.device
+            dst_t, src_t = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
+            for layer in self.layers:
+                for buf in (layer.kbuf, layer.vbuf):
+                    buf[dst_t, :, self.lo : self.hi] = buf[src_t, :, self.lo : self.hi]
+        self.rows = n
+        self._views()
+        return order
 
     def add_rows(self, new_cache, attn: torch.Tensor, new_attn: torch.Tensor) -> torch.Tensor:
-        """Append a prefilled cache's rows after the live ones, right-aligned; returns the merged mask."""
-        for layer, new_layer in zip(self.cache.layers, new_cache.layers, strict=True):
-            layer.add_rows({"keys": new_layer.keys, "values": new_layer.values})
-        full = max(attn.shape[1], new_attn.shape[1])
-        return torch.cat([_pad_left(attn, full - attn.shape[1]), _pad_left(new_attn, full - new_attn.shape[1])])
+        """Write a prefilled cache's rows after the live ones, right-aligned; returns the merged mask."""
+        m, new_width = new_attn.shape
+        if self.rows + m > self.row_capacity:
+            raise PotstillError(f"KV slab: {self.rows + m} rows exceed its capacity {self.row_capacity}")
+        if new_width > self.hi:  # no room on the left: the window moves right
+            width = max(self.hi - self.lo, new_width)
+            self._rebuffer(width + self.slack, width - (self.hi - self.lo))
+        start = self.hi - new_width
+        for layer, new_layer in zip(self.layers, new_cache.layers, strict=True):
+            layer.kbuf[self.rows : self.rows + m, :, start : self.hi] = new_layer.keys
+            layer.vbuf[self.rows : self.rows + m, :, start : self.hi] = new_layer.values
+        self.lo = min(self.lo, start)
+        self.rows += m
+        self._views()
+        width = self.hi - self.lo
+        return torch.cat([_pad_left(attn, width - attn.shape[1]), _pad_left(new_attn, width - new_width)])
 
     def trim_left(self, attn: torch.Tensor) -> torch.Tensor:
-        """Drop leading columns that are padding for every live row (they only cost time)."""
+        """Drop leading window columns that are padding for every live row (they only cost time)."""
         used = attn.any(0).nonzero()
         cut = int(used[0]) if len(used) else 0
         if cut:
-            for layer in self.cache.layers:
-                layer.trim_left(cut)
+            self.lo += cut
             attn = attn[:, cut:]
         return attn
+
+
+class _Cache:
+    """A stand-in for a prefill cache whose layers were taken over (keys/values still readable)."""
+
+    def __init__(self, layers):
+        self.layers = layers
 
 
 def _pad_left(t: torch.Tensor, extra: int) -> torch.Tensor:
