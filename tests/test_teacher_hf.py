@@ -163,7 +163,7 @@ def test_kv_slab_matches_plain_tensor_ops_and_writes_in_place():
     k0, v0 = kv(3, 5)
     attn = torch.ones(3, 5, dtype=torch.long)
     attn[0, :2] = 0  # a left-padded row
-    slab = SlabCache(DynamicCache(ddp_cache_data=[(k0, v0)]), attn, row_capacity=4, slack=4)
+    slab = SlabCache(DynamicCache(ddp_cache_data=[(k0, v0)]), attn, row_capacity=4, max_len=30, slack=4)
     layer = slab.cache.layers[0]
     ref = [k0[r][:, attn[r].bool()] for r in range(3)]
     buffers = set()
@@ -196,3 +196,22 @@ def test_kv_slab_matches_plain_tensor_ops_and_writes_in_place():
     attn = slab.trim_left(attn)
     assert attn.shape == (2, 10) and slab.hi - slab.lo == 10
     torch.testing.assert_close(layer.kbuf[:2, :, slab.lo : slab.hi], k2[:, :, 4:])
+
+
+def test_kv_slab_takes_sliding_window_layers_only_while_sequences_fit():
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    from potstill.errors import PotstillError
+    from potstill.teachers.kvslab import SlabCache
+
+    def cache(window):
+        c = DynamicCache()
+        layer = DynamicSlidingWindowLayer(sliding_window=window)
+        layer.update(torch.zeros(2, 1, 6, 4), torch.zeros(2, 1, 6, 4))
+        c.layers = [layer]
+        return c
+
+    attn = torch.ones(2, 6, dtype=torch.long)
+    assert SlabCache(cache(64), attn, row_capacity=2, max_len=40).rows == 2
+    with pytest.raises(PotstillError, match="16-token window < prompt \\+ new tokens \\(40\\)"):
+        SlabCache(cache(16), attn, row_capacity=2, max_len=40)

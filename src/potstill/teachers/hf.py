@@ -223,6 +223,7 @@ class HFTeacher:
         # shortest prompts first: rows prefilled together have similar lengths, so little padding
         queue = sorted(range(n), key=lambda i: len(prompt_ids[i]))
         prefix = self._shared_prefix(prompt_ids) if share_prefix else None
+        max_len = max(map(len, prompt_ids)) + params.max_new_tokens
         keep_freed_memory()
         live: list[int] = []
         slab: SlabCache | None = None
@@ -245,7 +246,8 @@ class HFTeacher:
                         new_cache.batch_select_indices(idx)
                         new_attn, toks = new_attn[idx], toks[idx]
                     if slab is None:
-                        slab, attn, step_ids = SlabCache(new_cache, new_attn, cap), new_attn, toks[:, None]
+                        slab = SlabCache(new_cache, new_attn, cap, max_len)
+                        attn, step_ids = new_attn, toks[:, None]
                     else:
                         attn = slab.add_rows(new_cache, attn, new_attn)
                         step_ids = torch.cat([step_ids, toks[:, None]])

@@ -69,11 +69,14 @@ class SlabLayer(DynamicLayer):
 class SlabCache:
     """The engine's handle on a model cache whose layers are `SlabLayer`s (`.cache` goes to the model)."""
 
-    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, slack: int = 32):
+    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, max_len: int, slack: int = 32):
         layers = prefill_cache.layers
-        if any(type(layer) is not DynamicLayer for layer in layers):
-            kinds = sorted({type(layer).__name__ for layer in layers})
-            raise PotstillError(f"batched decoding supports full-attention KV caches only (this model uses {kinds})")
+        for layer in layers:  # sliding-window layers are full attention while every sequence fits the window
+            window = getattr(layer, "sliding_window", None)
+            if type(layer) is DynamicLayer or (isinstance(layer, DynamicLayer) and window and max_len <= window):
+                continue
+            raise PotstillError(f"batched decoding needs full-attention KV caches: {type(layer).__name__}"
+                                + (f" with a {window}-token window < prompt + new tokens ({max_len})" if window else ""))
         self.slack = slack
         self.row_capacity = max(row_capacity, attn.shape[0])
         width = attn.shape[1]
