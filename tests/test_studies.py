@@ -123,8 +123,9 @@ def test_transfer_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     # the same initialisation for every arm of a seed: identical measurements before training
     inits = {r["arm"]: r["init"] for r in saved["runs"] if r["seed"] == 0}
     assert inits["kd"] == inits["ce-teacher"] == inits["scratch"]
-    # training moved every arm off its initial reference NLL
-    assert all(r["points"][-1]["nll_reference"] < r["init"]["nll_reference"] for r in saved["runs"])
+    # training moved every arm off its initial reference NLL (which way, ~10 steps of a random 1-layer
+    # model cannot promise: the curves and their bootstrap intervals are what the study reports)
+    assert all(abs(r["points"][-1]["nll_reference"] - r["init"]["nll_reference"]) > 1e-4 for r in saved["runs"])
     ratio = saved["ratios_vs_scratch"]["kd"]["nll_reference"]
     assert ratio["target"] == pytest.approx(min(c["nll_reference"]["mean"] for c in saved["curves"]["scratch"]))
     assert (out / "quality_vs_tokens.png").read_bytes()[:8] == PNG
