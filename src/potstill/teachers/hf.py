@@ -246,7 +246,7 @@ class HFTeacher:
                         new_cache.batch_select_indices(idx)
                         new_attn, toks = new_attn[idx], toks[idx]
                     if slab is None:
-                        slab = SlabCache(new_cache, new_attn, cap, max_len)
+                        slab = SlabCache(new_cache, new_attn, min(cap, len(keep) + len(queue)), max_len)
                         attn, step_ids = new_attn, toks[:, None]
                     else:
                         attn = slab.add_rows(new_cache, attn, new_attn)
@@ -254,6 +254,7 @@ class HFTeacher:
                     live = live + [group[b] for b in keep]
                 if not live:
                     continue
+            slab.row_capacity = min(cap, len(live) + len(queue))  # rows a new buffer must hold from here on
             attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)
             pos = attn.sum(-1, keepdim=True) - 1
             out = self.model(input_ids=step_ids, attention_mask=slab.step_mask(attn), position_ids=pos,

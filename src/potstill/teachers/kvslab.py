@@ -6,8 +6,9 @@ copies it again. On CPU the fresh blocks are first-touch page faults (a batch of
 2-core benchmark machine spent more time faulting than computing once the cache passed ~60
 columns) and the copies alone were ~12 % of a `bench generate` run.
 
-Here each layer owns buffers `[row_capacity, kv_heads, columns, head_dim]`; every row's cache is
-one contiguous block of it, all rows share the column geometry. The live rows are `[:rows]`, the
+Here each layer owns buffers `[row_capacity, kv_heads, columns, head_dim]` (rows: what the batch
+can still take, lowered as the engine's queue empties; columns: the window plus `slack`); every
+row's cache is one contiguous block of it, all rows share the column geometry. The live rows are `[:rows]`, the
 live columns the window `[lo, hi)`:
 
 - a decode step writes column `hi` of the live rows (`update`, called by the model), then the
@@ -90,12 +91,14 @@ class SlabCache:
         return self.cache.layers
 
     def _rebuffer(self, columns: int, start: int) -> None:
-        """Move the live window into fresh buffers of `columns` columns, starting at column `start`."""
+        """Move the live window into fresh buffers of `columns` columns, starting at column `start`, and
+        `row_capacity` rows (the engine lowers it as its queue empties)."""
         width = self.hi - self.lo
+        rows = max(self.rows, self.row_capacity)
         for layer in self.layers:
             for name in ("kbuf", "vbuf"):
                 old = getattr(layer, name)
-                new = old.new_zeros((old.shape[0], old.shape[1], columns, old.shape[3]))
+                new = old.new_zeros((rows, old.shape[1], columns, old.shape[3]))
                 new[: self.rows, :, start : start + width] = old[: self.rows, :, self.lo : self.hi]
                 setattr(layer, name, new)
         self.columns, self.lo, self.hi = columns, start, start + width
@@ -144,9 +147,8 @@ class SlabCache:
     def add_rows(self, new_cache, attn: torch.Tensor, new_attn: torch.Tensor) -> torch.Tensor:
         """Write a prefilled cache's rows after the live ones, right-aligned; returns the merged mask."""
         m, new_width = new_attn.shape
-        if self.rows + m > self.row_capacity:
-            raise PotstillError(f"KV slab: {self.rows + m} rows exceed its capacity {self.row_capacity}")
-        if new_width > self.hi:  # no room on the left: the window moves right
+        if new_width > self.hi or self.rows + m > self.layers[0].kbuf.shape[0]:  # no room on the left / below
+            self.row_capacity = max(self.row_capacity, self.rows + m)
             width = max(self.hi - self.lo, new_width)
             self._rebuffer(width + self.slack, width - (self.hi - self.lo))
         start = self.hi - new_width
