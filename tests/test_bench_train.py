@@ -2,8 +2,8 @@
 
 Each arm runs for a couple of seconds in its own process; the checks are on the JSON's structure
 and on numbers that must hold whatever the machine's speed: both arms start from the same init
-(identical held-out KL at t=0, by the same metric), train > 0 completion tokens, and end with a
-finite held-out KL below that init KL.
+(identical held-out KL at t=0, by the same metric), train > 0 completion tokens, end with a finite
+held-out KL and get below that init KL along the way.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def test_bench_train_tiny(tmp_path, tiny_model_dir, tiny_capture):
         assert arm["steps"] >= 2 and arm["completion_tokens"] > 0 and arm["tokens_per_s"] > 0
         assert arm["train_s"] >= 2.0 and 0 < arm["first_step_s"] < arm["train_s"] and arm["peak_rss_delta_mb"] > 0
         assert arm["cpu_tokens_per_s"] > 0
-        assert math.isfinite(arm["final"]["kl"]) and arm["final"]["kl"] < arm["init"]["kl"]
+        # it learned: held-out KL fell below the init at some evaluation (a fast machine fits ~200 steps
+        # into the 2 s, and this tiny student then overfits, so the last point may be back above it)
+        assert math.isfinite(arm["final"]["kl"]) and min(c["kl"] for c in arm["curve"][1:]) < arm["init"]["kl"]
         assert arm["curve"][0]["t"] == 0.0 and arm["curve"][-1] == arm["final"]
         assert [c["tokens"] for c in arm["curve"]] == sorted(c["tokens"] for c in arm["curve"])
     # the bf16 autocast policy really is the same inside both trainers' forward passes
