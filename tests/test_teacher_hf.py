@@ -92,6 +92,37 @@ def test_continuous_refill_matches_rows_alone(tiny_model_dir):
         assert refilled[i].finish_reason == alone.finish_reason
 
 
+def test_batch_lowered_to_fit_memory_decodes_the_same(tiny_model_dir, caplog):
+    """Where 64 rows of KV cache would not fit, the engine takes as many rows as fit, says so, and
+    every completion is the one an unbounded batch gives."""
+    from potstill.teachers.kvslab import available_memory, rows_that_fit
+
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    cfg = teacher.model.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    texts = ["hello", "write a poem about rain", "count", "name three colors please now", "the capital of Italy"]
+    prompts = [teacher.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    params = SamplingParams(max_new_tokens=12, top_logprobs=4)
+    seeds = [5, 6, 7, 8, 9]
+    max_len = max(map(len, prompts)) + params.max_new_tokens
+    per_row = 2 * (max_len + 32) * per_token
+    memory = int((8192 * per_token + 2.5 * per_row) / 0.8)  # room for two rows and a half
+    assert rows_that_fit(64, max_len, per_token, memory, 8192) == 2
+
+    free = teacher.complete_ids(prompts, params, seeds, batch_size=64)
+    rows = []
+    with caplog.at_level("WARNING", logger="potstill.teachers.hf"):
+        bounded = teacher.complete_ids(prompts, params, seeds, batch_size=64, memory=memory,
+                                       on_token=lambda t, d: rows.append(t))
+    assert teacher._kv_token_bytes == per_token
+    assert max(rows) == 2 and "batch lowered from 5 to 2 rows" in caplog.text
+    for a, b in zip(free, bounded, strict=True):
+        assert a.completion_ids == b.completion_ids
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
+    assert available_memory(torch.device("cpu")) > 0  # Linux: MemAvailable
+    assert rows_that_fit(64, max_len, per_token, 10**12, 8192) == 64 and rows_that_fit(64, max_len, per_token, 0, 8192) == 1
+
+
 def test_decode_attention_equals_sdpa(tiny_model_dir):
     """The CPU decode attention (matmuls, grouped queries) gives SDPA's logits, padding included."""
     from transformers import AutoModelForCausalLM

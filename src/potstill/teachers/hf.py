@@ -15,6 +15,7 @@ landed in.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -26,8 +27,16 @@ import torch
 
 from potstill.errors import PotstillError
 from potstill.teachers.base import Completion, LogitsProcessor, SamplingParams
-from potstill.teachers.kvslab import SlabCache, keep_freed_memory
+from potstill.teachers.kvslab import (
+    SlabCache,
+    available_memory,
+    keep_freed_memory,
+    kv_bytes_per_token,
+    rows_that_fit,
+)
 from potstill.utils import sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -81,6 +90,7 @@ class HFTeacher:
         self.device = next(model.parameters()).device
         self.eos_ids = self._eos_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._kv_token_bytes: int | None = None
 
     @classmethod
     def load(cls, spec: str, dtype: str = "float32", device: str | None = None) -> HFTeacher:
@@ -150,6 +160,7 @@ class HFTeacher:
         include_eos: bool = False,
         prefill_tokens: int = 8192,
         share_prefix: bool = True,
+        memory: int | None = None,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
 
@@ -163,7 +174,9 @@ class HFTeacher:
         shortest first, prefilled in groups of at most `prefill_tokens` padded tokens (one long
         prompt must not pad a whole batch to its length), and cache columns that no live row
         uses any more are cut off. With `share_prefix`, the prompts' common leading tokens are
-        prefilled once and their keys and values copied into every row.
+        prefilled once and their keys and values copied into every row. The batch is lowered
+        (with a warning) where its KV cache would not fit in `memory` bytes (default: what the device
+        has free).
         """
         if not prompt_ids:
             return []
@@ -224,6 +237,7 @@ class HFTeacher:
         queue = sorted(range(n), key=lambda i: len(prompt_ids[i]))
         prefix = self._shared_prefix(prompt_ids) if share_prefix else None
         max_len = max(map(len, prompt_ids)) + params.max_new_tokens
+        cap = self._rows_that_fit(min(cap, n), max_len, prefill_tokens, memory)
         keep_freed_memory()
         live: list[int] = []
         slab: SlabCache | None = None
@@ -291,6 +305,21 @@ class HFTeacher:
                 )
             )
         return results
+
+    def _rows_that_fit(self, rows: int, max_len: int, prefill_tokens: int, memory: int | None) -> int:
+        """`rows`, or fewer where a batch of them would not have room for its KV cache."""
+        memory = memory if memory is not None else available_memory(self.device)
+        if memory is None:
+            return rows
+        if self._kv_token_bytes is None:  # measured on a one-token forward: any cache layout, any dtype
+            ids = torch.tensor([[self.pad_id]], device=self.device)
+            self._kv_token_bytes = kv_bytes_per_token(self.model(input_ids=ids, use_cache=True).cache)
+        fit = rows_that_fit(rows, max_len, self._kv_token_bytes, memory, prefill_tokens)
+        if fit < rows:
+            log.warning("batch lowered from %d to %d rows: %d rows x %d tokens of KV cache (%.0f KiB a token) "
+                        "would not fit in %.1f GiB free on %s", rows, fit, rows, max_len,
+                        self._kv_token_bytes / 1024, memory / 2**30, self.device)
+        return fit
 
     def _shared_prefix(self, prompts: list[list[int]], min_tokens: int = 8):
         """The prompts' common leading tokens (a chat template's system turn, n samples of one prompt)

@@ -182,6 +182,38 @@ def _pad_left(t: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.cat([t.new_zeros((t.shape[0], extra)), t], dim=1) if extra else t
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes still free for this process on `device`: a GPU's free memory, or Linux's MemAvailable
+    for the CPU; None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def kv_bytes_per_token(cache) -> int:
+    """Bytes one token of one row takes in a model cache: keys and values of every layer."""
+    return sum(t[0, :, :1].numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def rows_that_fit(rows: int, max_len: int, token_bytes: int, available: int, prefill_tokens: int,
+                  slack: int = 32, share: float = 0.8) -> int:
+    """The most rows, at most `rows` and at least one, whose KV slab fits in `share` of `available`
+    bytes: buffers of `max_len + slack` columns, held twice while the window moves into a new
+    buffer, next to one prefill group's cache of `prefill_tokens` tokens."""
+    budget = share * available - prefill_tokens * token_bytes
+    per_row = 2 * (max_len + slack) * token_bytes
+    return max(1, min(rows, int(budget // per_row)))
+
+
 _heap_tuned = False
 
 
