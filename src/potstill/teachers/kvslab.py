@@ -34,6 +34,8 @@ from transformers.cache_utils import DynamicLayer
 
 from potstill.errors import PotstillError
 
+SLACK = 32  # free columns a new buffer gets to the right of the window
+
 
 class SlabLayer(DynamicLayer):
     """One layer's keys and values in preallocated buffers; geometry (rows, lo, hi) kept by SlabCache."""
@@ -70,7 +72,7 @@ class SlabLayer(DynamicLayer):
 class SlabCache:
     """The engine's handle on a model cache whose layers are `SlabLayer`s (`.cache` goes to the model)."""
 
-    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, max_len: int, slack: int = 32):
+    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, max_len: int, slack: int = SLACK):
         layers = prefill_cache.layers
         for layer in layers:  # sliding-window layers are full attention while every sequence fits the window
             window = getattr(layer, "sliding_window", None)
@@ -205,7 +207,7 @@ def kv_bytes_per_token(cache) -> int:
 
 
 def rows_that_fit(rows: int, max_len: int, token_bytes: int, available: int, prefill_tokens: int,
-                  slack: int = 32, share: float = 0.8) -> int:
+                  slack: int = SLACK, share: float = 0.8) -> int:
     """The most rows, at most `rows` and at least one, whose KV slab fits in `share` of `available`
     bytes: buffers of `max_len + slack` columns, held twice while the window moves into a new
     buffer, next to one prefill group's cache of `prefill_tokens` tokens."""
