@@ -398,8 +398,9 @@ class HFTeacher:
             pick = torch.searchsorted(cum, r[:, None], right=True)[:, 0]
             slow = pick > last  # the draw falls in the tail
         out = top_ids.gather(1, pick.clamp(max=last)[:, None])[:, 0]
-        for b in slow.nonzero()[:, 0].tolist():
-            out[b] = _sample_row(scaled_lp[b].exp(), top_ids[b], float(r[b]), params.top_p)
+        rows = slow.nonzero()[:, 0]
+        if len(rows):
+            out[rows] = _sample_rows(scaled_lp[rows].exp(), top_ids[rows], r[rows], params.top_p)
         return out
 
     def _hits_stop(self, ids: list[int], stops: list[str]) -> bool:
@@ -522,21 +523,20 @@ class HFTeacher:
 SAMPLE_TOP = 64  # sampling candidates taken with the capture's top-k (see HFTeacher._sample)
 
 
-def _sample_row(probs: torch.Tensor, top_ids: torch.Tensor, r: float, top_p: float) -> int:
-    """The slow path of `_sample` for one row, at its uniform draw `r`: with top-p, the nucleus over
-    the fully sorted vocabulary; else the CDF over the candidates then the rest of the vocabulary."""
+def _sample_rows(probs: torch.Tensor, top_ids: torch.Tensor, r: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The slow path of `_sample` for the rows [S, V] that need it, each at its uniform draw `r` [S]:
+    with top-p, the nucleus over the fully sorted vocabulary; else the CDF over the candidates
+    [S, K] then over the rest of the vocabulary. One batched pass, no per-row Python."""
     if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
         kept = sorted_p.cumsum(-1) - sorted_p < top_p
         cdf = (sorted_p * kept).cumsum(-1)
-        idx = int(torch.searchsorted(cdf, torch.tensor([r * float(cdf[-1])], dtype=cdf.dtype), right=True)[0])
-        return int(order[min(idx, int(kept.sum()) - 1)])
-    rest = probs.clone()
-    rest[top_ids] = 0.0
-    cdf = rest.cumsum(-1)
-    u = max(r - float(probs[top_ids].sum()), 0.0)
-    idx = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True)[0])
-    return min(idx, len(cdf) - 1)
+        idx = torch.searchsorted(cdf, (r * cdf[:, -1])[:, None], right=True)[:, 0]
+        return order.gather(1, torch.minimum(idx, kept.sum(-1) - 1)[:, None])[:, 0]
+    cdf = probs.scatter(1, top_ids, 0.0).cumsum(-1)
+    u = (r - probs.gather(1, top_ids).sum(-1)).clamp(min=0.0)
+    idx = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
+    return idx.clamp(max=cdf.shape[1] - 1)
 
 
 def _prefill_groups(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
