@@ -44,18 +44,21 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     for arm, per_metric in result.get("ratios_vs_scratch", {}).items():
         for metric, r in per_metric.items():
             lo, hi = r["ci95"]
-            if r["bootstrap"]["not_reached_fraction"] == 1.0:
-                ci = "not reached in any resample"
-            elif lo is None and not r["ci95_unbounded_high"]:
-                ci = "n/a (1 seed)"
+            n = r.get("n", len(r.get("per_seed", [])))
+            if r["ci95_unbounded_high"]:
+                ci = "unbounded: a seed never reaches the target"
+            elif lo is None:
+                ci = f"n/a ({n} seed)"
             else:
-                ci = f"{_num(lo, '{:.3f}')}–{'∞' if r['ci95_unbounded_high'] else _num(hi, '{:.3f}')}"
+                ci = f"{_num(lo, '{:.3f}')}–{_num(hi, '{:.3f}')}"
+            seeds = ", ".join("never" if x is None else f"{x:.3f}" for x in r.get("per_seed", []))
             how = {"at_or_before_first": " (reached at the first budget: an upper bound)",
                    "not_reached": " (not reached within the budgets)"}.get(r["status"], "")
             lines.append(
                 f"{arm} vs scratch on {metric}: target {r['target']:.3f} (scratch's best); {arm} needs "
                 f"{_num(r['tokens'])} tokens{how}, scratch {_num(r['reference_tokens'])}; "
-                f"ratio {_num(r['ratio'], '{:.3f}')} (95% bootstrap CI {ci})")
+                f"ratio {_num(r['ratio'], '{:.3f}')} on the seed-mean curves; per seed (paired) {seeds}: "
+                f"geometric mean {_num(r.get('geo_mean'), '{:.3f}')}, 95% t-interval on log-ratios {ci}, n={n} seeds")
     return lines
 
 
