@@ -183,6 +183,33 @@ def test_transfer_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     assert [r["points"] for r in again["runs"]] == [r["points"] for r in result["runs"]]
 
 
+def test_scratch_references_end_with_eos_like_the_teacher_captures(tmp_path, tiny_model_dir, prompts_file):
+    """The scratch arm learns each reference up to and including the chat template's end-of-turn, exactly as
+    the capture's reference-ids helper renders it, and with the EOS the KD arms' completions end with."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from potstill.capture.generate import generate, reference_ids
+    from potstill.capture.store import Capture
+    from potstill.config import GenerateConfig
+    from potstill.studies.transfer import reference_capture
+    from potstill.teachers.hf import HFTeacher
+
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    cap_dir = tmp_path / "cap"
+    generate(GenerateConfig(teacher=str(tiny_model_dir), prompts=prompts_file, out=str(cap_dir), top_k=4,
+                            max_new_tokens=6, heldout=0.0, dtype="float32"), teacher=teacher, log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    refs = Capture.open(reference_capture(cap_dir, tmp_path / "refs", tok, GenerationConfig.from_pretrained(tiny_model_dir)))
+    rows = list(refs.rows())
+    assert len(rows) == len(PROMPTS)
+    for r in rows:
+        ids = list(r["completion_ids"])
+        assert ids[-1] in teacher.eos_ids and ids.count(ids[-1]) == 1
+        assert ids == reference_ids(teacher, r["prompt"], r["reference"], list(r["prompt_ids"]))
+    stopped = [list(r["completion_ids"]) for r in Capture.open(cap_dir).rows() if r["finish_reason"] == "stop"]
+    assert all(c[-1] in teacher.eos_ids for c in stopped)
+
+
 def test_collapse_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     import torch
     from transformers import AutoModelForCausalLM

@@ -42,9 +42,12 @@ def fidelity(model, examples, pad_id: int, batch_size: int = 8) -> dict[str, flo
     return out
 
 
-@torch.no_grad()
-def reference_nll(model, tokenizer, prompts, batch_size: int = 8, max_len: int = 1024) -> dict[str, float] | None:
-    """Per-token NLL of reference answers given their prompts (chat template), or None if none have one."""
+def reference_examples(tokenizer, prompts, stop_ids: list[int], max_len: int = 1024) -> list:
+    """Examples (prompt ids + answer ids) of the prompts' reference answers; the answer ends with the chat
+    template's end-of-turn (`answer_ids`), the token a capture's completion ends with."""
+    import numpy as np
+
+    from potstill.capture.generate import answer_ids
     from potstill.train.data import Example
 
     examples = []
@@ -54,15 +57,21 @@ def reference_nll(model, tokenizer, prompts, batch_size: int = 8, max_len: int =
         prompt_ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)
         if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
             prompt_ids = prompt_ids["input_ids"]
-        answer = tokenizer(p.reference, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            answer = answer + [tokenizer.eos_token_id]
-        ids = (list(prompt_ids) + answer)[:max_len]
-        if len(ids) <= len(prompt_ids):
-            continue
-        import numpy as np
+        prompt_ids = list(prompt_ids)
+        ids = (prompt_ids + answer_ids(tokenizer, p.messages, p.reference, prompt_ids, stop_ids))[:max_len]
+        if len(ids) > len(prompt_ids):
+            examples.append(Example(np.asarray(ids, dtype=np.int64), len(prompt_ids), None, None, None))
+    return examples
 
-        examples.append(Example(np.asarray(ids, dtype=np.int64), len(prompt_ids), None, None, None))
+
+@torch.no_grad()
+def reference_nll(model, tokenizer, prompts, batch_size: int = 8, max_len: int = 1024) -> dict[str, float] | None:
+    """Per-token NLL of reference answers given their prompts (chat template, up to and including its
+    end-of-turn token), or None if none have one."""
+    from potstill.capture.generate import end_of_turn_ids
+
+    stop = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
+    examples = reference_examples(tokenizer, prompts, stop, max_len)
     if not examples:
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
