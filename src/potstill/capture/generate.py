@@ -210,7 +210,9 @@ def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
     need not be tokenizer.eos_token_id). The first is what `answer_ids` appends when it must."""
     eos = getattr(generation_config, "eos_token_id", None)
     first = [x for x in ([tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])) if isinstance(x, int)]
-    rest = sorted(set(tokenizer.all_special_ids) - set(first))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    rest = sorted(specials - set(first))
     return list(dict.fromkeys(first + rest))
 
 
