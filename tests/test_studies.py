@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from potstill.studies.collapse import CollapseConfig, distinct_n, run_collapse
+from potstill.studies.collapse import (
+    CollapseConfig,
+    completions,
+    distinct_n,
+    equal_token_distinct,
+    run_collapse,
+    truncate_to_tokens,
+)
 from potstill.studies.stats import (
     percentile_with_inf,
     t_interval,
@@ -183,6 +190,20 @@ def test_transfer_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     assert [r["points"] for r in again["runs"]] == [r["points"] for r in result["runs"]]
 
 
+def test_distinct_n_on_equal_token_counts():
+    """The same cycling "model" writing 10x more text looks 10x less diverse on raw corpus distinct-1; cut to the
+    same number of tokens the two corpora agree."""
+    long, short = [list(range(10))] * 10, [list(range(10))]
+    assert distinct_n(long, 1) == pytest.approx(0.1) and distinct_n(short, 1) == 1.0
+    budget, (a, b) = equal_token_distinct([long, short])
+    assert budget == 10 and a == b == {"distinct_1_equal": 1.0, "distinct_2_equal": 1.0, "distinct_3_equal": 1.0}
+    assert truncate_to_tokens([[1, 2, 3], [4, 5], [6]], 4) == [[1, 2, 3], [4]]
+    assert truncate_to_tokens([[1, 2]], 5) == [[1, 2]]
+    # a less diverse model stays less diverse at equal tokens: 2 tokens cycled vs 10
+    _, (c, d) = equal_token_distinct([[[0, 1] * 20], short])
+    assert c["distinct_1_equal"] == pytest.approx(0.2) and d["distinct_1_equal"] == 1.0
+
+
 def test_scratch_references_end_with_eos_like_the_teacher_captures(tmp_path, tiny_model_dir, prompts_file):
     """The scratch arm learns each reference up to and including the chat template's end-of-turn, exactly as
     the capture's reference-ids helper renders it, and with the EOS the KD arms' completions end with."""
@@ -225,8 +246,16 @@ def test_collapse_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     gens = json.loads((out / "results.json").read_text())["generations"]
     assert [g["generation"] for g in gens] == [0, 1, 2]
     for g in gens:
-        for key in ("distinct_1", "distinct_2", "distinct_3", "entropy", "kl_to_gen0", "nll_reference"):
+        for key in ("distinct_1", "distinct_2", "distinct_3", "distinct_2_equal", "entropy", "kl_to_gen0",
+                    "nll_reference"):
             assert math.isfinite(g[key]), (g["generation"], key)
+    # distinct-n on equal token counts: every generation cut to the smallest generation's total
+    corpora = [completions(g["capture"]) for g in gens]
+    budget = min(sum(map(len, c)) for c in corpora)
+    assert all(g["equal_tokens"] == budget for g in gens)
+    for g, c in zip(gens, corpora, strict=True):
+        flat = [t for s in c for t in s][:budget]
+        assert g["distinct_1_equal"] == pytest.approx(len(set(flat)) / budget)
     assert gens[0]["kl_to_gen0"] == pytest.approx(0.0, abs=1e-3)  # gen 0 against itself: codec rounding only
     assert gens[1]["kl_to_gen0"] > 100 * max(gens[0]["kl_to_gen0"], 1e-6)
 

@@ -113,8 +113,8 @@ def write_transfer_outputs(result: dict[str, Any], out: str | Path) -> None:
 
 
 COLLAPSE_COLUMNS = [
-    ("distinct_1", "distinct-1 ↑", "{:.3f}"), ("distinct_2", "distinct-2 ↑", "{:.3f}"),
-    ("distinct_3", "distinct-3 ↑", "{:.3f}"), ("entropy", "entropy (nats)", "{:.3f}"),
+    ("distinct_1_equal", "distinct-1 ↑", "{:.3f}"), ("distinct_2_equal", "distinct-2 ↑", "{:.3f}"),
+    ("distinct_3_equal", "distinct-3 ↑", "{:.3f}"), ("entropy", "entropy (nats)", "{:.3f}"),
     ("mean_length", "mean length", "{:.1f}"), ("kl_to_gen0", "KL(gen0‖gen) ↓", "{:.4f}"),
     ("nll_reference", "reference NLL ↓", "{:.3f}"),
 ]
@@ -134,8 +134,9 @@ def plot_collapse(result: dict[str, Any], path: str | Path) -> None:
     gens = [g["generation"] for g in result["generations"]]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for n in (1, 2, 3):
-        axes[0].plot(gens, [g[f"distinct_{n}"] for g in result["generations"]], marker="o", label=f"distinct-{n}")
-    axes[0].set_ylabel("distinct-n of own samples ↑")
+        axes[0].plot(gens, [g.get(f"distinct_{n}_equal", math.nan) for g in result["generations"]], marker="o",
+                     label=f"distinct-{n}")
+    axes[0].set_ylabel(f"distinct-n, first {result.get('equal_tokens', 0):,} tokens ↑")
     axes[0].legend(fontsize=8)
     panels = [("entropy", "mean next-token entropy (nats)"), ("kl_to_gen0", "KL(gen0 ‖ gen), held-out ↓"),
               ("nll_reference", "reference NLL (held-out) ↓")]
@@ -155,5 +156,8 @@ def write_collapse_outputs(result: dict[str, Any], out: str | Path) -> None:
     out = Path(out)
     write_json(out / "results.json", result)
     headers, rows = collapse_table(result)
-    write_text(out / "table.md", "# potstill study collapse\n\n" + markdown_table(headers, rows) + "\n")
+    note = (f"\ndistinct-n: each generation's own samples, in row-id order, cut to the same "
+            f"{result.get('equal_tokens', 0):,} tokens (the smallest generation's total); results.json also "
+            "holds distinct_n over all samples.\n")
+    write_text(out / "table.md", "# potstill study collapse\n\n" + markdown_table(headers, rows) + "\n" + note)
     plot_collapse(result, out / "drift.png")
