@@ -101,17 +101,24 @@ def random_case(seed: int, k: int = K, keep: dict[int, int] | None = None, n: in
     return (student, targets, *make_capture(teacher, k, keep))
 
 
+def ref_temper(probs: list[float], t: float) -> list[float]:
+    """b_j^(1/T) / sum_i b_i^(1/T): a distribution over buckets tempered as if each bucket were a token."""
+    powered = [x ** (1 / t) if x > 0 else 0.0 for x in probs]
+    s = sum(powered)
+    return [x / s for x in powered]
+
+
 def ref_buckets(student, ids, lps, tail, t: float):
-    """Per row: teacher and student probabilities over {stored ids} + {rest}, summed in the test."""
+    """Per row: teacher and student probabilities over {stored ids} + {rest}, each side bucketed at
+    T=1 (plain sums of probabilities) and then tempered the same way."""
     out = []
     for r in range(student.shape[0]):
         stored = [(int(i), float(lp)) for i, lp in zip(ids[r], lps[r], strict=True) if lp > -INF]
         base = [math.exp(lp) for _, lp in stored] + [math.exp(float(tail[r]))]
-        pt = ref_softmax([math.log(x) if x > 0 else -INF for x in base], t)  # the tail tempered as one token
-        qf = ref_softmax(student[r].double().tolist(), t)
+        qf = ref_softmax(student[r].double().tolist())
         keep = {i for i, _ in stored}
         qt = [qf[i] for i, _ in stored] + [sum(x for j, x in enumerate(qf) if j not in keep)]
-        out.append((pt, qt))
+        out.append((ref_temper(base, t), ref_temper(qt, t)))
     return out
 
 
@@ -123,8 +130,9 @@ def kd(kind: str, params: dict, p, q):
 
 
 @pytest.mark.parametrize(("kind", "params"), KD_CASES, ids=KD_IDS)
-@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.0, 4.0])
 def test_full_vocab_equals_dense_reference(kind, params, t):
+    """k = V: Hinton's dense tempered KD, softmax(z / T) on both sides over the whole vocabulary."""
     g = torch.Generator().manual_seed(1)
     teacher, student = torch.randn(N, V, generator=g) * 2, torch.randn(N, V, generator=g) * 2
     ids, lps, tail = make_capture(teacher, V)
@@ -148,7 +156,7 @@ def test_full_vocab_equals_dense_reference(kind, params, t):
 
 
 @pytest.mark.parametrize(("kind", "params"), KD_CASES, ids=KD_IDS)
-@pytest.mark.parametrize("t", [1.0, 2.0])
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.0])
 def test_partition_equals_dense_reference(kind, params, t):
     # rows 2 and 5 kept fewer entries (padding id 0, -inf), row 7 kept none (tail = everything)
     student, targets, ids, lps, tail = random_case(2, keep={2: 3, 5: 1, 7: 0})
@@ -200,6 +208,48 @@ def test_zero_when_teacher_is_student(kind, params):
     other = student + torch.randn(N, V, generator=torch.Generator().manual_seed(5))
     got = divergence(p, student_bucket_logprobs(other, ids, valid=stored_slots(lps)), cfg)
     assert (got[stored_slots(lps).any(-1)] > 1e-4).all() and abs(float(got[6])) < 1e-6
+
+
+@pytest.mark.parametrize(("kind", "params"), KD_CASES, ids=KD_IDS)
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.0, 4.0])
+def test_zero_at_every_temperature_when_teacher_is_student(kind, params, t):
+    """k < V (V = 1000, k = 5, some rows padded): a student equal to the teacher is at zero loss and
+    zero gradient at every T. Tempering the student over the vocabulary but the teacher over buckets
+    left it ~0.8-2 nats/token off at T = 2-4."""
+    n, v = 8, 1000
+    logits = torch.randn(n, v, generator=torch.Generator().manual_seed(20)) * 2
+    ids, lps, tail = make_capture(logits, K, keep={1: 2, 6: 0})
+    z = logits.clone().requires_grad_(True)
+    out = distill_loss(z, torch.zeros(n, dtype=torch.long), ids, lps, tail, LossConfig(kind, temperature=t, **params))
+    assert abs(out["kd_sum"]) < 1e-6 * n
+    out["loss_sum"].backward()
+    if kind != "tvd":  # |p - q| has no gradient at 0: float noise picks a sign
+        assert float(z.grad.abs().max()) < 1e-5
+    # the T=1 bucket masses are what a fit moves towards: a student with the teacher's bucket masses but a
+    # different shape inside the tail is also at zero, one with another tail mass is not
+    tail_ids = torch.ones(n, v, dtype=torch.bool).scatter_(1, ids, False)
+    tail_ids[[1, 6]] = True
+    tail_ids[1].scatter_(0, ids[1, :2], False)
+    reshaped = logits + torch.where(tail_ids, torch.randn(n, v, generator=torch.Generator().manual_seed(21)), 0.0)
+    resc = torch.logsumexp(logits.masked_fill(~tail_ids, -INF), -1) - torch.logsumexp(
+        reshaped.masked_fill(~tail_ids, -INF), -1)
+    reshaped = torch.where(tail_ids, reshaped + resc[:, None], reshaped)
+    cfg = LossConfig(kind, temperature=t, **params)
+    assert abs(distill_loss(reshaped, torch.zeros(n, dtype=torch.long), ids, lps, tail, cfg)["kd_sum"]) < 1e-5 * n
+    moved = torch.where(tail_ids, logits - 1.0, logits)
+    assert distill_loss(moved, torch.zeros(n, dtype=torch.long), ids, lps, tail, cfg)["kd_sum"] > 1e-3
+
+
+def test_ce_weight_one_ignores_an_infinite_kd_term():
+    """ce_weight = 1 leaves the KD term out: an infinite rkl (empty teacher tail, no floor) must not give NaN."""
+    student, targets, ids, lps, tail = random_case(18)
+    tail[:] = -INF
+    logits = student.clone().requires_grad_(True)
+    out = distill_loss(logits, targets, ids, lps, tail, LossConfig(kind="rkl", tail_floor=0.0, ce_weight=1.0))
+    assert out["kd_sum"] == INF
+    assert float(out["loss_sum"].detach()) == pytest.approx(float(F.cross_entropy(student, targets, reduction="sum")))
+    out["loss_sum"].backward()
+    assert torch.isfinite(logits.grad).all()
 
 
 # -- padding, infinities, gradients, dtypes -------------------------------------------------------

@@ -8,8 +8,21 @@ import math
 import numpy as np
 import pytest
 
-from potstill.studies.collapse import CollapseConfig, distinct_n, run_collapse
-from potstill.studies.stats import t_interval, t_quantile_975, token_ratio, tokens_to_reach
+from potstill.studies.collapse import (
+    CollapseConfig,
+    completions,
+    distinct_n,
+    equal_token_distinct,
+    run_collapse,
+    truncate_to_tokens,
+)
+from potstill.studies.stats import (
+    percentile_with_inf,
+    t_interval,
+    t_quantile_975,
+    token_ratio,
+    tokens_to_reach,
+)
 from potstill.studies.transfer import TransferConfig, run_transfer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,21 +75,61 @@ def test_token_ratio_on_hand_made_curves():
     tokens = np.tile(budgets, (3, 1))
     r = token_ratio(tokens, np.tile(kd, (3, 1)), tokens, np.tile(scratch, (3, 1)), n_boot=200)
     assert r["target"] == 4.0 and r["tokens"] == pytest.approx(1e4) and r["reference_tokens"] == pytest.approx(1e5)
-    assert r["ratio"] == pytest.approx(0.1)
+    assert r["ratio"] == pytest.approx(0.1) and r["n"] == 3 and r["per_seed"] == [pytest.approx(0.1)] * 3
     assert r["ci95"] == [pytest.approx(0.1), pytest.approx(0.1)]  # identical seeds: no spread
 
-    # seed noise: KD's seeds differ by a constant shift, so every resample's ratio is computable by hand
+    # seed noise: KD's seeds differ by a constant shift; per seed they reach 4.0 at 10^3.5, 10^4, 10^4.5 tokens
     shifts = np.array([-0.5, 0.0, 0.5])
     kd_seeds = kd[None, :] + shifts[:, None]
     r = token_ratio(tokens, kd_seeds, tokens, np.tile(scratch, (3, 1)), n_boot=2000, seed=1)
     assert r["ratio"] == pytest.approx(0.1)
-    lo, hi = r["ci95"]
-    # the most extreme resamples shift KD's mean by +-0.5: it reaches 4.0 at 10^3.5 or 10^4.5 tokens
-    assert 10 ** -1.5 - 1e-9 <= lo < 0.1 < hi <= 10 ** -0.5 + 1e-9
+    assert r["per_seed"] == [pytest.approx(10 ** -1.5), pytest.approx(0.1), pytest.approx(10 ** -0.5)]
+    # log10 ratios -1.5, -1, -0.5: mean -1, sd 0.5, t(2) = 4.303 -> 10^(-1 +- 4.303 * 0.5 / sqrt 3)
+    hw = 4.303 * 0.5 / math.sqrt(3)
+    assert r["ci95"] == [pytest.approx(10 ** (-1 - hw), rel=1e-3), pytest.approx(10 ** (-1 + hw), rel=1e-3)]
+    assert r["geo_mean"] == pytest.approx(0.1) and "n=3" in r["ci95_method"]
+    blo, bhi = r["bootstrap"]["interval"]  # the percentile bootstrap is narrower: 10 distinct resamples
+    assert r["ci95"][0] < blo < 0.1 < bhi < r["ci95"][1]
 
     # an arm that never reaches the target: no ratio, and the interval says it is unbounded
     r = token_ratio(tokens, np.tile(scratch + 1, (3, 1)), tokens, np.tile(scratch, (3, 1)), n_boot=50)
     assert r["ratio"] is None and r["status"] == "not_reached" and r["ci95_unbounded_high"]
+    assert r["per_seed"] == [None] * 3 and r["bootstrap"]["unbounded_high"]
+
+
+def test_bootstrap_upper_bound_is_unbounded_at_exactly_the_cut_off_share():
+    """39 finite resamples and one never-reached: the 97.5th percentile interpolates into the inf one.
+    Standing in 1e300 for inf gave 2.5e298 and called it bounded."""
+    b = np.array([1.0] * 39 + [math.inf])
+    assert np.percentile(np.minimum(b, 1e300), 97.5) == pytest.approx(2.5e298, rel=1e-3)  # what the old code did
+    assert percentile_with_inf(b, 97.5) == math.inf
+    assert percentile_with_inf(b, 2.5) == 1.0
+    finite = np.random.default_rng(0).normal(size=101)
+    assert percentile_with_inf(finite, 97.5) == pytest.approx(np.percentile(finite, 97.5))
+
+
+def test_ratio_interval_covers_the_truth_95_percent_of_the_time_with_3_seeds():
+    """2000 simulated studies of n = 3 seeds whose per-seed ratios are log-normal around a known geometric
+    mean 0.4: the t-interval on log-ratios covers it ~95 % of the time (the percentile bootstrap ~75 %)."""
+    rng = np.random.default_rng(12)
+    tokens = np.tile([1e2, 1e3, 1e4, 1e5, 1e6], (3, 1))
+    arm_tokens = np.tile([1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8], (3, 1))  # room for a ratio > 1
+    truth, sims = 0.4, 2000
+    covered = boot_covered = 0
+    for i in range(sims):
+        log_r = np.log(truth) + rng.normal(0, 0.3, size=3)
+        offset = rng.normal(0, 0.2, size=(3, 1))
+        ref = 20.0 - np.log(tokens) + offset  # linear in log-tokens, one offset per seed
+        arm = 20.0 - np.log(arm_tokens) + offset + log_r[:, None]  # reaches any value r times the tokens
+        r = token_ratio(arm_tokens, arm, tokens, ref, n_boot=40 if i < 300 else 0, seed=i)
+        np.testing.assert_allclose(r["per_seed"], np.exp(log_r), rtol=1e-9)
+        lo, hi = r["ci95"]
+        covered += lo <= truth <= hi
+        if i < 300:
+            blo, bhi = r["bootstrap"]["interval"]
+            boot_covered += (blo or 0) <= truth <= (bhi if bhi is not None else math.inf)
+    assert abs(covered / sims - 0.95) < 0.015  # binomial sd at n = 2000 is 0.005
+    assert boot_covered / 300 < 0.85
 
 
 def test_constant_lr_schedule_and_its_validation():
@@ -137,6 +190,47 @@ def test_transfer_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     assert [r["points"] for r in again["runs"]] == [r["points"] for r in result["runs"]]
 
 
+def test_distinct_n_on_equal_token_counts():
+    """The same cycling "model" writing 10x more text looks 10x less diverse on raw corpus distinct-1; cut to the
+    same number of tokens the two corpora agree."""
+    long, short = [list(range(10))] * 10, [list(range(10))]
+    assert distinct_n(long, 1) == pytest.approx(0.1) and distinct_n(short, 1) == 1.0
+    budget, (a, b) = equal_token_distinct([long, short])
+    assert budget == 10 and a == b == {"distinct_1_equal": 1.0, "distinct_2_equal": 1.0, "distinct_3_equal": 1.0}
+    assert truncate_to_tokens([[1, 2, 3], [4, 5], [6]], 4) == [[1, 2, 3], [4]]
+    assert truncate_to_tokens([[1, 2]], 5) == [[1, 2]]
+    # a less diverse model stays less diverse at equal tokens: 2 tokens cycled vs 10
+    _, (c, d) = equal_token_distinct([[[0, 1] * 20], short])
+    assert c["distinct_1_equal"] == pytest.approx(0.2) and d["distinct_1_equal"] == 1.0
+
+
+def test_scratch_references_end_with_eos_like_the_teacher_captures(tmp_path, tiny_model_dir, prompts_file):
+    """The scratch arm learns each reference up to and including the chat template's end-of-turn, exactly as
+    the capture's reference-ids helper renders it, and with the EOS the KD arms' completions end with."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from potstill.capture.generate import generate, reference_ids
+    from potstill.capture.store import Capture
+    from potstill.config import GenerateConfig
+    from potstill.studies.transfer import reference_capture
+    from potstill.teachers.hf import HFTeacher
+
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    cap_dir = tmp_path / "cap"
+    generate(GenerateConfig(teacher=str(tiny_model_dir), prompts=prompts_file, out=str(cap_dir), top_k=4,
+                            max_new_tokens=6, heldout=0.0, dtype="float32"), teacher=teacher, log=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    refs = Capture.open(reference_capture(cap_dir, tmp_path / "refs", tok, GenerationConfig.from_pretrained(tiny_model_dir)))
+    rows = list(refs.rows())
+    assert len(rows) == len(PROMPTS)
+    for r in rows:
+        ids = list(r["completion_ids"])
+        assert ids[-1] in teacher.eos_ids and ids.count(ids[-1]) == 1
+        assert ids == reference_ids(teacher, r["prompt"], r["reference"], list(r["prompt_ids"]))
+    stopped = [list(r["completion_ids"]) for r in Capture.open(cap_dir).rows() if r["finish_reason"] == "stop"]
+    assert all(c[-1] in teacher.eos_ids for c in stopped)
+
+
 def test_collapse_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     import torch
     from transformers import AutoModelForCausalLM
@@ -152,8 +246,16 @@ def test_collapse_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     gens = json.loads((out / "results.json").read_text())["generations"]
     assert [g["generation"] for g in gens] == [0, 1, 2]
     for g in gens:
-        for key in ("distinct_1", "distinct_2", "distinct_3", "entropy", "kl_to_gen0", "nll_reference"):
+        for key in ("distinct_1", "distinct_2", "distinct_3", "distinct_2_equal", "entropy", "kl_to_gen0",
+                    "nll_reference"):
             assert math.isfinite(g[key]), (g["generation"], key)
+    # distinct-n on equal token counts: every generation cut to the smallest generation's total
+    corpora = [completions(g["capture"]) for g in gens]
+    budget = min(sum(map(len, c)) for c in corpora)
+    assert all(g["equal_tokens"] == budget for g in gens)
+    for g, c in zip(gens, corpora, strict=True):
+        flat = [t for s in c for t in s][:budget]
+        assert g["distinct_1_equal"] == pytest.approx(len(set(flat)) / budget)
     assert gens[0]["kl_to_gen0"] == pytest.approx(0.0, abs=1e-3)  # gen 0 against itself: codec rounding only
     assert gens[1]["kl_to_gen0"] > 100 * max(gens[0]["kl_to_gen0"], 1e-6)
 

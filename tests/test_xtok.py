@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from potstill.errors import PotstillError
-from potstill.train.uld import XtokLossConfig, mapped_kl, uld_loss, xtok_loss
+from potstill.train.losses import student_bucket_logprobs
+from potstill.train.uld import XtokLossConfig, mapped_kl, merge_mapped, uld_loss, xtok_loss
 from potstill.train.xtok import align_starts, byte_ends, is_byte_level, token_pieces, vocab_map
 from tests.tiny import CHAT_TEMPLATE, make_tiny_model, save_tiny_model
 
@@ -209,6 +210,74 @@ def test_mapped_kl_matches_dense_reference():
     target[free] = (1 - target.sum()) / len(free)
     zero = mapped_kl(torch.tensor(np.log(target), dtype=torch.float32)[None], lp[:1], tail[:1], mapped[:1])
     assert abs(float(zero)) < 1e-5
+
+
+def test_mapped_kl_merges_teacher_ids_that_map_to_one_student_id():
+    """A non-injective map (SentencePiece "▁the" and "the" both spell the student's "the"): the student's
+    mass for a shared id is counted once, so its bucket masses sum to <= 1 and the KL is >= 0."""
+    g = torch.Generator().manual_seed(4)
+    vt, vs, a, k = 30, 25, 6, 8
+    p = torch.softmax(torch.randn(a, vt, generator=g, dtype=torch.float64) * 2, -1).numpy()
+    mapping = np.random.default_rng(2).integers(0, 6, vt)  # 30 teacher ids onto 6 student ids
+    mapping[25:] = -1
+    lp, tail, ids = _topk_capture(p, k)
+    mapped = torch.tensor(mapping[ids])
+    assert any(len(set(r[r >= 0].tolist())) < int((r >= 0).sum()) for r in mapped.numpy())  # collisions
+    # students: random ones, and the one that puts each student id's merged teacher mass on it (the minimiser)
+    target = np.full((a, vs), 1e-9)
+    for r in range(a):
+        for i in ids[r]:
+            if mapping[i] >= 0:
+                target[r, mapping[i]] += p[r, i]
+        free = target[r] < 1e-8
+        target[r, free] = (1 - target[r, ~free].sum()) / free.sum()
+    students = [torch.randn(a, vs, generator=torch.Generator().manual_seed(s)) * 3 for s in range(4)]
+    for logits in [*students, torch.tensor(np.log(target), dtype=torch.float32)]:
+        q = torch.softmax(logits.double(), -1).numpy()
+        got = mapped_kl(logits, lp, tail, mapped).numpy()
+        ref = []
+        for r in range(a):  # dense reference: one bucket per distinct student id + other
+            sids = sorted({int(mapping[i]) for i in ids[r] if mapping[i] >= 0})
+            pt = np.array([p[r, [i for i in ids[r] if mapping[i] == s]].sum() for s in sids])
+            qs = q[r, sids]
+            assert qs.sum() <= 1 + 1e-12
+            pb, qb = np.append(pt, 1 - pt.sum()), np.append(qs, 1 - qs.sum())
+            ref.append((pb * np.log(pb / qb)).sum())
+        assert (got >= -1e-6).all(), got
+        np.testing.assert_allclose(got, ref, atol=2e-5)
+    assert np.abs(got).max() < 1e-5  # the minimiser is at 0 (counting its shared ids twice gave -0.03 to -0.18)
+    # the student's bucket masses as the loss sees them
+    live = (mapped >= 0) & (lp > -np.inf)
+    _, first = merge_mapped(torch.zeros(a, k), mapped, live)
+    qb = student_bucket_logprobs(logits, mapped.clamp_min(0), valid=first).exp()
+    assert (qb[:, :k].sum(-1) <= 1 + 1e-6).all() and torch.allclose(qb.sum(-1), torch.ones(a))
+
+
+@pytest.mark.parametrize("t", [0.5, 2.0, 4.0])
+def test_uld_and_mapped_kl_zero_at_equality_for_every_temperature(t):
+    """Both sides tempered the same way over the same buckets: equal buckets give 0 at any T (k < V)."""
+    g = torch.Generator().manual_seed(5)
+    vs, k = 200, 6
+    logits = torch.randn(3, vs, generator=g) * 2
+    q = torch.softmax(logits.double(), -1).numpy()
+    p = q[:, np.random.default_rng(3).permutation(vs)]
+    lp, tail, _ = _topk_capture(p, k)
+    assert uld_loss(logits, lp, tail, t).abs().max() < 1e-5
+    lp, tail, ids = _topk_capture(q, k)  # the teacher is the student, mapped one to one
+    assert mapped_kl(logits, lp, tail, torch.tensor(ids), t).abs().max() < 1e-5
+
+
+def test_xtok_loss_with_all_weight_on_ce_ignores_an_infinite_kd_term():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(6))
+    targets = torch.tensor([1, 2, 3])
+    lp = torch.log(torch.tensor([[0.5, 0.5]]))
+    tail = torch.tensor([float("-inf")])
+    mapped = torch.tensor([[1, 2]])
+    logits[0, 1] = float("-inf")  # the student gives a mapped teacher entry probability 0: KL = inf
+    out = xtok_loss(logits, targets, torch.tensor([0]), lp, tail, mapped, XtokLossConfig("uld_kl", ce_weight=1.0))
+    assert out["kd_sum"] == float("inf")
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    assert float(out["loss_sum"]) == pytest.approx(float(ce))
 
 
 def test_xtok_loss_mixes_ce_and_text_only():

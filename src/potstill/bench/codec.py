@@ -114,7 +114,7 @@ def bench_codec(
         t0 = time.perf_counter()
         decoded = codec.decode(encoded)
         decode_s = time.perf_counter() - t0
-        fid = fidelity(ids, lps, decoded)
+        fid = fidelity(ids, lps, decoded, vocab)
         with tempfile.TemporaryDirectory(prefix="potstill-bench-") as tmp:
             with CaptureWriter(tmp, {"bench": "codec"}, codec) as writer:
                 for r, s in enumerate(range(0, n_positions, ROW_TOKENS)):
@@ -132,6 +132,8 @@ def bench_codec(
             "mean_kl": fid["mean_kl"],
             "max_kl": fid["max_kl"],
             "mean_kept": round(fid["mean_kept"], 2),
+            "mean_dropped_mass": fid["mean_dropped_mass"],
+            "max_dropped_mass": fid["max_dropped_mass"],
             "encode_tokens_per_s": round(n_positions / max(encode_s, 1e-9)),
             "decode_tokens_per_s": round(n_positions / max(decode_s, 1e-9)),
         }
@@ -149,11 +151,14 @@ def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of a bench_codec result."""
     head = (f"codec bench: {result['n_positions']} positions ({result['source']}), vocab {result['vocab']}, "
             f"k {result['k']}; top-1 p50 {result['distribution']['top1_prob_quantiles']['p50']}")
-    cols = ("codec", "top-k B/tok", "all B/tok", "vs f32", "kept/tok", "mean KL", "max KL", "enc tok/s", "dec tok/s")
+    cols = ("codec", "top-k B/tok", "all B/tok", "vs f32", "kept/tok", "max dropped", "mean KL", "max KL",
+            "enc tok/s", "dec tok/s")
     lines = [head, "  ".join(f"{c:>11}" for c in cols)]
     for name, r in result["codecs"].items():
         cells = (name, f"{r['topk_bytes_per_token']:.2f}", f"{r['bytes_per_token']:.2f}", f"{r.get('size_vs_f32', 1):.3f}",
-                 f"{r['mean_kept']:.1f}", f"{r['mean_kl']:.2e}", f"{r['max_kl']:.2e}",
+                 f"{r['mean_kept']:.1f}", f"{r.get('max_dropped_mass', 0.0):.2%}", f"{r['mean_kl']:.2e}", f"{r['max_kl']:.2e}",
                  f"{r['encode_tokens_per_s']:.3g}", f"{r['decode_tokens_per_s']:.3g}")
         lines.append("  ".join(f"{c:>11}" for c in cells))
+    lines.append(f"KL over the full top-{result['k']} + rest partition for every codec (a dropped entry gets an even "
+                 "share of the stored tail); max dropped = the largest top-k mass a codec did not store")
     return "\n".join(lines)

@@ -201,16 +201,36 @@ def reference_ids(teacher, messages: list[dict], reference: str, prompt_ids: lis
     """The reference answer as the teacher's chat template renders an assistant turn, up to and
     including its end-of-turn (EOS) token; plain tokens + EOS when the template's rendering of
     the whole conversation does not start with the prompt's ids."""
-    tok = teacher.tokenizer
-    full = tok.apply_chat_template(messages + [{"role": "assistant", "content": reference}], tokenize=True)
+    return answer_ids(teacher.tokenizer, messages, reference, prompt_ids, teacher.eos_ids)
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
+    """Ids that end an assistant turn: the model's generation EOS ids, the tokenizer's EOS, and the
+    tokenizer's other special tokens (a chat template's end-of-turn, e.g. <|im_end|> or <|eot_id|>,
+    need not be tokenizer.eos_token_id). The first is what `answer_ids` appends when it must."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    first = [x for x in ([tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [eos])) if isinstance(x, int)]
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    rest = sorted(specials - set(first))
+    return list(dict.fromkeys(first + rest))
+
+
+def answer_ids(tokenizer, messages: list[dict], reference: str, prompt_ids: list[int], stop_ids: list[int]) -> list[int]:
+    """`reference` as the chat template renders the assistant turn after `prompt_ids`, up to and
+    including the first of `stop_ids`; plain tokens + stop_ids[0] when the rendering of the whole
+    conversation does not start with the prompt's ids. Shared by captures (reference columns), the
+    transfer study's scratch arm and reference-NLL scoring, so all of them learn / score one EOS."""
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reference}], tokenize=True)
     if isinstance(full, dict) or hasattr(full, "input_ids"):
         full = full["input_ids"]
     full = list(full)
     if full[: len(prompt_ids)] == list(prompt_ids) and len(full) > len(prompt_ids):
         answer = full[len(prompt_ids) :]
-        ends = [j for j, t in enumerate(answer) if t in teacher.eos_ids]
+        stops = set(stop_ids)
+        ends = [j for j, t in enumerate(answer) if t in stops]
         return answer[: ends[0] + 1] if ends else answer
-    return tok(reference, add_special_tokens=False)["input_ids"] + [teacher.eos_ids[0]]
+    return tokenizer(reference, add_special_tokens=False)["input_ids"] + [stop_ids[0]]
 
 
 def _encode(teacher, messages):

@@ -99,7 +99,7 @@ def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=N
     out = Path(cfg.out)
     write_json(out / "eval.json", result)
     with atomic_path(out / "eval.md") as tmp:
-        tmp.write_text(markdown_table(rows) + "\n")
+        tmp.write_text(markdown_table(rows) + "\n\n" + notes(rows) + "\n")
     return result
 
 
@@ -117,6 +117,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     sep = "|---|" + "|".join("---:" for _ in cols) + "|"
     body = ["| " + r["model"] + " | " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in cols) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def notes(rows: list[dict[str, Any]]) -> str:
+    """What the KL and gen tok/s columns measure (written under the table in eval.md)."""
+    from potstill.evaluate.metrics import KL_NOTE
+
+    lines = [f"- {KL_NOTE}"]
+    speed = next((r for r in rows if r.get("gen_new_tokens_per_prompt")), None)
+    if speed:
+        lines.append(f"- gen tok/s: greedy, {speed['gen_prompts']} prompts x {speed['gen_new_tokens_per_prompt']} new "
+                     f"tokens each (EOS ignored), batches of {speed['gen_batch_size']}.")
+    return "\n".join(lines)
 
 
 def rich_table(rows: list[dict[str, Any]], title: str = ""):

@@ -11,7 +11,7 @@ import json
 from html import escape
 from typing import Any
 
-from potstill.evaluate import COLUMNS, _fmt
+from potstill.evaluate import COLUMNS, _fmt, notes
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1240px;padding:16px 24px;color:#1b1f24}
@@ -73,7 +73,8 @@ def eval_table(run_name: str, rows: list[dict[str, Any]]) -> str:
         cells = "".join(num_cell(k, r.get(k), _fmt(k, f, r.get(k))) for k, _, f in cols)
         cls = ' class="teacher"' if r.get("model") == "teacher" else ""
         body.append(f'<tr{cls} data-model="{esc(r.get("model"))}"><td>{esc(r.get("model"))}</td>{cells}</tr>')
-    return f'<table class="eval" data-run="{esc(run_name)}">{head}{"".join(body)}</table>'
+    note = "".join(f'<p class="small">{esc(line.removeprefix("- "))}</p>' for line in notes(rows).splitlines())
+    return f'<table class="eval" data-run="{esc(run_name)}">{head}{"".join(body)}</table>{note}'
 
 
 def pareto_table(points: list[dict[str, Any]], quality_label: str) -> str:

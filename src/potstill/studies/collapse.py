@@ -14,7 +14,9 @@ data, as in the model-collapse experiments that fine-tune one base model per gen
 (drift then also accumulates in the weights); a `fresh:<size>` student works too.
 
 Per generation, on its own samples (all prompts): distinct-1/2/3 (unique / total token n-grams over
-all completions), mean completion length, and the mean entropy of the model's full next-token
+all completions; corpus-level distinct-n falls as a corpus grows, so the table compares every
+generation on the same number of tokens: each generation's completions, in row-id order, cut to
+the smallest generation's total, `distinct_n_equal`), mean completion length, and the mean entropy of the model's full next-token
 distribution teacher-forced on its own samples. On held-out prompts: fidelity to generation 0,
 KL(gen0 ‖ gen i) on gen 0's held-out capture rows (teacher-forced on gen 0's text, gen 0's stored
 top-k + tail bucket; for gen 0 itself this is only the codec's rounding, ≈ 0), and the NLL of the
@@ -73,6 +75,32 @@ def distinct_n(sequences: list[list[int]], n: int) -> float:
     """Unique n-grams / total n-grams over all sequences (0 when there are none)."""
     grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def truncate_to_tokens(sequences: list[list[int]], budget: int) -> list[list[int]]:
+    """The sequences in order, cut so that they hold exactly `budget` tokens in all (the last one partly)."""
+    out, left = [], budget
+    for s in sequences:
+        if left <= 0:
+            break
+        out.append(list(s[:left]))
+        left -= len(out[-1])
+    return out
+
+
+def completions(capture_dir: str | Path) -> list[list[int]]:
+    """A capture's completion ids in row-id order (the same prompts line up across generations)."""
+    from potstill.capture.store import Capture
+
+    rows = Capture.open(capture_dir).rows(columns=["id", "completion_ids"])
+    return [r["completion_ids"].tolist() for r in sorted(rows, key=lambda r: r["id"])]
+
+
+def equal_token_distinct(corpora: list[list[list[int]]]) -> tuple[int, list[dict[str, float]]]:
+    """distinct-1/2/3 of every corpus cut to the smallest corpus's token count: (that count, per corpus)."""
+    budget = min((sum(map(len, c)) for c in corpora), default=0)
+    rows = [{f"distinct_{n}_equal": distinct_n(truncate_to_tokens(c, budget), n) for n in (1, 2, 3)} for c in corpora]
+    return budget, rows
 
 
 def own_entropy(model, examples, pad_id: int, batch_size: int = 8) -> float:
@@ -147,8 +175,12 @@ def run_collapse(cfg: CollapseConfig, log=print) -> dict[str, Any]:
 
     def finish(gens: list[dict[str, Any]], info: dict[str, Any], complete: bool) -> dict[str, Any]:
         """results.json/table.md/drift.png after every generation, so a stopped run still shows its curve."""
+        budget, equal = equal_token_distinct([completions(c) for c in captures[: len(gens)]])
+        for row, eq in zip(gens, equal, strict=True):
+            row.update(eq, equal_tokens=budget)
         result = {"study": "collapse", "complete": complete, "config": asdict(cfg), "student_info": _jsonable(info),
-                  "generations": gens, "timings": {"total_s": round(time.perf_counter() - t_start, 1)}}
+                  "generations": gens, "equal_tokens": budget,
+                  "timings": {"total_s": round(time.perf_counter() - t_start, 1)}}
         write_collapse_outputs(result, out)
         return result
 
@@ -234,7 +266,7 @@ def _capture_id(capture_dir: str) -> str:
 def _brief(row: dict[str, Any]) -> str:
     kl = row.get("kl_to_gen0")
     nll = row.get("nll_reference")
-    return (f"distinct-2 {row['distinct_2']:.3f}, entropy {row['entropy']:.3f}, KL(gen0‖·) "
+    return (f"distinct-2 {row['distinct_2']:.3f} (all {row['samples']} samples), entropy {row['entropy']:.3f}, KL(gen0‖·) "
             f"{'–' if kl is None else f'{kl:.4f}'}, reference NLL {'–' if nll is None else f'{nll:.3f}'}")
 
 

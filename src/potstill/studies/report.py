@@ -44,18 +44,21 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     for arm, per_metric in result.get("ratios_vs_scratch", {}).items():
         for metric, r in per_metric.items():
             lo, hi = r["ci95"]
-            if r["bootstrap"]["not_reached_fraction"] == 1.0:
-                ci = "not reached in any resample"
-            elif lo is None and not r["ci95_unbounded_high"]:
-                ci = "n/a (1 seed)"
+            n = r.get("n", len(r.get("per_seed", [])))
+            if r["ci95_unbounded_high"]:
+                ci = "unbounded: a seed never reaches the target"
+            elif lo is None:
+                ci = f"n/a ({n} seed)"
             else:
-                ci = f"{_num(lo, '{:.3f}')}–{'∞' if r['ci95_unbounded_high'] else _num(hi, '{:.3f}')}"
+                ci = f"{_num(lo, '{:.3f}')}–{_num(hi, '{:.3f}')}"
+            seeds = ", ".join("never" if x is None else f"{x:.3f}" for x in r.get("per_seed", []))
             how = {"at_or_before_first": " (reached at the first budget: an upper bound)",
                    "not_reached": " (not reached within the budgets)"}.get(r["status"], "")
             lines.append(
                 f"{arm} vs scratch on {metric}: target {r['target']:.3f} (scratch's best); {arm} needs "
                 f"{_num(r['tokens'])} tokens{how}, scratch {_num(r['reference_tokens'])}; "
-                f"ratio {_num(r['ratio'], '{:.3f}')} (95% bootstrap CI {ci})")
+                f"ratio {_num(r['ratio'], '{:.3f}')} on the seed-mean curves; per seed (paired) {seeds}: "
+                f"geometric mean {_num(r.get('geo_mean'), '{:.3f}')}, 95% t-interval on log-ratios {ci}, n={n} seeds")
     return lines
 
 
@@ -110,8 +113,8 @@ def write_transfer_outputs(result: dict[str, Any], out: str | Path) -> None:
 
 
 COLLAPSE_COLUMNS = [
-    ("distinct_1", "distinct-1 ↑", "{:.3f}"), ("distinct_2", "distinct-2 ↑", "{:.3f}"),
-    ("distinct_3", "distinct-3 ↑", "{:.3f}"), ("entropy", "entropy (nats)", "{:.3f}"),
+    ("distinct_1_equal", "distinct-1 ↑", "{:.3f}"), ("distinct_2_equal", "distinct-2 ↑", "{:.3f}"),
+    ("distinct_3_equal", "distinct-3 ↑", "{:.3f}"), ("entropy", "entropy (nats)", "{:.3f}"),
     ("mean_length", "mean length", "{:.1f}"), ("kl_to_gen0", "KL(gen0‖gen) ↓", "{:.4f}"),
     ("nll_reference", "reference NLL ↓", "{:.3f}"),
 ]
@@ -131,8 +134,9 @@ def plot_collapse(result: dict[str, Any], path: str | Path) -> None:
     gens = [g["generation"] for g in result["generations"]]
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for n in (1, 2, 3):
-        axes[0].plot(gens, [g[f"distinct_{n}"] for g in result["generations"]], marker="o", label=f"distinct-{n}")
-    axes[0].set_ylabel("distinct-n of own samples ↑")
+        axes[0].plot(gens, [g.get(f"distinct_{n}_equal", math.nan) for g in result["generations"]], marker="o",
+                     label=f"distinct-{n}")
+    axes[0].set_ylabel(f"distinct-n, first {result.get('equal_tokens', 0):,} tokens ↑")
     axes[0].legend(fontsize=8)
     panels = [("entropy", "mean next-token entropy (nats)"), ("kl_to_gen0", "KL(gen0 ‖ gen), held-out ↓"),
               ("nll_reference", "reference NLL (held-out) ↓")]
@@ -152,5 +156,8 @@ def write_collapse_outputs(result: dict[str, Any], out: str | Path) -> None:
     out = Path(out)
     write_json(out / "results.json", result)
     headers, rows = collapse_table(result)
-    write_text(out / "table.md", "# potstill study collapse\n\n" + markdown_table(headers, rows) + "\n")
+    note = (f"\ndistinct-n: each generation's own samples, in row-id order, cut to the same "
+            f"{result.get('equal_tokens', 0):,} tokens (the smallest generation's total); results.json also "
+            "holds distinct_n over all samples.\n")
+    write_text(out / "table.md", "# potstill study collapse\n\n" + markdown_table(headers, rows) + "\n" + note)
     plot_collapse(result, out / "drift.png")

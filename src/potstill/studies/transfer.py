@@ -11,7 +11,10 @@ token budgets, three arms, each starting from the same fresh initialisation for 
   `output`), i.e. no teacher signal at all. This is our reading of "training from scratch on
   the same text without a teacher signal": CE on the teacher's own text is arm `ce-teacher`,
   which still carries the teacher's choices, so the clean no-teacher control is the human text
-  for the same prompts. Like the teacher's completions, references are trained without the EOS token.
+  for the same prompts. Every arm learns the same end of an answer: the teacher's completions
+  end with its EOS, and each reference is rendered by the chat template up to and including its
+  end-of-turn token (`capture.generate.answer_ids`, the helper captures and reference-NLL
+  scoring use), so no arm is scored on a token it never learned.
 
 Budgets count learned (completion) tokens. Each arm×seed is ONE training run with a constant
 learning rate after warm-up, measured whenever it first passes a budget; so a budget's point is
@@ -22,7 +25,8 @@ references are fewer tokens than the teacher's text, so `scratch` repeats its da
 Quality on held-out prompts: NLL of the reference answers (primary) and KL(teacher ‖ student) on
 the teacher's held-out capture rows. The headline is the tokens-to-reach ratio: the target is the
 best seed-mean reference NLL `scratch` reaches; the tokens each arm needs for it are interpolated
-in log-tokens; ratio = tokens(arm) / tokens(scratch), 95% interval by a paired bootstrap over seeds.
+in log-tokens; ratio = tokens(arm) / tokens(scratch), reported per seed (paired: seed i of every arm
+has the same init) with a 95 % Student-t interval on the log-ratios and n (`stats.token_ratio`).
 Writes results.json, table.md and quality_vs_tokens.png under --out (atomically).
 """
 
@@ -69,7 +73,7 @@ class TransferConfig:
     batch_size: int = opt(8, "Sequences per optimizer step.")
     max_seq_len: int = opt(256, "Truncate prompt+completion to this many tokens.")
     gen_batch_size: int = opt(16, "Teacher decoding batch size.")
-    bootstrap: int = opt(2000, "Bootstrap resamples for the ratio's interval.")
+    bootstrap: int = opt(2000, "Bootstrap resamples for the ratio's side interval (percentile; 0 = none).")
     keep_students: bool = opt(False, "Keep every run's final student weights (otherwise only metrics are kept).")
     dtype: str = opt("auto", "Teacher decoding dtype: auto (bf16 where the CPU has it), float32.")
 
@@ -97,25 +101,32 @@ class TransferConfig:
         return sorted({self.min_tokens, *nice, self.max_tokens})
 
 
-def reference_capture(capture_dir: str | Path, out: str | Path, tokenizer) -> Path:
-    """A text-only capture of the human references for the teacher capture's prompts (same ids, same splits)."""
+def reference_capture(capture_dir: str | Path, out: str | Path, tokenizer, generation_config=None) -> Path:
+    """A text-only capture of the human references for the teacher capture's prompts (same ids, same splits).
+
+    Each answer is the chat template's rendering of the assistant turn, ending with its end-of-turn
+    token (`answer_ids` with `end_of_turn_ids`), as the teacher's completions end with its EOS.
+    """
     from potstill.capture.codec import get_codec
+    from potstill.capture.generate import answer_ids, end_of_turn_ids
     from potstill.capture.store import Capture, CaptureWriter
 
     capture = Capture.open(capture_dir)
     teacher = capture.manifest["teacher"]  # same tokenizer identity, so train() accepts it for the student
     manifest = {"teacher": teacher, "source": f"human references of the prompts in {capture_dir}",
-                "prompts": capture.manifest.get("prompts"), "split": capture.manifest.get("split")}
+                "prompts": capture.manifest.get("prompts"), "split": capture.manifest.get("split"),
+                "answer_end": "chat template end-of-turn"}
     rows = [r for r in capture.rows(columns=["id", "prompt", "reference", "split", "prompt_ids"]) if r.get("reference")]
     if not rows:
         raise PotstillError("no prompt has a reference answer (`output`), which the scratch arm learns from",
                             where=str(capture_dir))
     codec = get_codec("none", vocab_size=teacher.get("vocab_size") or 2**32, k=0)
+    stop = end_of_turn_ids(tokenizer, generation_config)
     with CaptureWriter(out, manifest, codec) as writer:
         for r in rows:
             if r["id"] in writer.done_ids:
                 continue
-            answer = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
+            answer = answer_ids(tokenizer, r["prompt"], r["reference"], list(r["prompt_ids"]), stop)
             writer.add({"id": r["id"], "prompt": r["prompt"], "reference": r["reference"], "split": r["split"],
                         "prompt_ids": r["prompt_ids"], "completion_ids": answer, "completion_text": r["reference"],
                         "finish_reason": "reference", "sampled_logprob": None})
@@ -149,7 +160,14 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     data = {"kd": capture_dir, "ce-teacher": capture_dir}
     if "scratch" in cfg.arms:
-        data["scratch"] = str(reference_capture(capture_dir, out / "references", tokenizer))
+        from transformers import GenerationConfig
+
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(teacher_dir)
+        except OSError:  # no generation_config.json: the tokenizer's EOS and special tokens
+            gen_cfg = None
+        # "references-eot": references ending with the end-of-turn (older study dirs hold "references" without it)
+        data["scratch"] = str(reference_capture(capture_dir, out / "references-eot", tokenizer, gen_cfg))
     examples, prompts = heldout_inputs(capture_dir)
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir)
     teacher_row = measure(teacher_model, tokenizer, examples, prompts)
@@ -171,7 +189,8 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict[str, Any]:
                                    loss=cfg.kd_loss if arm == "kd" else "ce", lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                    max_steps=budgets[-1], batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
                                    checkpoint_every=0, seed=seed, lr_schedule="constant")
-                key = stable_hash({"train": asdict(tcfg), "budgets": budgets, "eval": len(examples)})
+                key = stable_hash({"train": asdict(tcfg), "budgets": budgets, "eval": len(examples),
+                                   "answers": "end-of-turn"})  # runs from before every arm learned EOS are redone
                 done = _load_run(run_dir, key)
                 if done is None:
                     done = _one_run(tcfg, arm, seed, budgets, examples, prompts, key, train, bar, task, clock, say)
@@ -250,7 +269,7 @@ def _load_run(run_dir: Path, key: str) -> dict[str, Any] | None:
 
 def aggregate(cfg: TransferConfig, budgets: list[int], runs: list[dict[str, Any]], teacher_row: dict[str, Any],
               n_boot: int = 2000) -> dict[str, Any]:
-    """Per arm × budget: mean and 95% t-interval over seeds; ratios vs scratch with bootstrap intervals."""
+    """Per arm × budget: mean and 95% t-interval over seeds; ratios vs scratch per seed with t-intervals."""
     from potstill.studies.stats import t_interval, token_ratio
 
     curves: dict[str, Any] = {}

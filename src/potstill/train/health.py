@@ -95,7 +95,7 @@ class LossHealth:
             self.warn(
                 f"self-check failed: {self.loss_cfg.kind} of the teacher against its own distribution "
                 f"({source}) is {kd:.4g} nats/token, not ~0: the targets do not line up with the student's "
-                f"positions or ids (or T={self.loss_cfg.temperature} makes the tail approximation inexact)"
+                "positions or ids"
             )
         else:
             self.log(f"loss self-check: {self.loss_cfg.kind}(teacher || teacher) = {kd:.2e} nats/token ({source}) ok")

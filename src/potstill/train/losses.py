@@ -4,7 +4,21 @@ A capture keeps, per completion token, the teacher's top-k ids and log-probs plu
 mass left over (the tail). Teacher and student are compared over the same k+1 buckets: the k
 stored ids, and one bucket for "every other token". This is an exact partition of the
 vocabulary, so every divergence below is a true divergence between two distributions (zero when
-teacher == student at T=1), not a soft cross-entropy.
+teacher == student), not a soft cross-entropy.
+
+Temperature. Both sides are bucketed at T=1 first (b_j = p_j for a stored id, b_tail = the mass
+of every other id), then the SAME map tempers each bucket distribution:
+temper_T(b)_j = b_j^(1/T) / sum_i b_i^(1/T) (`temper_buckets`). So
+- teacher == student gives the same buckets, hence exactly zero loss at every T and k;
+- the divergence is zero only when the student's T=1 bucket masses equal the teacher's (tempering
+  is a bijection of the simplex), so the minimiser does not move with T;
+- k = V (empty tail) is Hinton's dense tempered KD, softmax(z/T) on both sides, exactly;
+- within the stored ids the ratios are Hinton's (p_i/p_j)^(1/T); only the tail differs: dense
+  tempering would weight it by sum_{j unstored} p_j^(1/T) (unknown from a capture; for T > 1 it
+  is larger than tail^(1/T)), while here it is tempered as one token. Tempering the student over
+  the full vocabulary and the teacher over buckets (the old code) mixed the two and was biased
+  (a student equal to the teacher was ~2 nats/token off at T=4, and the fit at T=2 moved the
+  student's T=1 tail mass from 0.44 to 0.002).
 
 Shapes: N flattened completion positions, V vocabulary, k stored entries, B = k+1 buckets.
 - student logits [N, V] (any float dtype; all maths runs in float32)
@@ -47,15 +61,14 @@ def student_bucket_logprobs(
 ) -> torch.Tensor:
     """Student log-probs over the k+1 buckets: [N, V] logits, [N, k] ids -> [N, k+1] float32.
 
-    Bucket j < k is log_softmax(logits / T)[topk_ids[:, j]]; bucket k is the log of the mass of
-    every id not stored, computed stably as logsumexp(rest) - logsumexp(all) (never log(1 - sum p)).
+    At T=1 bucket j < k is log_softmax(logits)[topk_ids[:, j]] and bucket k is the log of the mass
+    of every id not stored, computed stably as logsumexp(rest) - logsumexp(all) (never
+    log(1 - sum p)); then `temper_buckets(., T)`, as for the teacher (see the module docstring).
     `valid` [N, k] bool marks the stored slots (default: all; pass `stored_slots(topk_logprobs)`
     when the rows may hold padding): other slots get -inf and their ids stay in the tail. Stored
     ids within a row are assumed distinct. The tail is -inf when the stored ids cover the vocab.
     """
     z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     if valid is None:
         valid = torch.ones_like(topk_ids, dtype=torch.bool)
@@ -72,7 +85,18 @@ def student_bucket_logprobs(
     # logsumexp over an all--inf row is -inf but its gradient is NaN: feed such rows zeros instead.
     lse_rest = torch.logsumexp(torch.where(has_rest, rest, 0.0), dim=-1, keepdim=True)
     tail = torch.where(has_rest, lse_rest - lse, NEG_INF)
-    return torch.cat([kept, tail], dim=-1)
+    return temper_buckets(torch.cat([kept, tail], dim=-1), temperature)
+
+
+def temper_buckets(log_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temper a bucket distribution: log_softmax(log_b / T), [.., B] -> [.., B]; -inf stays -inf.
+
+    Applied to both sides' T=1 buckets, so teacher == student stays exactly zero at every T. log_b
+    need not be normalised (it is renormalised here); at T=1 it is returned as given.
+    """
+    if temperature == 1.0:
+        return log_b
+    return torch.log_softmax(log_b / temperature, dim=-1)
 
 
 def teacher_bucket_logprobs(
@@ -86,10 +110,10 @@ def teacher_bucket_logprobs(
     """Teacher log-probs over the k+1 buckets: [N, k] and [N] -> [N, k+1] float32.
 
     The result is log_softmax([topk_logprobs, tail_logprob] / T): renormalised over the buckets
-    (stored entries + tail may miss one by quantisation error), and tempered with the tail treated
-    as ONE token. That is an approximation: the exact tempered tail sum_i p_i^(1/T) over the
-    unstored ids is unknown from a capture (for T > 1 it is larger than tail^(1/T)). At T=1, or
-    when the tail is empty, it is exact.
+    (stored entries + tail may miss one by quantisation error), and tempered by `temper_buckets`
+    with the tail as ONE bucket, exactly as the student's buckets are. Dense tempering would
+    need sum_i p_i^(1/T) over the unstored ids, unknown from a capture; see the module docstring
+    for what this approximates. At T=1, or when the tail is empty, it is the dense distribution.
 
     With `vocab_size`, the tail is made consistent with the partition: -inf when the stored slots
     cover the whole vocab (the bucket is empty), and at least log(tail_floor) otherwise. A stored
@@ -102,10 +126,7 @@ def teacher_bucket_logprobs(
         has_rest = stored_slots(lp).sum(dim=-1) < vocab_size
         floor = math.log(tail_floor) if tail_floor > 0 else NEG_INF
         tail = torch.where(has_rest, tail.clamp_min(floor), NEG_INF)
-    buckets = torch.cat([lp, tail[..., None]], dim=-1)
-    if temperature != 1.0:
-        buckets = buckets / temperature
-    return torch.log_softmax(buckets, dim=-1)
+    return temper_buckets(torch.log_softmax(torch.cat([lp, tail[..., None]], dim=-1), dim=-1), temperature)
 
 
 # -- divergences on bucket log-probs: p teacher, q student, [N, B] -> [N] -----------------------
@@ -215,7 +236,7 @@ class LossConfig:
     kind: str = "fkl"
     """One of LOSSES: ce, fkl, rkl, jsd, skl, srkl, tvd."""
     temperature: float = 1.0
-    """Softens both sides' bucket distributions for the KD term (CE always uses T=1)."""
+    """Tempers both sides' T=1 bucket distributions the same way for the KD term (CE always uses T=1)."""
     beta: float = 0.5
     """jsd interpolation in [0, 1]; 0 = forward KL, 1 = reverse KL (TRL convention)."""
     alpha: float = 0.1
@@ -280,7 +301,8 @@ def _chunk_sums(logits, sel, target_ids, topk_ids, topk_logprobs, tail_logprob, 
             kd = kd * (t * t)
     with torch.set_grad_enabled(torch.is_grad_enabled() and w > 0.0):
         ce = ce_loss(z, target_ids)  # always computed: it is logged even when not trained on
-    loss = kd if w == 0.0 else (1.0 - w) * kd + w * ce
+    # a term with weight 0 is left out, not multiplied by 0 (0 * inf would be NaN)
+    loss = kd if w == 0.0 else ce if w == 1.0 else (1.0 - w) * kd + w * ce
     return loss.sum(), kd.detach().sum(), ce.detach().sum()
 
 

@@ -24,7 +24,12 @@ them), so teacher and student predict the next token after the same text:
   also ONE student token (`mapped_ids`, built in xtok.py from the two vocabularies' bytes). The
   vocabulary is partitioned into those mapped tokens plus one "other" bucket, on each side, and
   the loss is the forward KL between the two bucket distributions (the same bucket machinery as
-  losses.py; 0 when the student puts the teacher's probability on every mapped string).
+  losses.py; 0 when the student puts the teacher's probability on every mapped string). The map
+  is not injective (SentencePiece "▁the" / "the" can both spell the student's "the"): teacher
+  entries of a row that map to one student id are merged into one bucket (`merge_mapped`).
+
+Temperature: as in losses.py, each side is bucketed at T=1 and the bucket distributions are then
+tempered the same way, so equal buckets give 0 at any T.
 
 Shapes: A aligned positions, V student vocabulary, k stored teacher entries.
 - logits [A, V] student logits (any float dtype; maths in float32)
@@ -49,6 +54,7 @@ from potstill.train.losses import (
     stored_slots,
     student_bucket_logprobs,
     teacher_bucket_logprobs,
+    temper_buckets,
 )
 
 #: Cross-tokenizer loss kinds (`--loss`): ULD alone, or ULD + the exact-vocabulary KL on mapped tokens.
@@ -78,24 +84,46 @@ class XtokLossConfig:
 
 
 def uld_loss(logits: torch.Tensor, t_logprobs: torch.Tensor, t_tail: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """ULD with an explicit tail bucket: [A, V], [A, k], [A] -> [A] (see the module docstring)."""
+    """ULD with an explicit tail bucket: [A, V], [A, k], [A] -> [A] (see the module docstring).
+
+    Each side is bucketed at T=1 (the teacher's n stored entries + tail; the student's n largest
+    probabilities + the rest) and both bucket distributions are tempered the same way
+    (`temper_buckets`), so a student whose sorted head and tail equal the teacher's is at 0 for any T.
+    """
     k = t_logprobs.shape[-1]
     # renormalised over stored entries + tail (quantisation can leave them off one by a little)
     p = teacher_bucket_logprobs(t_logprobs, t_tail, temperature).exp()
     p_head = p[:, :k].sort(dim=-1, descending=True).values  # padding (p = 0) sorts last
     n = stored_slots(t_logprobs).sum(dim=-1, keepdim=True)  # [A, 1] stored entries per row
     z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
     kk = min(k, z.shape[-1])
-    q_head = torch.softmax(z, dim=-1).topk(kk, dim=-1).values
+    top = z.detach().topk(kk, dim=-1).indices
     if kk < k:  # a student vocab smaller than k: its missing ranks have probability 0
-        q_head = F.pad(q_head, (0, k - kk))
+        top = F.pad(top, (0, k - kk))
     live = torch.arange(k, device=z.device)[None, :] < n
-    head = torch.where(live, (p_head - q_head).abs(), 0.0).sum(dim=-1)
-    t_rest = 1.0 - torch.where(live, p_head, 0.0).sum(dim=-1)
-    s_rest = 1.0 - torch.where(live, q_head, 0.0).sum(dim=-1)
-    return head + (t_rest - s_rest).abs()
+    valid = live & (torch.arange(k, device=z.device)[None, :] < kk)
+    q = student_bucket_logprobs(z, top, temperature, valid=valid).exp()  # [A, k+1]: ranks < n + the rest
+    head = torch.where(live, (p_head - q[:, :k]).abs(), 0.0).sum(dim=-1)
+    return head + (p[:, k] - q[:, k]).abs()
+
+
+def merge_mapped(
+    t_bucket_logprobs: torch.Tensor, mapped_ids: torch.Tensor, live: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge teacher entries that map to the same student id: [A, k] log-probs, ids, live -> (log-probs, first).
+
+    A vocabulary map is not injective ("▁the" and "the", "<0x0A>" and "\n" can spell the same
+    bytes), so one student id may stand for several teacher entries of a row. The first such slot
+    gets the log of their summed mass and is the only one kept (`first`, [A, k] bool); the others
+    become -inf and are left out on the student side too, so the student's mass for the id is
+    counted once.
+    """
+    k = mapped_ids.shape[-1]
+    same = (mapped_ids[:, :, None] == mapped_ids[:, None, :]) & live[:, :, None] & live[:, None, :]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=mapped_ids.device).tril(-1)  # [i, j]: j < i
+    first = live & ~(same & earlier).any(dim=-1)
+    merged = torch.logsumexp(torch.where(same, t_bucket_logprobs[:, None, :], NEG_INF), dim=-1)
+    return torch.where(first, merged, NEG_INF), first
 
 
 def mapped_kl(
@@ -105,15 +133,19 @@ def mapped_kl(
     mapped_ids: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """KL(teacher || student) over {mapped tokens} + {other}: [A, V], [A, k], [A], [A, k] -> [A]."""
+    """KL(teacher || student) over {mapped tokens} + {other}: [A, V], [A, k], [A], [A, k] -> [A].
+
+    Teacher entries mapping to the same student id are merged first (`merge_mapped`). Both sides are
+    bucketed at T=1 and then tempered the same way (`temper_buckets`).
+    """
     k = t_logprobs.shape[-1]
-    p = teacher_bucket_logprobs(t_logprobs, t_tail, temperature)  # [A, k+1]
+    p = teacher_bucket_logprobs(t_logprobs, t_tail)  # [A, k+1] at T=1
     live = (mapped_ids >= 0) & stored_slots(t_logprobs)
-    p_mapped = torch.where(live, p[:, :k], NEG_INF)
+    p_mapped, first = merge_mapped(p[:, :k], mapped_ids, live)
     # teacher "other" = its unmapped stored entries + its tail; all -inf gives -inf (no grad on the teacher)
     p_other = torch.logsumexp(torch.cat([torch.where(live, NEG_INF, p[:, :k]), p[:, k:]], dim=-1), dim=-1)
-    p_buckets = torch.cat([p_mapped, p_other[:, None]], dim=-1)
-    q_buckets = student_bucket_logprobs(logits, mapped_ids.clamp_min(0), temperature, valid=live)
+    p_buckets = temper_buckets(torch.cat([p_mapped, p_other[:, None]], dim=-1), temperature)
+    q_buckets = student_bucket_logprobs(logits, mapped_ids.clamp_min(0), temperature, valid=first)
     return forward_kl(p_buckets, q_buckets)
 
 
@@ -151,5 +183,5 @@ def xtok_loss(
         if cfg.kind == "uld_kl":
             per = per + mapped_kl(za, t_logprobs, t_tail, mapped_ids, cfg.temperature) * cfg.temperature**2
         kd = per.sum()
-    loss = (1.0 - w) * kd + w * ce.sum()
+    loss = ce.sum() if w == 1.0 else (1.0 - w) * kd + w * ce.sum()  # weight 0: left out (0 * inf is NaN)
     return {"loss_sum": loss, "count": n, "kd_sum": float(kd.detach()), "ce_sum": float(ce.detach().sum()), "aligned": a}
