@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup lint
+.PHONY: demo test test-fast setup lint
 
 $(BIN)/potstill: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 test: setup
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "note: no chromium; the report browser test skips (fails under CI=1)"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# the fast tier for the edit loop: no `slow` tests, no child processes (CI runs everything: `make test`)
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not subprocess" tests
 
 lint: setup
 	$(BIN)/ruff check src tests

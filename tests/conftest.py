@@ -37,7 +37,7 @@ def prompts_file(tmp_path_factory):
     """The twelve tiny-pipeline prompts of test_pipeline.PROMPTS as a JSONL file."""
     import json
 
-    from tests.test_pipeline import PROMPTS
+    from tests.pipeline_fixtures import PROMPTS
 
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))

@@ -1,9 +1,10 @@
 """`potstill bench train` on a tiny teacher: both arms (potstill's loop, TRL's GKDTrainer) really train.
 
-Each arm runs for a couple of seconds in its own process; the checks are on the JSON's structure
-and on numbers that must hold whatever the machine's speed: both arms start from the same init
-(identical held-out KL at t=0, by the same metric), train > 0 completion tokens, end with a finite
-held-out KL and get below that init KL along the way.
+Each arm runs a fixed number of steps (the wall-clock budget is set out of reach, so the work does not
+depend on the machine's speed) in its own process; the checks are on the JSON's structure and on
+numbers that must hold on any CPU: both arms start from the same init (identical held-out KL at t=0,
+by the same metric), train > 0 completion tokens, end with a finite held-out KL and get below that
+init KL along the way.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import random
 
 import pytest
 
-from tests.test_pipeline import PROMPTS, gen_cfg
+from tests.pipeline_fixtures import PROMPTS, gen_cfg
 
 pytest.importorskip("trl")
+
+STEPS = 12  # per arm: enough for both trainers to move the held-out KL below its init
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +39,15 @@ def tiny_capture(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bench_train_tiny(tmp_path, tiny_model_dir, tiny_capture):
     from potstill.bench.train import bench_train, markdown_table
 
     out = tmp_path / "train.json"
     res = bench_train(capture=str(tiny_capture), teacher=str(tiny_model_dir), student="prune:depth:0.5",
-                      seconds=2.0, eval_every=0.5, lr=1e-3, warmup_steps=2, batch_size=4, out_json=out,
+                      seconds=3600.0, max_steps=STEPS, eval_every=0.5, lr=1e-3, warmup_steps=2, batch_size=4,
+                      out_json=out,
                       log=lambda *_: None)
     saved = json.loads(out.read_text())
     assert saved["bench"] == "train" and set(saved["arms"]) == {"potstill", "trl"}
@@ -51,11 +57,11 @@ def test_bench_train_tiny(tmp_path, tiny_model_dir, tiny_capture):
     p, t = saved["arms"]["potstill"], saved["arms"]["trl"]
     assert p["init"]["kl"] == pytest.approx(t["init"]["kl"], rel=1e-6)  # same init, same metric
     for arm in (p, t):
-        assert arm["steps"] >= 2 and arm["completion_tokens"] > 0 and arm["tokens_per_s"] > 0
-        assert arm["train_s"] >= 2.0 and 0 < arm["first_step_s"] < arm["train_s"] and arm["peak_rss_delta_mb"] > 0
+        assert arm["steps"] == STEPS and arm["completion_tokens"] > 0 and arm["tokens_per_s"] > 0
+        assert 0 < arm["first_step_s"] < arm["train_s"] < 3600.0 and arm["peak_rss_delta_mb"] > 0
         assert arm["cpu_tokens_per_s"] > 0
-        # it learned: held-out KL fell below the init at some evaluation (a fast machine fits ~200 steps
-        # into the 2 s, and this tiny student then overfits, so the last point may be back above it)
+        # it learned: held-out KL fell below the init at some evaluation (this tiny student can overfit
+        # the tiny capture, so the last point may be back above it)
         assert math.isfinite(arm["final"]["kl"]) and min(c["kl"] for c in arm["curve"][1:]) < arm["init"]["kl"]
         assert arm["curve"][0]["t"] == 0.0 and arm["curve"][-1] == arm["final"]
         assert [c["tokens"] for c in arm["curve"]] == sorted(c["tokens"] for c in arm["curve"])

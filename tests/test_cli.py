@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # every test here starts the CLI in a child process
+
 
 def potstill(*args, **kw):
     return subprocess.run([sys.executable, "-m", "potstill.cli", *args], capture_output=True, text=True, timeout=300, **kw)

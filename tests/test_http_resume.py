@@ -12,16 +12,33 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.guard_fixtures import live_server, one_torch_thread
+
+pytestmark = pytest.mark.subprocess  # every test here starts the CLI in a child process
 
 SRC = str(Path(__file__).parents[1] / "src")
 TOPICS = ["the sea", "volcanoes", "bread baking", "chess openings", "the moon", "honey bees", "old maps",
           "glass making", "river otters", "jazz drums", "winter storms", "paper kites"]
 PROMPTS = [{"instruction": f"Write two sentences about {t}.", "output": "ok"} for t in TOPICS]
+# The CLI with every written row slowed down, so the kill lands mid-capture on any machine's speed.
+SLOW_CLI = """
+import sys, time
+import potstill.capture.store as store
+from potstill.cli import app
+orig = store.CaptureWriter.add
+def slow_add(self, row):
+    time.sleep(0.15)
+    return orig(self, row)
+store.CaptureWriter.add = slow_add
+app(sys.argv[1:])
+"""
 
 
-def _cmd(server, tokenizer_dir, prompts, out) -> list[str]:
-    return [sys.executable, "-m", "potstill.cli", "generate", "--teacher", server.base, "--model", "tiny",
+def _cmd(server, tokenizer_dir, prompts, out, slow: bool = False) -> list[str]:
+    head = [sys.executable, "-c", SLOW_CLI] if slow else [sys.executable, "-m", "potstill.cli"]
+    return [*head, "generate", "--teacher", server.base, "--model", "tiny",
             "--tokenizer", str(tokenizer_dir), "--prompts", str(prompts), "--out", str(out),
             "--max-new-tokens", "8", "--top-k", "4", "--batch-size", "2", "--shard-rows", "2", "--heldout", "0.25"]
 
@@ -36,7 +53,7 @@ def test_http_capture_resumes_after_kill9(tmp_path, tiny_model_dir):
         _, secret = server.keys.create("distiller")
         env = {**os.environ, "PYTHONPATH": SRC, "OPENAI_API_KEY": secret, "OMP_NUM_THREADS": "1"}
         killed = tmp_path / "killed"
-        proc = subprocess.Popen(_cmd(server, tiny_model_dir, prompts, killed), env=env,
+        proc = subprocess.Popen(_cmd(server, tiny_model_dir, prompts, killed, slow=True), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and len(list(killed.glob("shard-*.parquet"))) < 2:

@@ -13,30 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from potstill.config import EvalConfig, GenerateConfig, TrainConfig
+from potstill.config import EvalConfig, GenerateConfig
 from potstill.errors import PotstillError
-
-PROMPTS = [
-    {"instruction": "Name a color.", "output": "Blue."},
-    {"instruction": "Say hello to the rain.", "output": "Hello, rain."},
-    {"instruction": "Count to three.", "output": "One two three."},
-    {"instruction": "What is the capital of France?", "output": "Paris."},
-    {"instruction": "Write a short poem.", "input": "about the quiet town"},
-    {"instruction": "List two animals.", "output": "cat, dog"},
-    {"instruction": "Explain gravity in one sentence.", "output": "Masses attract each other."},
-    {"instruction": "Summarize the text.", "input": "The rain is falling on the town."},
-    {"instruction": "Name three numbers.", "output": "seven eight nine"},
-    {"instruction": "How to learn a language?", "output": "Practice every day."},
-    {"instruction": "Best way to rest?", "output": "Sleep well."},
-    {"instruction": "Describe the capital of Italy.", "output": "Rome is old."},
-]
-
-
-def gen_cfg(teacher, prompts, out, **kw):
-    base = dict(teacher=str(teacher), prompts=str(prompts), out=str(out), max_new_tokens=12, top_k=8,
-                batch_size=4, heldout=0.25, dtype="float32", shard_rows=4)
-    base.update(kw)
-    return GenerateConfig(**base)
+from tests.pipeline_fixtures import PROMPTS, gen_cfg, train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +71,7 @@ generate(GenerateConfig(teacher=sys.argv[1], prompts=sys.argv[2], out=sys.argv[3
 """
 
 
+@pytest.mark.subprocess
 def test_generate_resumes_after_kill9(tmp_path, tiny_model_dir, prompts_file, capture_dir):
     from potstill.capture.generate import generate
     from potstill.capture.store import Capture
@@ -100,12 +80,16 @@ def test_generate_resumes_after_kill9(tmp_path, tiny_model_dir, prompts_file, ca
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tiny_model_dir), str(prompts_file), str(out)], env=env)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("shard-*.parquet")):
         time.sleep(0.02)
+    assert proc.poll() is None, "the child finished (or died) before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     shards_before = list(out.glob("shard-*.parquet"))
     assert shards_before, "the child never wrote a shard"
+    assert len(shards_before) < len(PROMPTS) // 4  # shard_rows=4: the kill came before the last shard
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest.get("complete"), "the killed capture claims to be complete"
     generate(gen_cfg(tiny_model_dir, prompts_file, out), log=lambda *_: None)
     resumed = [r["id"] for r in Capture.open(out).rows()]
     uninterrupted = [r["id"] for r in Capture.open(capture_dir).rows()]
@@ -120,13 +104,6 @@ def test_generate_refuses_changed_sampling(tmp_path, tiny_model_dir, prompts_fil
     generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4), log=lambda *_: None)
     with pytest.raises(PotstillError, match="temperature"):
         generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4, temperature=0.5), log=lambda *_: None)
-
-
-def train_cfg(capture, out, **kw):
-    base = dict(capture=str(capture), out=str(out), student="prune:depth:2", loss="fkl", max_steps=6,
-                batch_size=2, warmup_steps=2, lr=1e-2, checkpoint_every=3, bf16="off", calibration=4)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def final_weights(path):

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from potstill.errors import PotstillError
-from tests.test_pipeline import PROMPTS, gen_cfg, train_cfg
+from tests.pipeline_fixtures import PROMPTS, gen_cfg, train_cfg
 
 ROOT = Path(__file__).parents[1]
 IMAGES = {"plot-eval": "eval_metrics.png", "plot-pareto": "pareto.png", "plot-training": "training_curves.png",
@@ -289,6 +289,7 @@ def chromium() -> str:
     pytest.skip(message)
 
 
+@pytest.mark.subprocess
 def test_report_renders_in_chromium(report, tmp_path):
     from PIL import Image
 
@@ -320,6 +321,7 @@ def test_report_renders_in_chromium(report, tmp_path):
         pass
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_report_on_embedded_teacher(tmp_path):
     """The demo recipe, scaled down, on the real teacher: real text in the examples, numbers consistent with eval."""

@@ -116,6 +116,7 @@ def test_200_concurrent_clients(teacher, tmp_path):
     assert stats["max_rows"] > 1  # concurrent requests were batched
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_errors(teacher, tmp_path):
     pytest.importorskip("schemathesis")

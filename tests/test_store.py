@@ -216,6 +216,7 @@ w.close()
 """
 
 
+@pytest.mark.subprocess
 def test_resume_after_kill_9(tmp_path):
     reference = tmp_path / "reference"
     write(reference, n=40, shard_rows=5)

@@ -195,6 +195,8 @@ def assert_same_scores(potstill_result, results, samples):
     assert results["acc_norm,none"] == pytest.approx(potstill_result["acc_norm"])
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_lm_eval_harness_scores_like_potstill(tmp_path, tiny_model_dir, tiny_tokenizer, tiny_model):
     harness = tmp_path / "harness"
     yaml_path = write_harness_task(harness, "builtin:potstill_mc")
@@ -206,6 +208,7 @@ def test_lm_eval_harness_scores_like_potstill(tmp_path, tiny_model_dir, tiny_tok
     assert_same_scores(score_mc(tiny_model, tiny_tokenizer, task), results, samples)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_embedded_teacher_potstill_and_lm_eval_agree(tmp_path):
     """The real teacher on the shipped task: potstill's accuracy equals lm_eval's, item by item."""
@@ -223,6 +226,7 @@ def test_embedded_teacher_potstill_and_lm_eval_agree(tmp_path):
     assert ours["acc"] > 0.35  # well above chance (0.25) for an instruct model on these questions
 
 
+@pytest.mark.subprocess
 def test_cli_bad_task_file_one_line_exit_2(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [ITEMS[0], {"question": "q", "choices": ["a", "b"], "answer": 5}])
     for args, out in ((["eval", "--capture", str(tmp_path / "cap"), "--tasks", str(bad)], tmp_path / "eval"),

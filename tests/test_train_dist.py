@@ -25,7 +25,7 @@ import torch
 import potstill
 from potstill.config import TrainConfig
 from potstill.errors import PotstillError
-from tests.test_pipeline import PROMPTS, gen_cfg
+from tests.pipeline_fixtures import PROMPTS, gen_cfg
 
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 5e-5
@@ -103,6 +103,8 @@ def runs(tmp_path_factory, capture_dir, tiny_model_dir):
     return root, base, r
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ddp_and_fsdp_match_one_process(runs):
     root, _, fsdp_proc = runs
     for mode in ("ddp", "fsdp"):
@@ -121,6 +123,8 @@ def test_ddp_and_fsdp_match_one_process(runs):
     assert fsdp_proc.stdout.count("step 6/6") == 1
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_resume_across_process_counts(runs, tmp_path):
     """A crash after the step-3 checkpoint (only checkpoints survive), resumed under another mode
     and another process count, reaches the uninterrupted run's weights."""
@@ -143,6 +147,8 @@ def test_resume_across_process_counts(runs, tmp_path):
     assert state == {"step": 3, "micro_batches": 6}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_resume_from_a_checkpoint_of_the_older_format(runs, tmp_path):
     """Checkpoints written before they were keyed by name (model.state_dict() + optimizer.state_dict(),
     no micro_batches in state.json) still resume in one process to the same weights."""
