@@ -19,9 +19,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 KEY = "e2e-watermark-secret-7f3a9c"
-N_PROMPTS = int(os.environ.get("POTSTILL_E2E_PROMPTS", "120"))
+# Sized to what the flow proves, not to a fast CPU: a few thousand served tokens give enough scored
+# (context, token) pairs for p < 1e-6 on the fkl student, and the controls need no scale at all.
+N_PROMPTS = int(os.environ.get("POTSTILL_E2E_PROMPTS", "48"))
 SAMPLES = int(os.environ.get("POTSTILL_E2E_SAMPLES", "2"))
-STEPS = {"fkl": int(os.environ.get("POTSTILL_E2E_STEPS", "80")), "ce": int(os.environ.get("POTSTILL_E2E_CE_STEPS", "40"))}
+NEW_TOKENS = int(os.environ.get("POTSTILL_E2E_TOKENS", "48"))
+STEPS = {"fkl": int(os.environ.get("POTSTILL_E2E_STEPS", "30")), "ce": int(os.environ.get("POTSTILL_E2E_CE_STEPS", "20"))}
+OFF_PROMPTS, OFF_STEPS = 16, 10  # the watermark-off control: a null result needs no scale
 
 
 def cli(*args, env=None, timeout=1800):
@@ -63,7 +67,7 @@ def run_flow(root, watermark: bool, losses: dict[str, int], n_prompts: int, samp
         client_env = {**os.environ, "OPENAI_API_KEY": secret}
         client_env.pop("POTSTILL_WATERMARK_KEY", None)  # the distiller does not know the key
         cli("generate", "--teacher", f"http://127.0.0.1:{port}/v1", "--tokenizer", "embedded",
-            "--prompts", "builtin:seed_tasks", "--max-prompts", str(n_prompts), "--max-new-tokens", "64",
+            "--prompts", "builtin:seed_tasks", "--max-prompts", str(n_prompts), "--max-new-tokens", str(NEW_TOKENS),
             "--top-k", "20", "--batch-size", "32", "--samples", str(samples), "--heldout", "0.1",
             "--out", str(root / "capture"), env=client_env)
     finally:
@@ -85,8 +89,11 @@ def flow(tmp_path_factory):
 
 
 def detect(flow, path, key=KEY):
-    """Open-weights detection on the answers we served (the query log), as a model owner would run it."""
+    """Open-weights detection on the answers we served (the query log), as a model owner would run it
+    (once per suspect and key: the result is kept in the flow)."""
     out = path.parent / f"detect-{path.name}-{abs(hash(key)) % 1000}.json"
+    if out.exists():
+        return json.loads(out.read_text())
     env = flow["env"]
     cli("detect", "--suspect", str(path), "--log-db", flow["log_db"], "--max-tokens", "20000", "--out", str(out),
         env={**env, "POTSTILL_WATERMARK_KEY": key})
@@ -109,7 +116,7 @@ def test_fkl_student_detected(flow):
     res = detect(flow, flow["students"]["fkl"])
     print("fkl student:", res)
     assert res["tokens_scored"] <= 20000
-    # CI scale: ~13k served tokens, 80 steps; measured p ~ 1e-40 with ~6.7k scored pairs
+    # CI scale: 48 prompts x 2 samples x <= 48 tokens served, 30 steps
     assert res["p_value"] < 1e-6
 
 
@@ -151,7 +158,7 @@ def test_never_trained_model_is_not_detected(flow):
 
 def test_watermark_off_flow_is_not_detected(tmp_path_factory):
     """Control: the same flow against a server with the watermark off; detection with our key finds nothing."""
-    off = run_flow(tmp_path_factory.mktemp("guard-e2e-off"), False, {"fkl": STEPS["fkl"]}, N_PROMPTS // 2, SAMPLES)
+    off = run_flow(tmp_path_factory.mktemp("guard-e2e-off"), False, {"fkl": OFF_STEPS}, OFF_PROMPTS, 1)
     res = detect(off, off["students"]["fkl"])
     print("watermark off:", res)
     assert res["p_value"] > 0.01
