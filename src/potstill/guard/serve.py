@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -185,6 +185,9 @@ class Service:
                 code="context_length_exceeded",
             )
         row["tokens_in"] = len(prompt_ids)
+        if not request.app.state.querylog.health()["ok"]:  # fail closed: no model work that cannot be logged
+            raise APIError(503, "The query log is unavailable; try again later.", type="server_error",
+                           code="log_unavailable", headers={"Retry-After": "5"})
         key = request.state.key
         try:
             reservation = self.limiter.acquire(key.key_id, len(prompt_ids) + max_tokens, key.rpm, key.tpm)
@@ -244,7 +247,9 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
 
     @app.get("/health", include_in_schema=False)
     async def health():
-        return {"status": "ok"}
+        qlog = querylog.health()  # a failing or full query log is not ok: evidence is being lost
+        return JSONResponse({"status": "ok" if qlog["ok"] else "degraded", "querylog": qlog},
+                            status_code=200 if qlog["ok"] else 503)
 
     def model_card() -> dict[str, Any]:
         return {"id": svc.name, "object": "model", "created": 0, "owned_by": "potstill"}
@@ -294,7 +299,10 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
             prompt = prompt[0]
         if isinstance(prompt, str):
             prompt_text = prompt
-            prompt_ids = await anyio.to_thread.run_sync(lambda: list(teacher.tokenizer(prompt)["input_ids"]))
+            try:
+                prompt_ids = await anyio.to_thread.run_sync(lambda: list(teacher.tokenizer(prompt)["input_ids"]))
+            except Exception as err:  # e.g. a lone surrogate the tokenizer cannot take
+                raise APIError(400, f"Could not tokenize the prompt: {type(err).__name__}", param="prompt") from None
         else:
             prompt_ids = list(prompt)
             prompt_text = teacher.tokenizer.decode(prompt_ids) if all(t < svc.vocab for t in prompt_ids) else ""

@@ -57,6 +57,7 @@ def assistant_sequences(model, tokenizer, prompts, max_tokens: int, gen_tokens: 
 
 def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple[list[list[int]], list[int]]:
     """(prompt + served answer) token sequences from the query log: the contexts a distiller trained on."""
+    from potstill.guard.monitor import message_text
     from potstill.guard.querylog import read_log
 
     seqs, lens = [], []
@@ -64,11 +65,17 @@ def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple
         if row.get("status") != 200 or not row.get("completion"):
             continue
         prompt = row["prompt"]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a one-prompt batch
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            messages = [{"role": "system" if m.get("role") == "developer" else str(m.get("role", "user")),
+                         "content": message_text(m.get("content"))} for m in prompt]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         elif isinstance(prompt, str):
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
         else:
             continue
         answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
