@@ -210,3 +210,30 @@ def register(app: click.Group) -> None:
                 new = mon.throttle(_store(keys_db), flagged, factor)
                 for k, (rpm, tpm) in new.items():
                     click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
+
+    @app.group("log")
+    def log_group():
+        """Query-log tools."""
+
+    @log_group.command("verify")
+    @click.option("--log-db", default=None, help="Query log (default: $POTSTILL_HOME/guard/queries.db).")
+    @click.option("--log-key-file", type=click.Path(), default=None,
+                  help="File holding the log key (default: $POTSTILL_LOG_KEY, $POTSTILL_LOG_KEY_FILE, "
+                       "then $POTSTILL_HOME/guard/log.key).")
+    @click.option("--out", default=None, help="Write the report as JSON here.")
+    def log_verify(log_db, log_key_file, out):
+        """Check the log's hash chain and checkpoints; name the first edited, deleted, inserted or reordered row.
+
+        Exit code 0: intact; 1: tampered; 2: bad input (no log, no key).
+        """
+        from potstill.guard.logchain import load_log_key, verify
+        from potstill.utils import potstill_home, write_json
+
+        log_db = log_db or str(potstill_home() / "guard" / "queries.db")
+        if "://" not in log_db and not Path(log_db).exists():
+            raise PotstillError("no query log here", where=log_db)
+        report = verify(log_db, load_log_key(key_file=log_key_file, create=False))
+        if out:
+            write_json(out, report.to_dict())
+        click.echo(report.summary())
+        sys.exit(0 if report.ok else 1)

@@ -231,7 +231,7 @@ class QueryLog:
         self.batch_size, self.max_pending = batch_size, max_pending
         self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, checkpoint_seconds
         self._ckpt_seq, self._ckpt_time, self._head_seq = 0, time.monotonic(), 0
-        self.written = self.dropped = 0
+        self.written = self.dropped = self._in_flight = 0
         self.failing, self.last_error = False, None
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._closed = False
@@ -258,11 +258,12 @@ class QueryLog:
         self._write([row])
 
     def health(self) -> dict[str, Any]:
-        """State for /health: ok, pending rows, capacity, written/dropped counts, the last error."""
+        """State for /health: ok, queued and in-flight rows, capacity, written/dropped counts, the last error."""
         pending = self._queue.qsize()
         alive = self._thread.is_alive() or self._closed
         ok = alive and not self.failing and pending < 0.8 * self.max_pending
-        return {"ok": ok, "pending": pending, "max_pending": self.max_pending, "written": self.written,
+        return {"ok": ok, "pending": pending, "in_flight": self._in_flight, "max_pending": self.max_pending,
+                "written": self.written,
                 "dropped": self.dropped, "failing": self.failing, "last_error": self.last_error}
 
     def flush(self) -> None:
@@ -292,12 +293,14 @@ class QueryLog:
                     self._queue.task_done()
                     break
                 batch.append(nxt)
+            self._in_flight = len(batch)
             try:
                 if batch:
                     self._write(batch)
                 if stop and self._head_seq > self._ckpt_seq:
                     self._attempt(lambda conn: self._checkpoint(conn, *self._head(conn)), tries=3)
             finally:
+                self._in_flight = 0
                 for _ in range(len(batch) if item is not _STOP else 1):
                     self._queue.task_done()
             if stop:
