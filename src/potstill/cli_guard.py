@@ -135,12 +135,12 @@ def register(app: click.Group) -> None:
     def watermark_detect(text_file, tokenizer, jsonl_field, watermark_key_env, watermark_key_file, gamma, delta,
                          context_width, self_hash):
         """Green count, z-score and exact p-value of a text (file or stdin)."""
+        cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
         from transformers import AutoTokenizer
 
         from potstill.guard.watermark import detect_text
         from potstill.teachers.hf import resolve_model_dir
 
-        cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
         try:
             raw = sys.stdin.read() if text_file == "-" else Path(text_file).read_text()
         except OSError as e:

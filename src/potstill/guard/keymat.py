@@ -3,9 +3,10 @@
 Two secrets live here: the watermark key (guard/watermark.py) and the query-log key that chains
 and signs the log rows (guard/logchain.py). Both must carry at least 128 bits of entropy. We
 cannot measure a string's entropy; `estimated_bits` gives an upper bound from its length and the
-character classes it uses (lower, upper, digits, other) and refuses keys with few distinct
-characters, so short or repetitive strings ("hunter2", "k" * 40) are refused while the output of
-`secrets.token_hex(16)` or `token_urlsafe(22)` passes. Generate keys with
+smallest usual alphabet (digits, hex, alphanumerics, base64, printable) holding it, and refuses
+keys with few distinct characters, so short or repetitive strings ("hunter2", "k" * 40) are
+refused while `secrets.token_hex(16)`, `token_urlsafe(16)` or `token_bytes(16)` pass. Being an
+upper bound, it lets a long dictionary passphrase through: use random keys, e.g.
 `python -c "import secrets; print(secrets.token_hex(32))"`.
 
 Fingerprints. Any value computed from the key alone lets whoever holds a guessed key confirm the
@@ -24,31 +25,40 @@ import hmac
 import math
 import os
 import secrets
+import string
 
 from potstill.errors import PotstillError
 
 MIN_KEY_BITS = 128
 MIN_DISTINCT_CHARS = 10
-_CLASSES = (
-    (lambda c: c.islower() and c.isascii(), 26),
-    (lambda c: c.isupper() and c.isascii(), 26),
-    (lambda c: c.isdigit() and c.isascii(), 10),
-)
+_ALPHABETS = [  # smallest first: a key is charged log2(size) bits per character of the first that holds it
+    (set("0123456789"), 10),
+    (set("0123456789abcdef"), 16),
+    (set("0123456789ABCDEF"), 16),
+    (set(string.ascii_lowercase + string.digits), 36),
+    (set(string.ascii_uppercase + string.digits), 36),
+    (set(string.ascii_letters + string.digits), 62),
+    (set(string.ascii_letters + string.digits + "-_"), 64),
+    (set(string.ascii_letters + string.digits + "+/="), 65),
+    (set(string.printable), 100),
+]
 
 
 def estimated_bits(key: str | bytes) -> float:
-    """An upper bound on a key's entropy: length x log2(size of the character classes it uses)."""
+    """An upper bound on a key's entropy: length x log2(the smallest usual alphabet holding it).
+
+    Keys with fewer than MIN_DISTINCT_CHARS distinct characters (bytes) count as 0 bits.
+    """
+    if len(set(key)) < MIN_DISTINCT_CHARS:
+        return 0.0
     if isinstance(key, bytes):
         try:
             key = key.decode("ascii")
-        except UnicodeDecodeError:  # raw random bytes: count 8 bits per distinct-enough byte
-            return 8.0 * len(key) if len(set(key)) >= min(MIN_DISTINCT_CHARS, len(key)) else 0.0
-    if len(set(key)) < MIN_DISTINCT_CHARS:
-        return 0.0
-    alphabet = sum(size for test, size in _CLASSES if any(test(c) for c in key))
-    if any(not any(test(c) for test, _ in _CLASSES) for c in key):
-        alphabet += 33  # printable punctuation and anything else
-    return len(key) * math.log2(max(alphabet, 2))
+        except UnicodeDecodeError:  # raw random bytes
+            return 8.0 * len(key)
+    chars = set(key)
+    size = next((n for alphabet, n in _ALPHABETS if chars <= alphabet), 256)
+    return len(key) * math.log2(size)
 
 
 def check_key_strength(key: str | bytes, what: str) -> None:
