@@ -119,3 +119,27 @@ def test_foreign_schema_is_refused_with_one_line(tmp_path):
     with pytest.raises(PotstillError, match="queries") as err:
         QueryLog(path)
     assert "\n" not in str(err.value)
+
+
+def test_monitor_throttle_starts_from_the_servers_limits(tmp_path):
+    """`monitor --throttle` once scaled keys on server defaults from hard-coded 60 rpm / 100k tpm."""
+    import random
+
+    from click.testing import CliRunner
+
+    from potstill.cli import app
+    from potstill.guard.keys import KeyStore
+    from tests.test_monitor import TEMPLATES_A, _extractor_rows
+
+    store = KeyStore(tmp_path / "keys.db")
+    kid, _ = store.create("suspect")  # no own limits: it runs on the server's defaults
+    log = QueryLog(tmp_path / "q.db")
+    log.record_server({"default_rpm": 40, "default_tpm": 8000, "model_name": "tiny"})
+    for r in _extractor_rows(random.Random(1), kid, 1_700_000_000.0, 300, TEMPLATES_A, steady=True):
+        log.record(r)
+    log.close()
+    out = CliRunner().invoke(app, ["monitor", "--log-db", str(tmp_path / "q.db"), "--keys-db",
+                                   str(tmp_path / "keys.db"), "--throttle", "--factor", "0.5"])
+    assert out.exit_code == 0, out.output
+    assert f"throttled {kid}: rpm=20 tpm=4000" in out.output
+    assert (store.get(kid).rpm, store.get(kid).tpm) == (20, 4000)

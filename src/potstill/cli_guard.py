@@ -207,7 +207,15 @@ def register(app: click.Group) -> None:
         if throttle:
             flagged = [r.key_id for r in risks if r.flagged]
             if flagged:
-                new = mon.throttle(_store(keys_db), flagged, factor)
+                from potstill.guard.querylog import server_config
+                from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
+
+                served = server_config(log_db)  # keys on server defaults start from the server's own
+                if served is None:
+                    click.echo(f"note: no server config in the log; keys without limits start from "
+                               f"rpm={DEFAULT_RPM} tpm={DEFAULT_TPM}", err=True)
+                limits = {k: served.get(k) for k in ("default_rpm", "default_tpm")} if served else {}
+                new = mon.throttle(_store(keys_db), flagged, factor, **limits)
                 for k, (rpm, tpm) in new.items():
                     click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
 

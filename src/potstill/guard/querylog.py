@@ -81,6 +81,13 @@ log_head = Table(  # one row: the chain's head; writers lock it to append in ord
     Column("seq", BigInteger, nullable=False),
     Column("mac", String(64), nullable=False),
 )
+servers = Table(  # each server start: its public config (limits), so tools such as `monitor` use them
+    "log_servers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("config", Text, nullable=False),
+)
 checkpoints = Table(  # signed (seq, head mac) pairs: catch rows cut off the end of the log
     "log_checkpoints",
     metadata,
@@ -257,6 +264,11 @@ class QueryLog:
                 return
         self._write([row])
 
+    def record_server(self, config: dict[str, Any]) -> None:
+        """Store a server's public config (no secrets), e.g. its default limits, at start-up."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(servers).values(ts=time.time(), config=json.dumps(config, default=str)))
+
     def health(self) -> dict[str, Any]:
         """State for /health: ok, queued and in-flight rows, capacity, written/dropped counts, the last error."""
         pending = self._queue.qsize()
@@ -390,3 +402,15 @@ def read_log(
                     if r["seq"] is not None:  # chained rows are always JSON
                         raise
     return rows
+
+
+def server_config(url: str | Path) -> dict[str, Any] | None:
+    """The public config of the last server that wrote to this log, or None."""
+    engine = make_engine(url)
+    try:
+        ensure_schema(engine)
+        with engine.connect() as conn:
+            row = conn.execute(select(servers.c.config).order_by(servers.c.id.desc()).limit(1)).first()
+    finally:
+        engine.dispose()
+    return json.loads(row.config) if row is not None else None

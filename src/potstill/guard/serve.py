@@ -208,6 +208,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
     """The FastAPI app serving `teacher` (an `HFTeacher`). Stores/limiter may be injected (tests)."""
     keys = keys or KeyStore(cfg.keys_url)
     querylog = querylog or QueryLog(cfg.querylog_url)
+    querylog.record_server(cfg.public_dict())  # `monitor --throttle` starts from these limits
     limiter = limiter or RateLimiter(cfg.default_rpm, cfg.default_tpm)
     processor = None
     if cfg.watermark is not None:
