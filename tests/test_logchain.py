@@ -168,3 +168,9 @@ def test_log_key_sources_and_secrecy(tmp_path, monkeypatch):
     log = QueryLog(tmp_path / "q.db", key=LOG_KEY)
     assert LOG_KEY not in repr(log) and LOG_KEY not in repr(log.__dict__) and isinstance(log._key, Secret)
     log.close()
+
+
+def test_tail_cut_with_checkpoints_is_caught_by_the_head(logged):
+    _sql(logged, "DELETE FROM queries WHERE id > 45", "DELETE FROM log_checkpoints WHERE seq > 45")
+    rep = verify(logged, load_log_key(LOG_KEY))
+    assert not rep.ok and rep.kind == "deleted" and "head is at seq 50" in rep.problem

@@ -8,7 +8,10 @@ Every `checkpoint_every` rows or `checkpoint_seconds` (and at close) the writer 
 checkpoint: `(seq, head mac, ts)` signed with the key. A checkpoint catches rows deleted from
 the end of the log (which a chain alone cannot see), as long as the checkpoint survives; each one
 is also written to the server's log (logger `potstill.guard.querylog`) so a copy lives outside
-the database. Rows written after the last surviving checkpoint can be cut off unseen.
+the database. The writers' head row (unsigned) catches a careless cut too. Rows written after the
+last surviving checkpoint can be cut off unseen by someone who also rewinds the head; so can the
+whole log, emptied with its checkpoints: keep the checkpoint lines of the server log elsewhere.
+Legacy rows (from before the chain, seq NULL) are allowed only before the first chained row.
 
 The log key: `$POTSTILL_LOG_KEY` (>= 128 bits, e.g. 64 hex digits), else the file named by
 `$POTSTILL_LOG_KEY_FILE`, else `$POTSTILL_HOME/guard/log.key` (created on first use, mode 0600).
@@ -106,18 +109,23 @@ class VerifyReport:
 
 def verify(url: str | Path, key: Secret) -> VerifyReport:
     """Walk the rows in id order and the checkpoints; report the first edit, deletion, insertion or reorder."""
-    from potstill.guard.querylog import CHAINED, checkpoints, ensure_schema, make_engine, queries
+    from potstill.guard.querylog import CHAINED, checkpoints, ensure_schema, log_head, make_engine, queries
 
     engine = make_engine(url)
     try:
         ensure_schema(engine)
         with engine.connect() as conn:
             seqs = {s for (s,) in conn.execute(select(queries.c.seq)) if s is not None}
+            head = conn.execute(select(log_head.c.seq).where(log_head.c.id == 1)).scalar()
             cps = list(conn.execute(select(checkpoints).order_by(checkpoints.c.id)))
             rows = conn.execution_options(stream_results=True).execute(select(queries).order_by(queries.c.id))
             report = _walk(key, rows, seqs, cps, CHAINED)
     finally:
         engine.dispose()
+    if report.ok and head is not None and int(head) > report.last_seq:
+        report.ok, report.kind = False, "deleted"
+        report.problem = (f"rows were deleted from the end: the writers' head is at seq {head}, "
+                          f"the log ends at seq {report.last_seq}")
     return report
 
 

@@ -1,18 +1,22 @@
 """The query log: one row per HTTP request the server answered, whatever its outcome.
 
-Rows go through a queue to one writer thread, which inserts them in batches (SQLAlchemy Core),
-so the event loop never waits on the database. `flush()` waits for the queue to drain and
-`close()` flushes and stops the writer; a row recorded after `close()` is written
-synchronously, so every request is logged exactly once. SQLite files run in WAL mode (readers
-such as `potstill monitor` never block the server); any SQLAlchemy URL works (PostgreSQL at
-scale).
+Rows go through a bounded queue to one writer thread, which inserts them in batches (SQLAlchemy
+Core), so the event loop never waits on the database. `flush()` waits for the queue to drain and
+`close()` flushes and stops the writer; a row recorded after `close()` is written synchronously,
+so every request is logged exactly once. A batch the database refuses is retried row by row:
+text no database takes (lone surrogates; NUL, which PostgreSQL refuses) is escaped beforehand,
+prompt/params are stored as ASCII JSON with the prompt's kind (chat/text/ids/batch), so one bad
+row never drops others. Rows are hash-chained and checkpointed under the log key
+(guard/logchain.py; `potstill log verify`). `health()` reports the queue depth and failures
+(`/health`). A log made by an older potstill is migrated at start-up. SQLite files run in WAL
+mode (readers such as `potstill monitor` never block the server); any SQLAlchemy URL works
+(PostgreSQL at scale, tested against a real server).
 
     log = QueryLog("sqlite:///queries.db")      # or a plain path
     log.record({"key_id": "k1", "endpoint": "/v1/chat/completions", "status": 200, ...})
     log.close()
     rows = read_log("queries.db")                # list of dicts, prompt/params decoded
 """
-
 from __future__ import annotations
 
 import json
@@ -398,9 +402,8 @@ def read_log(
             if r[f] is not None:
                 try:
                     r[f] = json.loads(r[f])
-                except ValueError:
-                    if r["seq"] is not None:  # chained rows are always JSON
-                        raise
+                except ValueError:  # a legacy raw string (or a tampered row: `log verify` names it)
+                    pass
     return rows
 
 
