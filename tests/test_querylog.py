@@ -81,10 +81,14 @@ def test_detect_log_db_reads_chat_content_parts(tmp_path, tiny_tokenizer):
     log.record(_served([], completion="x"))
     log.record(_served([[]], completion="x"))
     log.record(_served("[]", completion="x"))
+    log.record(_served("\ud800", completion="x"))  # the tokenizer cannot take it: skipped, not a crash
+    log.record(_served([{"role": "wizard", "content": 5}], endpoint="/v1/chat/completions", completion="x"))
     log.close()
     seqs, lens = served_sequences(str(tmp_path / "q.db"), tiny_tokenizer)
     assert seqs[0] == seqs[1] and lens[0] == lens[1]  # parts are the same conversation as plain text
-    assert len(seqs) == 3  # the "[]" text prompt is a text prompt; [] and [[]] carry no prompt to score
+    # the "[]" text prompt is a text prompt; [] and [[]] carry no prompt to score; the surrogate is skipped;
+    # the odd role with non-text content is a conversation with empty content
+    assert len(seqs) == 4
 
 
 def test_old_schema_is_migrated(tmp_path):

@@ -71,7 +71,11 @@ def register(app: click.Group) -> None:
     @watermark_options
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, name,
               watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash):
-        """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log."""
+        """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
+
+        The query log is hash-chained under the log key: $POTSTILL_LOG_KEY, else the file named by
+        $POTSTILL_LOG_KEY_FILE, else $POTSTILL_HOME/guard/log.key (created). Check it with `potstill log verify`.
+        """
         from potstill.guard.serve import ServeConfig
         from potstill.guard.serve import serve as run_serve
         from potstill.utils import quiet_transformers
