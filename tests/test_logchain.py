@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -139,7 +140,9 @@ def test_bounded_queue_reports_depth_and_drops_visibly(tmp_path):
     con.execute("BEGIN EXCLUSIVE")  # the database stops taking writes
     for _ in range(50):
         log.record({"status": 200})
-    h = log.health()
+    deadline = time.time() + 10  # the writer sets its in-flight count just after taking a batch
+    while (h := log.health())["pending"] + h["in_flight"] + h["dropped"] != 50 and time.time() < deadline:
+        time.sleep(0.01)
     assert h["pending"] == 10 and h["max_pending"] == 10 and not h["ok"]
     assert h["pending"] + h["in_flight"] + h["dropped"] == 50 and h["dropped"] >= 50 - 10 - 10
     con.rollback()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -68,8 +69,9 @@ def test_failing_log_makes_health_not_ok_and_refuses_work(teacher, tmp_path):
         con.close()
         body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 1})
         _post(srv, "/completions", body, sec)
-        srv.flush()
-        r = httpx.get(srv.url + "/health")
+        deadline = time.time() + 20  # the row is queued just after the response; its write then fails
+        while (r := httpx.get(srv.url + "/health")).status_code == 200 and time.time() < deadline:
+            time.sleep(0.05)
         assert r.status_code == 503 and r.json()["status"] == "degraded"
         assert r.json()["querylog"]["failing"] and r.json()["querylog"]["dropped"] >= 1
         r = _post(srv, "/completions", body, sec)
