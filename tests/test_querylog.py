@@ -84,6 +84,11 @@ def test_detect_log_db_reads_chat_content_parts(tmp_path, tiny_tokenizer):
     log.record(_served("\ud800", completion="x"))  # the tokenizer cannot take it: skipped, not a crash
     log.record(_served([{"role": "wizard", "content": 5}], endpoint="/v1/chat/completions", completion="x"))
     log.close()
+    log2 = QueryLog(tmp_path / "ids.db")
+    log2.record(_served("hi", completion="text that would tokenize otherwise", completion_ids=[7, 8, 9]))
+    log2.close()
+    ids_seqs, ids_lens = served_sequences(str(tmp_path / "ids.db"), tiny_tokenizer)
+    assert ids_seqs[0][ids_lens[0]:] == [7, 8, 9]  # the served ids are scored, not a re-tokenization
     seqs, lens = served_sequences(str(tmp_path / "q.db"), tiny_tokenizer)
     assert seqs[0] == seqs[1] and lens[0] == lens[1]  # parts are the same conversation as plain text
     # the "[]" text prompt is a text prompt; [] and [[]] carry no prompt to score; the surrogate is skipped;

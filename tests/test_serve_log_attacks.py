@@ -46,7 +46,8 @@ def test_poisoned_requests_are_answered_and_logged_with_everyone_else(teacher, t
             assert r.status_code < 500, (raw, r.status_code, r.text)
             statuses.append(r.status_code)
         for i in range(20):
-            r = _post(srv, "/completions", json.dumps({"model": "tiny", "prompt": f"good {i}", "max_tokens": 1}), sec)
+            good = {"model": "tiny", "prompt": f"good {i}", "max_tokens": 1, "seed": i}
+            r = _post(srv, "/completions", json.dumps(good), sec)
             assert r.status_code == 200
             statuses.append(200)
         srv.flush()
@@ -55,6 +56,9 @@ def test_poisoned_requests_are_answered_and_logged_with_everyone_else(teacher, t
     assert sorted(r["status"] for r in rows) == sorted(statuses)
     assert sum(isinstance(r["prompt"], str) and r["prompt"].startswith("good") for r in rows) == 20
     assert rows[0]["prompt"] == "\ud800"  # the JSON fields keep the exact request
+    served = [r for r in rows if r["status"] == 200]
+    assert len(served) == 20 and all(len(r["completion_ids"]) == r["tokens_out"] for r in served)  # ids served
+    assert all(0 <= t < len(teacher.tokenizer) for r in served for t in r["completion_ids"])
 
 
 def test_failing_log_makes_health_not_ok_and_refuses_work(teacher, tmp_path):

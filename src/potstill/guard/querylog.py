@@ -74,6 +74,7 @@ queries = Table(
     Column("status", Integer, index=True),
     Column("error_type", String(64)),
     Column("completion", Text),  # the text served (evidence for `potstill detect --log-db`)
+    Column("completion_ids", Text),  # JSON: the token ids served (detection scores exactly these)
     Column("prompt_kind", String(16)),  # chat | text | ids | batch | json (see `prompt_kind`)
     Column("seq", BigInteger, unique=True, index=True),  # place in the hash chain (None: legacy rows)
     Column("mac", String(64)),  # HMAC chaining this row to the previous one (guard/logchain.py)
@@ -108,6 +109,7 @@ CHAINED = FIELDS
 _STOP = object()
 _LENGTHS = {c.name: c.type.length for c in queries.columns if isinstance(c.type, String) and c.type.length}
 _FLOATS = ("ts", "latency_ms")
+_JSON = ("prompt", "params", "completion_ids")
 _INTS = ("tokens_in", "tokens_out", "top_logprobs", "status")
 
 
@@ -208,11 +210,11 @@ def _normalise(row: dict[str, Any]) -> dict[str, Any]:
         out["ts"] = time.time()
     if out["prompt_kind"] is None:
         out["prompt_kind"] = prompt_kind(out["prompt"])
-    for f in ("prompt", "params"):
+    for f in _JSON:
         if out[f] is not None:
             out[f] = json.dumps(out[f], ensure_ascii=True, default=str)
     for f, v in out.items():
-        if isinstance(v, str) and f not in ("prompt", "params"):
+        if isinstance(v, str) and f not in _JSON:
             out[f] = _clean(v, _LENGTHS.get(f))
         elif v is not None and f in _FLOATS:
             out[f] = float(v)
@@ -367,7 +369,7 @@ class QueryLog:
                 self._write([r])
             return
         if err is not None:
-            escaped = {k: (json.dumps(v)[1:-1] if isinstance(v, str) and k not in ("prompt", "params") else v)
+            escaped = {k: (json.dumps(v)[1:-1] if isinstance(v, str) and k not in _JSON else v)
                        for k, v in rows[0].items()}
             err = self._attempt(lambda conn: self._append(conn, [escaped]), tries=1)
         if err is None:
@@ -382,7 +384,7 @@ class QueryLog:
 def read_log(
     url: str | Path, since: float | None = None, until: float | None = None, key_id: str | None = None
 ) -> list[dict[str, Any]]:
-    """All rows (oldest first) as dicts, `prompt` and `params` decoded from JSON."""
+    """All rows (oldest first) as dicts, `prompt`, `params` and `completion_ids` decoded from JSON."""
     engine = make_engine(url)
     try:
         ensure_schema(engine)
@@ -398,7 +400,7 @@ def read_log(
     finally:
         engine.dispose()
     for r in rows:
-        for f in ("prompt", "params"):
+        for f in _JSON:
             if r[f] is not None:
                 try:
                     r[f] = json.loads(r[f])

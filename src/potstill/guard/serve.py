@@ -326,6 +326,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                 svc.limiter.settle(res, len(job.prompt_ids) + used)
                 row["tokens_out"] = used
                 row["completion"] = job.future.result().text if done else None
+                row["completion_ids"] = list(job.future.result().completion_ids) if done else None
             lp = None
             if wants_lp:
                 lp = chat_logprobs(svc.tokens, c) if chat else completion_logprobs(svc.tokens, c, len(prompt_text))
@@ -359,6 +360,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                     return
                 used = len(c.completion_ids)
                 row["completion"] = c.text
+                row["completion_ids"] = list(c.completion_ids)
                 if wants_lp:
                     detok = Detokenizer(teacher.tokenizer)
                     offset = len(prompt_text)

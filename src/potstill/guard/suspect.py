@@ -79,7 +79,9 @@ def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple
                 ids = list(prompt)
             else:
                 continue
-            answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            served = row.get("completion_ids")
+            answer = (list(served) if isinstance(served, list) and all(isinstance(t, int) for t in served)
+                      else tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
         except Exception:
             continue
         seqs.append(ids + answer)
