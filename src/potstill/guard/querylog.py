@@ -37,8 +37,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
-    event,
     insert,
     inspect,
     select,
@@ -47,9 +45,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import StaticPool
 
 from potstill.errors import PotstillError
+from potstill.guard.db import db_url, make_engine  # re-exported: keys.py and tools import them from here
 from potstill.guard.logchain import GENESIS, checkpoint_mac, load_log_key, row_mac
 
 log = logging.getLogger(__name__)
@@ -111,39 +109,6 @@ _LENGTHS = {c.name: c.type.length for c in queries.columns if isinstance(c.type,
 _FLOATS = ("ts", "latency_ms")
 _JSON = ("prompt", "params", "completion_ids")
 _INTS = ("tokens_in", "tokens_out", "top_logprobs", "status")
-
-
-def db_url(spec: str | Path) -> str:
-    """A SQLAlchemy URL from a URL or a plain file path (-> SQLite)."""
-    spec = str(spec)
-    if "://" in spec:
-        return spec
-    return f"sqlite:///{Path(spec).expanduser().resolve()}"
-
-
-def make_engine(spec: str | Path) -> Engine:
-    """An engine for `spec`; SQLite gets WAL, a busy timeout and cross-thread connections."""
-    url = make_url(db_url(spec))
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-    memory = url.database in (None, "", ":memory:")
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
-    if memory:
-        kwargs["poolclass"] = StaticPool
-    else:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, **kwargs)
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn, _record) -> None:
-        cur = dbapi_conn.cursor()
-        if not memory:
-            cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    return engine
 
 
 def ensure_schema(engine: Engine) -> None:
