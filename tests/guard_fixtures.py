@@ -14,6 +14,13 @@ from tests.tiny import make_tiny_model, make_tiny_tokenizer
 WATERMARK_KEY = "wm-secret-do-not-leak-7d41c9"
 
 
+def wm_key(name: str) -> str:
+    """A deterministic test key strong enough for WatermarkConfig (>= 128 bits): never use in production."""
+    import hashlib
+
+    return f"test-{name}-" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 def tiny_teacher(layers: int = 2, seed: int = 0):
     from potstill.teachers.hf import HFTeacher
 

@@ -13,9 +13,10 @@ import torch
 
 from potstill.guard.detect import DetectResult, detect_generations, detect_model
 from potstill.guard.watermark import Watermark, WatermarkConfig
+from tests.guard_fixtures import wm_key
 
 V = 32
-KEY = "radioactive-secret"
+KEY = wm_key("radioactive-secret")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -97,7 +98,7 @@ def test_null_p_values_over_keys_look_uniform():
     """One never-watermarked model scored under 60 keys: p-values spread over (0, 1]."""
     model, seqs = tiny_llama(6), random_sequences(16, 48, seed=2)
     ps = [
-        detect_model(model, None, seqs, WatermarkConfig(key=f"k{i}", vocab_size=V)).p_value for i in range(60)
+        detect_model(model, None, seqs, WatermarkConfig(key=wm_key(f"k{i}"), vocab_size=V)).p_value for i in range(60)
     ]
     assert sum(p < 0.05 for p in ps) <= 9  # 3 expected; the discrete test is conservative
     assert sum(p > 0.5 for p in ps) >= 18
@@ -109,10 +110,10 @@ def test_student_of_watermarked_teacher_is_caught(cfg, student):
     assert res.p_value < 1e-6 and res.green_fraction > 0.35, res.summary()
     assert "WATERMARK FOUND" in res.summary()
     d = res.to_dict()
-    assert d["tokens_scored"] == res.tokens_scored and d["key_fingerprint"] == cfg.key_fingerprint()
+    assert d["tokens_scored"] == res.tokens_scored and cfg.check_fingerprint(d["key_fingerprint"])
     assert KEY not in repr(d)
     # under another key the same student is a null model
-    other = detect_model(student, None, probes, WatermarkConfig(key="someone-else", vocab_size=V))
+    other = detect_model(student, None, probes, WatermarkConfig(key=wm_key("someone-else"), vocab_size=V))
     assert other.p_value > 0.01
 
 

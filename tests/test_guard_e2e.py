@@ -130,7 +130,7 @@ def test_ce_student_carries_less_watermark_than_fkl(flow):
 
 
 def test_wrong_key_is_not_detected(flow):
-    res = detect(flow, flow["students"]["fkl"], key="some-other-secret")
+    res = detect(flow, flow["students"]["fkl"], key="some-other-secret-5e0b7d2a91c4")
     print("wrong key:", res)
     assert res["p_value"] > 0.01
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from fractions import Fraction
@@ -20,6 +19,7 @@ from potstill.guard.watermark import (
     detect_ids,
     detect_text,
 )
+from tests.guard_fixtures import wm_key
 
 MASK = (1 << 64) - 1
 
@@ -54,7 +54,7 @@ def test_int64_hash_matches_uint64_reference():
 @pytest.mark.parametrize("gamma,self_hash,h", [(0.25, False, 1), (0.5, False, 2), (0.25, True, 3)])
 def test_green_fraction_near_gamma(gamma, self_hash, h):
     wm = Watermark(
-        WatermarkConfig(key="k", gamma=gamma, self_hash=self_hash, context_width=h, vocab_size=2000)
+        WatermarkConfig(key=wm_key("k"), gamma=gamma, self_hash=self_hash, context_width=h, vocab_size=2000)
     )
     mask = wm.green_mask(torch.randint(0, 2000, (1000, h), generator=torch.Generator().manual_seed(1)))
     assert mask.shape == (1000, 2000) and mask.dtype == torch.bool
@@ -67,9 +67,9 @@ def test_green_fraction_near_gamma(gamma, self_hash, h):
 
 def test_deterministic_per_key_and_keys_differ():
     ctx = torch.randint(0, 500, (64, 1), generator=torch.Generator().manual_seed(0))
-    a = Watermark(WatermarkConfig(key="secret-a", vocab_size=500)).green_mask(ctx)
-    assert torch.equal(a, Watermark(WatermarkConfig(key="secret-a", vocab_size=500)).green_mask(ctx))
-    b = Watermark(WatermarkConfig(key="secret-b", vocab_size=500)).green_mask(ctx)
+    a = Watermark(WatermarkConfig(key=wm_key("secret-a"), vocab_size=500)).green_mask(ctx)
+    assert torch.equal(a, Watermark(WatermarkConfig(key=wm_key("secret-a"), vocab_size=500)).green_mask(ctx))
+    b = Watermark(WatermarkConfig(key=wm_key("secret-b"), vocab_size=500)).green_mask(ctx)
     # independent lists agree on gamma^2 + (1 - gamma)^2 = 62.5% of ids
     assert (a == b).float().mean().item() == pytest.approx(0.625, abs=0.02)
     # different contexts give different lists under one key
@@ -77,8 +77,8 @@ def test_deterministic_per_key_and_keys_differ():
 
 
 def test_context_width_respected():
-    wm1 = Watermark(WatermarkConfig(key="k", context_width=1, vocab_size=300))
-    wm2 = Watermark(WatermarkConfig(key="k", context_width=2, vocab_size=300))
+    wm1 = Watermark(WatermarkConfig(key=wm_key("k"), context_width=1, vocab_size=300))
+    wm2 = Watermark(WatermarkConfig(key=wm_key("k"), context_width=2, vocab_size=300))
     m = lambda wm, c: wm.green_mask(torch.tensor([c]))[0]  # noqa: E731
     # h=2: both context tokens matter, and their order
     assert not torch.equal(m(wm2, [5, 7]), m(wm2, [6, 7]))
@@ -95,7 +95,7 @@ def test_context_width_respected():
 
 @pytest.mark.parametrize("self_hash", [False, True])
 def test_processor_adds_delta_to_green_ids_only(self_hash):
-    wm = Watermark(WatermarkConfig(key="k", delta=1.5, context_width=2, self_hash=self_hash, vocab_size=97))
+    wm = Watermark(WatermarkConfig(key=wm_key("k"), delta=1.5, context_width=2, self_hash=self_hash, vocab_size=97))
     logits = torch.randn(3, 97)
     contexts = [[4, 8, 15], [16], [23, 42]]  # row 1 is shorter than h: left alone
     out = wm.logits_processor(contexts, logits)
@@ -105,24 +105,24 @@ def test_processor_adds_delta_to_green_ids_only(self_hash):
         assert torch.allclose(out[row] - logits[row], green.float() * 1.5)
     assert torch.equal(logits, logits.clone())  # input untouched
     # a processor with delta=0 is the identity
-    assert Watermark(WatermarkConfig(key="k", delta=0.0)).logits_processor(contexts, logits) is logits
+    assert Watermark(WatermarkConfig(key=wm_key("k"), delta=0.0)).logits_processor(contexts, logits) is logits
 
 
 def test_config_validation_and_public_dict():
     for bad in [
         dict(key=""),
-        dict(key="k", gamma=0.0),
-        dict(key="k", gamma=1.0),
-        dict(key="k", delta=-1),
-        dict(key="k", context_width=0),
-        dict(key="k", vocab_size=1),
+        dict(key=wm_key("k"), gamma=0.0),
+        dict(key=wm_key("k"), gamma=1.0),
+        dict(key=wm_key("k"), delta=-1),
+        dict(key=wm_key("k"), context_width=0),
+        dict(key=wm_key("k"), vocab_size=1),
     ]:
         with pytest.raises(PotstillError):
             WatermarkConfig(**bad)
-    cfg = WatermarkConfig(key="hunter2-but-longer", vocab_size=10)
+    cfg = WatermarkConfig(key=wm_key("hunter2-but-longer"), vocab_size=10)
     pub = cfg.public_dict()
-    assert "key" not in pub and "hunter2-but-longer" not in repr(pub)
-    assert pub["key_fingerprint"] == hashlib.sha256(b"hunter2-but-longer").hexdigest()[:8]
+    assert "key" not in pub and cfg.key not in repr(pub) and cfg.key not in repr(cfg)
+    assert cfg.check_fingerprint(pub["key_fingerprint"])
     assert pub["gamma"] == 0.25 and pub["scheme"] == "kgw-lefthash"
 
 
@@ -130,7 +130,7 @@ def test_config_validation_and_public_dict():
 
 
 def test_repeated_text_is_scored_once_per_pair():
-    cfg = WatermarkConfig(key="k", vocab_size=1000)
+    cfg = WatermarkConfig(key=wm_key("k"), vocab_size=1000)
     wm = Watermark(cfg)
     # even a forger who picks a cycle of 5 all-green pairs gets at most 5 pairs scored
     cycle = [1]
@@ -148,7 +148,7 @@ def test_repeated_text_is_scored_once_per_pair():
 
 
 def test_ignore_first_skips_prompt_positions_but_uses_them_as_context():
-    cfg = WatermarkConfig(key="k", vocab_size=1000)
+    cfg = WatermarkConfig(key=wm_key("k"), vocab_size=1000)
     wm = Watermark(cfg)
     ids = list(range(100, 140))
     full = wm.score_ids(ids)
@@ -186,7 +186,7 @@ def test_extreme_scores_stay_finite_in_log_space():
 @pytest.mark.parametrize("self_hash,h", [(False, 1), (True, 2)])
 def test_null_p_values_are_uniform(self_hash, h):
     """Unwatermarked id sequences: p-values roughly uniform (the discrete test is conservative)."""
-    cfg = WatermarkConfig(key="null-check", context_width=h, self_hash=self_hash, vocab_size=5000)
+    cfg = WatermarkConfig(key=wm_key("null-check"), context_width=h, self_hash=self_hash, vocab_size=5000)
     rng = random.Random(7)
     ps = sorted(detect_ids([rng.randrange(5000) for _ in range(400)], cfg).p_value for _ in range(200))
     assert 0.01 <= sum(p < 0.05 for p in ps) / len(ps) <= 0.12
@@ -217,7 +217,7 @@ def _generate(teacher, wm, n=8, tokens=64, seed=0):
 
 def test_processor_watermarks_samples_and_detection_finds_it(tiny_teacher):
     vocab = len(tiny_teacher.tokenizer)
-    cfg = WatermarkConfig(key="our-secret", vocab_size=vocab)
+    cfg = WatermarkConfig(key=wm_key("our-secret"), vocab_size=vocab)
     marked = _generate(tiny_teacher, Watermark(cfg), seed=1)
     plain = _generate(tiny_teacher, None, seed=2)
     seqs = lambda cs: [c.prompt_ids + c.completion_ids for c in cs]  # noqa: E731
@@ -226,7 +226,7 @@ def test_processor_watermarks_samples_and_detection_finds_it(tiny_teacher):
     hit = detect_ids(seqs(marked), cfg, ignore_first=skips(marked))
     assert hit.tokens_scored > 200 and hit.green_fraction > 0.5 and hit.p_value < 1e-10
     assert detect_ids(seqs(plain), cfg, ignore_first=skips(plain)).p_value > 1e-3
-    wrong = WatermarkConfig(key="not-our-secret", vocab_size=vocab)
+    wrong = WatermarkConfig(key=wm_key("not-our-secret"), vocab_size=vocab)
     assert detect_ids(seqs(marked), wrong, ignore_first=skips(marked)).p_value > 1e-3
     # detection from the decoded text alone (re-tokenised)
     assert detect_text([c.text for c in marked], tiny_teacher.tokenizer, cfg).p_value < 1e-6
@@ -239,7 +239,7 @@ def test_bench_watermark_smoke(tiny_teacher, tmp_path):
 
     prompts = seed_prompts(limit=4)
     assert len(prompts) == 4 and prompts[0][0]["role"] == "user"
-    cfg = WatermarkConfig(key="s3cr3t-bench-key", vocab_size=len(tiny_teacher.tokenizer))
+    cfg = WatermarkConfig(key=wm_key("s3cr3t-bench-key"), vocab_size=len(tiny_teacher.tokenizer))
     out = tmp_path / "bench.json"
     res = bench_watermark(
         tiny_teacher,

@@ -71,7 +71,11 @@ def register(app: click.Group) -> None:
     @watermark_options
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, name,
               watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash):
-        """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log."""
+        """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
+
+        The query log is hash-chained under the log key: $POTSTILL_LOG_KEY, else the file named by
+        $POTSTILL_LOG_KEY_FILE, else $POTSTILL_HOME/guard/log.key (created). Check it with `potstill log verify`.
+        """
         from potstill.guard.serve import ServeConfig
         from potstill.guard.serve import serve as run_serve
         from potstill.utils import quiet_transformers
@@ -135,12 +139,12 @@ def register(app: click.Group) -> None:
     def watermark_detect(text_file, tokenizer, jsonl_field, watermark_key_env, watermark_key_file, gamma, delta,
                          context_width, self_hash):
         """Green count, z-score and exact p-value of a text (file or stdin)."""
+        cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
         from transformers import AutoTokenizer
 
         from potstill.guard.watermark import detect_text
         from potstill.teachers.hf import resolve_model_dir
 
-        cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
         try:
             raw = sys.stdin.read() if text_file == "-" else Path(text_file).read_text()
         except OSError as e:
@@ -207,6 +211,41 @@ def register(app: click.Group) -> None:
         if throttle:
             flagged = [r.key_id for r in risks if r.flagged]
             if flagged:
-                new = mon.throttle(_store(keys_db), flagged, factor)
+                from potstill.guard.querylog import server_config
+                from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
+
+                served = server_config(log_db)  # keys on server defaults start from the server's own
+                if served is None:
+                    click.echo(f"note: no server config in the log; keys without limits start from "
+                               f"rpm={DEFAULT_RPM} tpm={DEFAULT_TPM}", err=True)
+                limits = {k: served.get(k) for k in ("default_rpm", "default_tpm")} if served else {}
+                new = mon.throttle(_store(keys_db), flagged, factor, **limits)
                 for k, (rpm, tpm) in new.items():
                     click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
+
+    @app.group("log")
+    def log_group():
+        """Query-log tools."""
+
+    @log_group.command("verify")
+    @click.option("--log-db", default=None, help="Query log (default: $POTSTILL_HOME/guard/queries.db).")
+    @click.option("--log-key-file", type=click.Path(), default=None,
+                  help="File holding the log key (default: $POTSTILL_LOG_KEY, $POTSTILL_LOG_KEY_FILE, "
+                       "then $POTSTILL_HOME/guard/log.key).")
+    @click.option("--out", default=None, help="Write the report as JSON here.")
+    def log_verify(log_db, log_key_file, out):
+        """Check the log's hash chain and checkpoints; name the first edited, deleted, inserted or reordered row.
+
+        Exit code 0: intact; 1: tampered; 2: bad input (no log, no key).
+        """
+        from potstill.guard.logchain import load_log_key, verify
+        from potstill.utils import potstill_home, write_json
+
+        log_db = log_db or str(potstill_home() / "guard" / "queries.db")
+        if "://" not in log_db and not Path(log_db).exists():
+            raise PotstillError("no query log here", where=log_db)
+        report = verify(log_db, load_log_key(key_file=log_key_file, create=False))
+        if out:
+            write_json(out, report.to_dict())
+        click.echo(report.summary())
+        sys.exit(0 if report.ok else 1)

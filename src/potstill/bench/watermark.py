@@ -260,7 +260,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description="Watermark benchmark on the embedded teacher.")
-    ap.add_argument("--key", default="potstill-bench-key")
+    ap.add_argument("--key", default="potstill-bench-key-public-3c9e17f05b2a48d6")
     ap.add_argument("--gamma", type=float, default=0.25)
     ap.add_argument("--delta", type=float, default=2.0)
     ap.add_argument("--context-width", type=int, default=1)

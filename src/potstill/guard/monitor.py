@@ -78,22 +78,36 @@ class KeyRisk:
 
 
 # ---- prompt text ------------------------------------------------------------------------------
+def message_text(content: Any) -> str:
+    """A chat message's text: a string, or the text parts of a list of parts joined (as served)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text a row asked about: the string, or the last user message of a chat (else the last message)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            return prompt_text(prompt[0])
+        messages = [m for m in prompt if isinstance(m, dict)]
+        users = [m for m in messages if m.get("role") == "user"]
+        if users or messages:
+            return message_text((users or messages)[-1].get("content"))
+    return ""
+
+
 def prompt_words(prompt: Any) -> list[str]:
-    """Normalised words of the prompt a row asked about (variable spans masked)."""
+    """Normalised words of the prompt a row asked about (variable spans masked); [] for anything odd."""
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         return [f"t{t}" for t in prompt]  # a token-id prompt: ids are the words
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
         return prompt_words(prompt[0])
-    text = ""
-    if isinstance(prompt, str):
-        text = prompt
-    elif isinstance(prompt, list):
-        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        content = (users[-1] if users else (prompt[-1] if isinstance(prompt[-1], dict) else {})).get("content")
-        if isinstance(content, list):
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        text = content if isinstance(content, str) else ""
-    text = text.lower()
+    text = prompt_text(prompt).lower()
     for pattern, repl in _MASKS:
         text = pattern.sub(repl, text)
     return _WORD.findall(text)

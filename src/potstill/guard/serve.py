@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -185,6 +185,9 @@ class Service:
                 code="context_length_exceeded",
             )
         row["tokens_in"] = len(prompt_ids)
+        if not request.app.state.querylog.health()["ok"]:  # fail closed: no model work that cannot be logged
+            raise APIError(503, "The query log is unavailable; try again later.", type="server_error",
+                           code="log_unavailable", headers={"Retry-After": "5"})
         key = request.state.key
         try:
             reservation = self.limiter.acquire(key.key_id, len(prompt_ids) + max_tokens, key.rpm, key.tpm)
@@ -205,6 +208,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
     """The FastAPI app serving `teacher` (an `HFTeacher`). Stores/limiter may be injected (tests)."""
     keys = keys or KeyStore(cfg.keys_url)
     querylog = querylog or QueryLog(cfg.querylog_url)
+    querylog.record_server(cfg.public_dict())  # `monitor --throttle` starts from these limits
     limiter = limiter or RateLimiter(cfg.default_rpm, cfg.default_tpm)
     processor = None
     if cfg.watermark is not None:
@@ -244,7 +248,9 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
 
     @app.get("/health", include_in_schema=False)
     async def health():
-        return {"status": "ok"}
+        qlog = querylog.health()  # a failing or full query log is not ok: evidence is being lost
+        return JSONResponse({"status": "ok" if qlog["ok"] else "degraded", "querylog": qlog},
+                            status_code=200 if qlog["ok"] else 503)
 
     def model_card() -> dict[str, Any]:
         return {"id": svc.name, "object": "model", "created": 0, "owned_by": "potstill"}
@@ -294,7 +300,10 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
             prompt = prompt[0]
         if isinstance(prompt, str):
             prompt_text = prompt
-            prompt_ids = await anyio.to_thread.run_sync(lambda: list(teacher.tokenizer(prompt)["input_ids"]))
+            try:
+                prompt_ids = await anyio.to_thread.run_sync(lambda: list(teacher.tokenizer(prompt)["input_ids"]))
+            except Exception as err:  # e.g. a lone surrogate the tokenizer cannot take
+                raise APIError(400, f"Could not tokenize the prompt: {type(err).__name__}", param="prompt") from None
         else:
             prompt_ids = list(prompt)
             prompt_text = teacher.tokenizer.decode(prompt_ids) if all(t < svc.vocab for t in prompt_ids) else ""
@@ -317,6 +326,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                 svc.limiter.settle(res, len(job.prompt_ids) + used)
                 row["tokens_out"] = used
                 row["completion"] = job.future.result().text if done else None
+                row["completion_ids"] = list(job.future.result().completion_ids) if done else None
             lp = None
             if wants_lp:
                 lp = chat_logprobs(svc.tokens, c) if chat else completion_logprobs(svc.tokens, c, len(prompt_text))
@@ -350,6 +360,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                     return
                 used = len(c.completion_ids)
                 row["completion"] = c.text
+                row["completion_ids"] = list(c.completion_ids)
                 if wants_lp:
                     detok = Detokenizer(teacher.tokenizer)
                     offset = len(prompt_text)

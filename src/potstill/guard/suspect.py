@@ -57,6 +57,7 @@ def assistant_sequences(model, tokenizer, prompts, max_tokens: int, gen_tokens: 
 
 def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple[list[list[int]], list[int]]:
     """(prompt + served answer) token sequences from the query log: the contexts a distiller trained on."""
+    from potstill.guard.monitor import message_text
     from potstill.guard.querylog import read_log
 
     seqs, lens = [], []
@@ -64,14 +65,25 @@ def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple
         if row.get("status") != 200 or not row.get("completion"):
             continue
         prompt = row["prompt"]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        elif isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a one-prompt batch
+        try:  # a row the server answered but this tokenizer cannot take (odd roles, lone surrogates) is skipped
+            if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+                messages = [{"role": "system" if m.get("role") == "developer" else str(m.get("role", "user")),
+                             "content": message_text(m.get("content"))} for m in prompt]
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            elif isinstance(prompt, str):
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                ids = list(prompt)
+            else:
+                continue
+            served = row.get("completion_ids")
+            answer = (list(served) if isinstance(served, list) and all(isinstance(t, int) for t in served)
+                      else tokenizer(row["completion"], add_special_tokens=False)["input_ids"])
+        except Exception:
             continue
-        answer = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         seqs.append(ids + answer)
         lens.append(len(ids))
     if not seqs:

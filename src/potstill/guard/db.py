@@ -1,0 +1,43 @@
+"""Database engines for the guard's stores: a plain path means SQLite (WAL), anything else a SQLAlchemy URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import StaticPool
+
+
+def db_url(spec: str | Path) -> str:
+    """A SQLAlchemy URL from a URL or a plain file path (-> SQLite)."""
+    spec = str(spec)
+    if "://" in spec:
+        return spec
+    return f"sqlite:///{Path(spec).expanduser().resolve()}"
+
+
+def make_engine(spec: str | Path) -> Engine:
+    """An engine for `spec`; SQLite gets WAL, a busy timeout and cross-thread connections."""
+    url = make_url(db_url(spec))
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    memory = url.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    else:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return engine
