@@ -41,12 +41,19 @@ def skip_reason() -> str | None:
     return None
 
 
+def _skip_or_fail(message: str) -> None:
+    """A skip on a developer's machine; a failure where CI (or POTSTILL_REQUIRE_POSTGRES=1) asks for it."""
+    if os.environ.get("CI") in ("1", "true") or os.environ.get("POTSTILL_REQUIRE_POSTGRES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @contextmanager
 def postgres_server(tmp: Path):
     """Yield a SQLAlchemy URL to a fresh PostgreSQL database; stop the server (and delete it) on exit."""
     reason = skip_reason()
     if reason:
-        pytest.skip(reason)
+        _skip_or_fail(reason)
     binp = pg_bin()
     prefix: list[str] = []
     if os.geteuid() == 0:
@@ -55,7 +62,7 @@ def postgres_server(tmp: Path):
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and no 'postgres' user to run the server as")
+            _skip_or_fail("running as root and no 'postgres' user to run the server as")
         tmp = Path(tempfile.mkdtemp(prefix="potstill-pg-"))  # pytest's tmp dirs are root-only (0700)
         os.chown(tmp, pw.pw_uid, pw.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
