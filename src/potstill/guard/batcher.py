@@ -46,7 +46,8 @@ class Job:
     seed: int
     future: asyncio.Future
     tokens: asyncio.Queue | None = None  # streaming: lists of new token ids, then DONE
-    abandoned: bool = False
+    abandoned: bool = False  # the client left or the deadline passed: its row stops at the next step
+    decoded: int = 0  # completion tokens decoded so far (updated by the decode thread)
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -65,8 +66,8 @@ class _Tap:
     which rows ran past their own max_tokens (-> finish_reason "length").
     """
 
-    def __init__(self, jobs: list[Job], inner, loop: asyncio.AbstractEventLoop):
-        self.jobs, self.inner, self.loop = jobs, inner, loop
+    def __init__(self, jobs: list[Job], inner, loop: asyncio.AbstractEventLoop, eos: int):
+        self.jobs, self.inner, self.loop, self.eos = jobs, inner, loop, eos
         self.rows: dict[int, int] = {}
         self.unmatched = list(range(len(jobs)))
         self.sent = [len(j.prompt_ids) for j in jobs]
@@ -83,19 +84,25 @@ class _Tap:
         return b
 
     def __call__(self, contexts, logits):
-        for ctx in contexts:
+        if self.inner is not None:
+            logits = self.inner(contexts, logits)
+        for r, ctx in enumerate(contexts):
             b = self._row(ctx)
             if b is None:
                 continue
             job = self.jobs[b]
             end = len(job.prompt_ids) + job.max_tokens
+            job.decoded = min(len(ctx), end) - len(job.prompt_ids)
             if len(ctx) >= end:
                 self.reached[b] = True
             if job.tokens is not None and self.sent[b] < min(len(ctx), end):
                 new = ctx[self.sent[b] : min(len(ctx), end)]
                 self.sent[b] += len(new)
                 self.loop.call_soon_threadsafe(job.tokens.put_nowait, new)
-        return logits if self.inner is None else self.inner(contexts, logits)
+            if job.abandoned or len(ctx) >= end:  # done with this row: EOS ends it at this step
+                logits[r] = float("-inf")
+                logits[r, self.eos] = 0.0
+        return logits
 
 
 class Batcher:
@@ -105,7 +112,7 @@ class Batcher:
         # reads cfg.batch_window_ms, cfg.max_batch_size and cfg.max_batch_tokens
         self.teacher, self.cfg, self.processor = teacher, cfg, processor
         self.pending: deque[Job] = deque()
-        self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "tokens": 0, "stopped": 0}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="potstill-decode")
@@ -158,7 +165,14 @@ class Batcher:
                 self._finish(job, result=res)
 
     def _take(self) -> list[Job]:
-        live = [j for j in self.pending if not (j.abandoned or j.future.cancelled())]
+        live = []
+        for j in self.pending:
+            if j.abandoned or j.future.cancelled():
+                j.future.cancel()  # nobody waits for it any more
+                if j.tokens is not None:
+                    j.tokens.put_nowait(DONE)
+            else:
+                live.append(j)
         if not live:
             self.pending.clear()
             return []
@@ -184,10 +198,12 @@ class Batcher:
             top_logprobs=max(j.top_k for j in batch),
             stop=list(first.stop),
         )
-        tap = _Tap(batch, self.processor, loop)
+        tap = _Tap(batch, self.processor, loop, self.teacher.eos_ids[0])
         outs = self.teacher.complete_ids(
             [j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch], logits_processor=tap
         )
+        self.stats["tokens"] += sum(len(o.completion_ids) for o in outs)
+        self.stats["stopped"] += sum(j.abandoned for j in batch)
         return [self._fit(o, j, tap.reached[b]) for b, (o, j) in enumerate(zip(outs, batch, strict=True))]
 
     def _fit(self, c: Completion, job: Job, reached: bool) -> Completion:

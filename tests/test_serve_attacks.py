@@ -1,0 +1,161 @@
+"""serve against an adversary (issue 14, attacks 1, 4, 5, 6): a real uvicorn server on 127.0.0.1, tiny model.
+
+1. a client that disconnects (stream or not) is charged exactly what it was sent, its row stops
+   decoding, and its log row says `client_closed` with the partial completion;
+4. bounded queue (503), per-key concurrency (429), a deadline, and rows with distinct seeds and
+   temperatures sharing a batch;
+5. refused requests do no tokenising and store no large prompts;
+6. auth is a route dependency (holds under a root_path, answers before the body), docs off.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from potstill.guard.querylog import read_log
+from potstill.guard.ratelimit import RateLimiter
+from tests.guard_fixtures import live_server, one_torch_thread, tiny_teacher
+
+CHAT = [{"role": "user", "content": "Name two animals."}]
+LONG = 480  # tokens: the tiny model's context is 512
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    with one_torch_thread():
+        yield tiny_teacher()
+
+
+def wait_rows(srv, n: int, timeout: float = 15.0) -> list[dict]:
+    deadline = time.time() + timeout
+    while True:
+        srv.flush()
+        rows = read_log(srv.querylog_url)
+        if len(rows) >= n or time.time() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def long_seed(srv, headers) -> tuple[int, str]:
+    """A seed whose completion runs to LONG tokens (no EOS): (seed, its text)."""
+    for seed in range(40):
+        r = httpx.post(srv.base + "/completions", headers=headers, timeout=60,
+                       json={"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed})
+        if r.json()["usage"]["completion_tokens"] == LONG:
+            return seed, r.json()["choices"][0]["text"]
+    raise AssertionError("no seed runs to max_tokens")
+
+
+# ---- 1. disconnects ---------------------------------------------------------------------------
+def test_stream_disconnect_is_charged_stopped_and_logged(teacher, tmp_path):
+    limiter = RateLimiter(rpm=None, tpm=1_000_000, clock=lambda: 0.0)  # frozen clock: no refill
+    with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
+        key_id, sec = srv.keys.create("leech")
+        h = {"Authorization": f"Bearer {sec}"}
+        seed, full = long_seed(srv, h)
+        n_rows = len(wait_rows(srv, 1))
+        stats = srv.app.state.service.batcher.stats
+        level, decoded = limiter._tokens[key_id].level, stats.get("tokens", 0)
+        got, chunks = "", 0
+        body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", srv.base + "/completions", json=body,
+                                                            headers=h) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text = json.loads(line[6:])["choices"][0]["text"]
+                    got += text
+                    chunks += bool(text)
+                    if chunks == 5:
+                        break  # leaving the `with` closes the connection mid-stream
+        row = wait_rows(srv, n_rows + 1)[-1]
+        time.sleep(0.3)
+        charged = level - limiter._tokens[key_id].level
+        # charged exactly what the row says was sent, which is at least what the client read
+        assert charged >= row["tokens_in"] + chunks, (charged, row["tokens_in"], chunks)
+        assert charged == row["tokens_in"] + row["tokens_out"]
+        assert chunks <= row["tokens_out"] < LONG
+        assert row["error_type"] == "client_closed" and row["status"] == 200
+        assert row["completion"].startswith(got) and full.startswith(row["completion"])
+        assert stats["tokens"] - decoded < LONG  # the batcher stopped decoding the departed row
+
+
+def test_non_streaming_timeout_stops_decoding(teacher, tmp_path):
+    limiter = RateLimiter(rpm=None, tpm=1_000_000, clock=lambda: 0.0)
+    with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
+        key_id, sec = srv.keys.create("impatient")
+        h = {"Authorization": f"Bearer {sec}"}
+        seed, _ = long_seed(srv, h)
+        n_rows = len(wait_rows(srv, 1))
+        stats = srv.app.state.service.batcher.stats
+        level, decoded = limiter._tokens[key_id].level, stats.get("tokens", 0)
+        body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.base + "/completions", json=body, headers=h, timeout=httpx.Timeout(30, read=0.05))
+        row = wait_rows(srv, n_rows + 1)[-1]
+        time.sleep(0.3)
+        assert row["error_type"] == "client_closed"
+        assert stats["tokens"] - decoded < LONG
+        assert level - limiter._tokens[key_id].level == row["tokens_in"] + row["tokens_out"]
+
+
+# ---- 5. limits before costly work ---------------------------------------------------------------
+def test_refused_requests_do_no_costly_work_and_log_no_big_prompt(teacher, tmp_path, monkeypatch):
+    calls = []
+    real = teacher.encode_chat
+    monkeypatch.setattr(teacher, "encode_chat", lambda m: calls.append(1) or real(m))
+    big = [{"role": "user", "content": "word " * 190_000}]  # ~950 KB
+    with live_server(teacher, tmp_path, max_body_bytes=1 << 20) as srv:
+        _, sec = srv.keys.create("flood", rpm=1)
+        url = srv.base + "/chat/completions"
+        h = {"Authorization": f"Bearer {sec}"}
+        assert httpx.post(url, json={"messages": CHAT, "max_tokens": 2}, headers=h, timeout=30).status_code == 200
+        assert len(calls) == 1
+        r = httpx.post(url, json={"messages": big, "max_tokens": 2}, headers=h, timeout=30)
+        assert r.status_code == 429 and len(calls) == 1  # refused before the chat template ran
+        assert httpx.post(url, json={"messages": big}, timeout=30).status_code == 401
+        _, sec2 = srv.keys.create("bad")
+        r = httpx.post(url, json={"messages": big, "n": 3}, headers={"Authorization": f"Bearer {sec2}"}, timeout=30)
+        assert r.status_code == 400 and len(calls) == 1
+        rows = wait_rows(srv, 4)
+    refused = [r for r in rows if r["status"] >= 400]
+    assert sorted(r["status"] for r in refused) == [400, 401, 429]
+    for r in refused:
+        assert len(json.dumps(r["prompt"])) < 4096, r["status"]
+    stored = next(r["prompt"] for r in refused if r["status"] == 429)
+    assert stored["truncated"] and stored["chars"] > 900_000 and len(stored["sha256"]) == 64
+
+
+# ---- 6. auth ------------------------------------------------------------------------------------
+def test_auth_holds_under_root_path_and_docs_are_off(teacher, tmp_path):
+    with live_server(teacher, tmp_path, server_kwargs={"root_path": "/api"}) as srv:
+        _, sec = srv.keys.create("ok")
+        # a proxy strips "/api": uvicorn sees /v1/models as path "/api/v1/models" under root_path "/api"
+        for path in ("/v1/models", "/v1/models/tiny"):
+            assert httpx.get(srv.url + path, timeout=10).status_code == 401, path
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
+        assert r.status_code == 401
+        r = httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {sec}"}, timeout=10)
+        assert r.status_code == 200
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(srv.url + path, timeout=10).status_code == 404, path
+    with live_server(teacher, tmp_path / "docs", docs=True) as srv:
+        assert httpx.get(srv.url + "/openapi.json", timeout=10).status_code == 200
+
+
+def test_auth_answers_before_the_body_is_read(teacher, tmp_path):
+    with live_server(teacher, tmp_path) as srv:
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 500000\r\n\r\n{\"messages\": [")  # the body never comes
+            s.settimeout(3)
+            try:
+                head = s.recv(4096)
+            except TimeoutError:
+                head = b""
+        assert head.startswith(b"HTTP/1.1 401"), head[:80]
