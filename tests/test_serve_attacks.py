@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -159,3 +160,52 @@ def test_auth_answers_before_the_body_is_read(teacher, tmp_path):
             except TimeoutError:
                 head = b""
         assert head.startswith(b"HTTP/1.1 401"), head[:80]
+
+
+# ---- 4. backpressure and fairness ----------------------------------------------------------------
+async def _burst(srv, sec: str, bodies: list[dict], timeout: float = 60) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=srv.base, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {sec}"}) as http:
+        return await asyncio.wait_for(
+            asyncio.gather(*[http.post("/completions", json=b) for b in bodies]), timeout)
+
+
+def test_distinct_seeds_and_temperatures_share_a_batch(teacher, tmp_path):
+    with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, batch_window_ms=50) as srv:
+        _, sec = srv.keys.create("fair")
+        bodies = [{"prompt": f"Numbers {i}", "max_tokens": 12, "seed": 100 + i, "temperature": 0.5 + 0.1 * i,
+                   "top_p": 0.9 if i % 2 else 1.0} for i in range(8)]
+        alone = [r.json()["choices"][0]["text"] for b in bodies for r in asyncio.run(_burst(srv, sec, [b]))]
+        stats = srv.app.state.service.batcher.stats
+        before = dict(stats)
+        together = [r.json()["choices"][0]["text"] for r in asyncio.run(_burst(srv, sec, bodies))]
+        assert together == alone
+        assert stats["batches"] - before["batches"] < len(bodies) and stats["max_rows"] > 1
+
+
+def test_bounded_queue_concurrency_cap_and_deadline(teacher, tmp_path):
+    body = {"prompt": "Once", "max_tokens": 300, "temperature": 1.0}
+    with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, max_tokens_cap=LONG,
+                     max_concurrent_per_key=2) as srv:
+        _, sec = srv.keys.create("greedy")
+        statuses = [r.status_code for r in asyncio.run(_burst(srv, sec, [body] * 6))]
+        assert sorted(statuses) == [200, 200, 429, 429, 429, 429], statuses
+    with live_server(teacher, tmp_path / "queue", default_rpm=None, default_tpm=None, max_tokens_cap=LONG,
+                     max_pending=3, max_batch_size=1) as srv:
+        secs = [srv.keys.create(f"u{i}")[1] for i in range(8)]
+
+        async def all_keys():
+            return await asyncio.gather(*[_burst(srv, s, [body]) for s in secs])
+
+        rs = [r for group in asyncio.run(all_keys()) for r in group]
+        statuses = [r.status_code for r in rs]
+        assert set(statuses) == {200, 503}, statuses
+        for r in rs:
+            if r.status_code == 503:
+                assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["message"]
+    with live_server(teacher, tmp_path / "late", default_rpm=None, default_tpm=None, max_tokens_cap=LONG,
+                     request_timeout_s=0.05) as srv:
+        _, sec = srv.keys.create("late")
+        for stream in (False, True):
+            r = asyncio.run(_burst(srv, sec, [{"prompt": "Once", "max_tokens": LONG, "stream": stream}]))[0]
+            assert r.status_code == 504 if not stream else "deadline" in r.text, r.text[:200]

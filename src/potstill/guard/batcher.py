@@ -1,14 +1,16 @@
 """The batcher of `potstill serve`: groups concurrent requests and decodes each group at once.
 
 `Batcher.submit(job)` queues a `Job` (one admitted request). A background task collects jobs for
-`batch_window_ms` (and while a batch is decoding), takes the oldest live job's group (same
-temperature, top_p and stop strings; with stop strings also the same max_tokens) up to
-`max_batch_size` rows and `max_batch_tokens`, and runs one `teacher.complete_ids` call for it
-in a single worker thread, so the event loop stays free. Each row samples from its own seed,
-so a completion does not depend on which batch it joined. `_Tap`, the batch's logits
-processor, streams each row's new token ids to its job and wraps the watermark processor (when
-configured). Rows are then cut to their own `max_tokens` and `top_logprobs`, and each job's
-future gets its `Completion` (or an `APIError`).
+`batch_window_ms` (and while a batch is decoding), takes the oldest live jobs up to
+`max_batch_size` rows and `max_batch_tokens`, and runs one `teacher.complete_ids` call for them
+in a single worker thread, so the event loop stays free. Rows keep their own sampling params
+inside the batch (temperature, top-p, stop strings, max_tokens: `row_params`) and sample from
+their own seed, so requests sampled differently share a batch and a completion does not depend
+on which batch it joined. `_Tap`, the batch's logits processor, wraps the watermark processor
+(when configured), streams each row's new token ids to its job, counts each row's decoded
+tokens, and ends a row whose job was abandoned (client gone, deadline passed) by forcing EOS at
+the next step. Rows are then cut to their own `top_logprobs`, and each job's future gets its
+`Completion` (or an `APIError`).
 """
 
 from __future__ import annotations
@@ -48,13 +50,13 @@ class Job:
     tokens: asyncio.Queue | None = None  # streaming: lists of new token ids, then DONE
     abandoned: bool = False  # the client left or the deadline passed: its row stops at the next step
     decoded: int = 0  # completion tokens decoded so far (updated by the decode thread)
+    started: bool = False  # taken into a batch
     submitted: float = field(default_factory=time.monotonic)
 
-    @property
-    def group(self) -> tuple:
-        # rows share one SamplingParams; max_tokens may differ (rows are cut to their own
-        # length afterwards) except with stop strings, whose trimming cannot be undone.
-        return (self.temperature, self.top_p, self.stop, self.max_tokens if self.stop else None)
+    def row_params(self) -> SamplingParams:
+        """This row's own sampling params inside a shared batch."""
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_logprobs=0, stop=list(self.stop))
 
 
 class _Tap:
@@ -176,12 +178,12 @@ class Batcher:
         if not live:
             self.pending.clear()
             return []
-        key = live[0].group
         batch, rest, budget = [], deque(), 0
         for j in live:
             cost = len(j.prompt_ids) + j.max_tokens
             fits = not batch or (len(batch) < self.cfg.max_batch_size and budget + cost <= self.cfg.max_batch_tokens)
-            if j.group == key and fits:
+            if fits:
+                j.started = True
                 batch.append(j)
                 budget += cost
             else:
@@ -190,18 +192,10 @@ class Batcher:
         return batch
 
     def _decode(self, batch: list[Job], loop) -> list[Completion]:
-        first = batch[0]
-        params = SamplingParams(
-            max_new_tokens=max(j.max_tokens for j in batch),
-            temperature=first.temperature,
-            top_p=first.top_p,
-            top_logprobs=max(j.top_k for j in batch),
-            stop=list(first.stop),
-        )
+        params = SamplingParams(max_new_tokens=max(j.max_tokens for j in batch), top_logprobs=max(j.top_k for j in batch))
         tap = _Tap(batch, self.processor, loop, self.teacher.eos_ids[0])
-        outs = self.teacher.complete_ids(
-            [j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch], logits_processor=tap
-        )
+        outs = self.teacher.complete_ids([j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch],
+                                         logits_processor=tap, row_params=[j.row_params() for j in batch])
         self.stats["tokens"] += sum(len(o.completion_ids) for o in outs)
         self.stats["stopped"] += sum(j.abandoned for j in batch)
         return [self._fit(o, j, tap.reached[b]) for b, (o, j) in enumerate(zip(outs, batch, strict=True))]

@@ -206,7 +206,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
 
     @app.get("/health", include_in_schema=False)
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "queued": svc.queued(), "max_pending": cfg.max_pending, "in_flight": len(svc.open)}
 
     def model_card() -> dict[str, Any]:
         return {"id": svc.name, "object": "model", "created": 0, "owned_by": "potstill"}

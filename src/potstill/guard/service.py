@@ -77,6 +77,7 @@ class Ticket:
             self.row["error_type"] = error_type
         self.svc.limiter.settle(self.reservation, self.prompt_tokens + self.used)
         self.svc.release(self.key_id)
+        self.svc.open.discard(self)
         if self.job is not None:
             self.row["tokens_out"] = self.used
             self.row["completion"] = self.text
@@ -95,7 +96,8 @@ class Service:
         self.vocab = int(getattr(config, "vocab_size", None) or len(teacher.tokenizer))
         tok = teacher.tokenizer
         self.start_id = next(i for i in (tok.bos_token_id, tok.eos_token_id, teacher.pad_id) if i is not None)
-        self.inflight: dict[str, int] = {}
+        self.inflight: dict[str, int] = {}  # key id -> requests in flight
+        self.open: set[Ticket] = set()  # admitted requests not yet answered
 
     # ---- checks that need no model work ------------------------------------------------------
     def check(self, req: RequestBase, top_k: int, max_tokens: int | None) -> None:
@@ -128,12 +130,11 @@ class Service:
     def charge(self, request: Request, max_tokens: int) -> Ticket:
         """Concurrency, queue and rate limits, before any tokenising: a Ticket, or 429/503."""
         key = request.state.key
-        cap = getattr(self.cfg, "max_concurrent_per_key", None)
+        cap = self.cfg.max_concurrent_per_key
         if cap is not None and self.inflight.get(key.key_id, 0) >= cap:
             raise APIError(429, f"Too many concurrent requests for this key (limit {cap}); retry when one finishes.",
                            type="requests", code="concurrency_limit_exceeded", headers={"Retry-After": "1"})
-        full = getattr(self.cfg, "max_pending", None)
-        if full is not None and len(self.batcher.pending) >= full:
+        if self.queued() >= self.cfg.max_pending:
             raise APIError(503, "The server is at capacity; retry shortly.", type="server_error",
                            code="server_overloaded", headers={"Retry-After": "1"})
         try:
@@ -141,7 +142,13 @@ class Service:
         except RateLimited as err:
             raise _rate_error(err) from None
         self.inflight[key.key_id] = self.inflight.get(key.key_id, 0) + 1
-        return Ticket(self, request, reservation, max_tokens)
+        ticket = Ticket(self, request, reservation, max_tokens)
+        self.open.add(ticket)
+        return ticket
+
+    def queued(self) -> int:
+        """Admitted requests not yet decoding (tokenising, or waiting for a batch)."""
+        return sum(t.job is None or not t.job.started for t in self.open)
 
     def admit(self, ticket: Ticket, req: RequestBase, prompt_ids: list[int], max_tokens: int | None, top_k: int) -> Job:
         """After tokenising: context length (400), the prompt's tokens charged (429); the Job."""

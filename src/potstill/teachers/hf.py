@@ -161,6 +161,7 @@ class HFTeacher:
         prefill_tokens: int = 8192,
         share_prefix: bool = True,
         memory: int | None = None,
+        row_params: list[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
 
@@ -176,11 +177,14 @@ class HFTeacher:
         uses any more are cut off. With `share_prefix`, the prompts' common leading tokens are
         prefilled once and their keys and values copied into every row. The batch is lowered
         (with a warning) where its KV cache would not fit in `memory` bytes (default: what the device
-        has free).
+        has free). `row_params[i]`, when given, is row i's own temperature, top-p, stop strings and
+        max_new_tokens (at most `params.max_new_tokens`), so requests sampled differently share a
+        batch (the server's batcher); `params` keeps `top_logprobs`.
         """
         if not prompt_ids:
             return []
         n = len(prompt_ids)
+        rp = row_params if row_params is not None else [params] * n
         seeds = seeds if seeds is not None else [row_seed(params.seed, i) for i in range(n)]
         gens = [np.random.default_rng(s) for s in seeds]
         cap = batch_size or n
@@ -202,7 +206,18 @@ class HFTeacher:
                 logits = logits_processor([contexts[i] for i in rows], logits)
             logprobs = torch.log_softmax(logits, dim=-1)
             top = logprobs.topk(min(max(k, SAMPLE_TOP), logprobs.shape[1]), dim=-1)  # sorted: capture and sampler
-            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows], top)
+            if row_params is None:
+                next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows], top)
+            else:  # rows grouped by their sampling params, each group sampled as if alone
+                next_tok = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+                groups: dict[tuple[float, float], list[int]] = {}
+                for b, i in enumerate(rows):
+                    groups.setdefault((rp[i].temperature, rp[i].top_p), []).append(b)
+                for (temp, top_p), bs in groups.items():
+                    idx = torch.tensor(bs, device=logits.device)
+                    sub = SamplingParams(max_new_tokens=1, temperature=temp, top_p=top_p)
+                    next_tok[idx] = self._sample(logits[idx], logprobs[idx], sub, [gens[rows[b]] for b in bs],
+                                                 (top[0][idx], top[1][idx]))
             chosen = logprobs.gather(1, next_tok[:, None])[:, 0].tolist()
             if k:
                 tk_lp, tk_ids = top[0][:, :k].cpu().numpy(), top[1][:, :k].cpu().numpy()
@@ -225,9 +240,9 @@ class HFTeacher:
                 if k:
                     out_tk_ids[i].append(tk_ids[b])
                     out_tk_lp[i].append(tk_lp[b])
-                if params.stop and self._hits_stop(out_ids[i], params.stop):
+                if rp[i].stop and self._hits_stop(out_ids[i], rp[i].stop):
                     finish[i] = "stop"
-                elif len(out_ids[i]) < params.max_new_tokens:
+                elif len(out_ids[i]) < rp[i].max_new_tokens:
                     keep.append(b)
             if on_token is not None:  # (tokens sampled this step, rows that finished)
                 on_token(len(rows), len(rows) - len(keep))
@@ -288,8 +303,8 @@ class HFTeacher:
         for i in range(n):
             ids = out_ids[i]
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if params.stop and finish[i] == "stop":
-                text, ids, cut = self._trim_stop(text, ids, params.stop)
+            if rp[i].stop and finish[i] == "stop":
+                text, ids, cut = self._trim_stop(text, ids, rp[i].stop)
             else:
                 cut = len(ids)
             t = len(ids)
