@@ -209,3 +209,29 @@ def test_bounded_queue_concurrency_cap_and_deadline(teacher, tmp_path):
         for stream in (False, True):
             r = asyncio.run(_burst(srv, sec, [{"prompt": "Once", "max_tokens": LONG, "stream": stream}]))[0]
             assert r.status_code == 504 if not stream else "deadline" in r.text, r.text[:200]
+
+
+def test_new_requests_join_a_running_batch(teacher, tmp_path):
+    with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, max_tokens_cap=LONG) as srv:
+        _, sec = srv.keys.create("joiner")
+        h = {"Authorization": f"Bearer {sec}"}
+        seed, full = long_seed(srv, h)
+        short = {"prompt": "Numbers 3", "max_tokens": 8, "seed": 7, "temperature": 0.8, "top_p": 0.9}
+        alone = httpx.post(srv.base + "/completions", json=short, headers=h, timeout=30).json()["choices"][0]["text"]
+        stats = srv.app.state.service.batcher.stats
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=srv.base, headers=h, timeout=60) as http:
+                body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed}
+                long = asyncio.ensure_future(http.post("/completions", json=body))
+                while stats["batches"] == before["batches"] and not long.done():
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # the long row is decoding
+                r = await http.post("/completions", json=short)
+                return r, long.done(), await long
+
+        before = dict(stats)
+        r, long_done, rl = asyncio.run(scenario())
+        assert r.json()["choices"][0]["text"] == alone and rl.json()["choices"][0]["text"] == full
+        assert not long_done  # the short request did not wait for the long one
+        assert stats["batches"] - before["batches"] == 1 and stats["joined"] - before["joined"] == 1

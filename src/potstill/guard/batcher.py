@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,12 @@ class _Tap:
         self.sent = [len(j.prompt_ids) for j in jobs]
         self.reached = [False] * len(jobs)
 
+    def add(self, job: Job) -> None:
+        """A job joining the running batch (its row comes after the current ones)."""
+        self.unmatched.append(len(self.sent))
+        self.sent.append(len(job.prompt_ids))
+        self.reached.append(False)
+
     def _row(self, ctx: list[int]) -> int | None:
         b = self.rows.get(id(ctx))
         if b is None:
@@ -108,13 +115,14 @@ class _Tap:
 
 
 class Batcher:
-    """Collects concurrent jobs and decodes compatible ones together in one worker thread."""
+    """Collects concurrent jobs and decodes them together in one worker thread; new jobs join the running batch."""
 
     def __init__(self, teacher, cfg: ServeConfig, processor=None):
         # reads cfg.batch_window_ms, cfg.max_batch_size and cfg.max_batch_tokens
         self.teacher, self.cfg, self.processor = teacher, cfg, processor
         self.pending: deque[Job] = deque()
-        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "tokens": 0, "stopped": 0}
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "joined": 0, "tokens": 0, "stopped": 0}
+        self._lock = threading.Lock()  # pending is taken from by the decode thread too (rows joining)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="potstill-decode")
@@ -131,14 +139,16 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for job in self.pending:
+        with self._lock:
+            left, self.pending = list(self.pending), deque()
+        for job in left:
             self._finish(job, error=APIError(503, "server shutting down", "server_error"))
-        self.pending.clear()
         self._executor.shutdown(wait=True)
 
     async def submit(self, job: Job) -> None:
         self.start()
-        self.pending.append(job)
+        with self._lock:
+            self.pending.append(job)
         self._wake.set()
 
     async def _run(self) -> None:
@@ -150,55 +160,91 @@ class Batcher:
             wait = self.cfg.batch_window_ms / 1000 - (time.monotonic() - self.pending[0].submitted)
             if wait > 0 and len(self.pending) < self.cfg.max_batch_size:
                 await asyncio.sleep(wait)
-            batch = self._take()
+            batch = self._take(self.cfg.max_batch_size, self.cfg.max_batch_tokens, loop)
             if not batch:
                 continue
             self.stats["batches"] += 1
-            self.stats["rows"] += len(batch)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+            jobs: list[Job] = []
             try:
-                results = await loop.run_in_executor(self._executor, self._decode, batch, loop)
+                await loop.run_in_executor(self._executor, self._decode, batch, jobs, loop)
             except Exception as err:  # a decoding failure fails this batch, not the server
-                log.exception("decode failed for a batch of %d", len(batch))
-                for job in batch:
+                log.exception("decode failed for a batch of %d", len(jobs))
+                for job in jobs:
                     self._finish(job, error=APIError(500, f"decoding failed: {type(err).__name__}", "server_error"))
-                continue
-            for job, res in zip(batch, results, strict=True):
-                self._finish(job, result=res)
 
-    def _take(self) -> list[Job]:
-        live = []
-        for j in self.pending:
-            if j.abandoned or j.future.cancelled():
-                j.future.cancel()  # nobody waits for it any more
-                if j.tokens is not None:
-                    j.tokens.put_nowait(DONE)
-            else:
-                live.append(j)
-        if not live:
-            self.pending.clear()
-            return []
-        batch, rest, budget = [], deque(), 0
-        for j in live:
-            cost = len(j.prompt_ids) + j.max_tokens
-            fits = not batch or (len(batch) < self.cfg.max_batch_size and budget + cost <= self.cfg.max_batch_tokens)
-            if fits:
-                j.started = True
-                batch.append(j)
-                budget += cost
-            else:
-                rest.append(j)
-        self.pending = rest
+    def _take(self, rows: int, budget: int, loop, top_k: int | None = None, first_free: bool = True) -> list[Job]:
+        """Up to `rows` live pending jobs within `budget` tokens (the first one always, if `first_free`),
+        oldest first; with `top_k`, only jobs asking for at most that many log-probs."""
+        batch, dropped = [], []
+        with self._lock:
+            rest: deque[Job] = deque()
+            for j in self.pending:
+                if j.abandoned or j.future.cancelled():
+                    dropped.append(j)
+                    continue
+                cost = len(j.prompt_ids) + j.max_tokens
+                fits = len(batch) < rows and (cost <= budget or (first_free and not batch))
+                if fits and (top_k is None or j.top_k <= top_k):
+                    j.started = True
+                    batch.append(j)
+                    budget -= cost
+                else:
+                    rest.append(j)
+            self.pending = rest
+        for j in dropped:  # nobody waits for them any more
+            loop.call_soon_threadsafe(self._drop, j)
         return batch
 
-    def _decode(self, batch: list[Job], loop) -> list[Completion]:
-        params = SamplingParams(max_new_tokens=max(j.max_tokens for j in batch), top_logprobs=max(j.top_k for j in batch))
-        tap = _Tap(batch, self.processor, loop, self.teacher.eos_ids[0])
-        outs = self.teacher.complete_ids([j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch],
-                                         logits_processor=tap, row_params=[j.row_params() for j in batch])
-        self.stats["tokens"] += sum(len(o.completion_ids) for o in outs)
-        self.stats["stopped"] += sum(j.abandoned for j in batch)
-        return [self._fit(o, j, tap.reached[b]) for b, (o, j) in enumerate(zip(outs, batch, strict=True))]
+    @staticmethod
+    def _drop(job: Job) -> None:
+        job.future.cancel()
+        if job.tokens is not None:
+            job.tokens.put_nowait(DONE)
+
+    def _decode(self, batch: list[Job], jobs: list[Job], loop) -> None:
+        """Decode `batch` (worker thread); jobs arriving meanwhile join it while rows are free.
+
+        `jobs` (row index -> job) grows as rows join; each job's future is set as its row ends.
+        """
+        jobs.extend(batch)
+        k = max(j.top_k for j in batch)
+        params = SamplingParams(max_new_tokens=max(j.max_tokens for j in batch), top_logprobs=k)
+        tap = _Tap(jobs, self.processor, loop, self.teacher.eos_ids[0])
+        budget = [sum(len(j.prompt_ids) + j.max_tokens for j in batch)]
+        finished: set[int] = set()
+
+        def feed(free: int) -> list[tuple[list[int], int, SamplingParams]]:
+            new = self._take(free, self.cfg.max_batch_tokens - budget[0], loop, top_k=k, first_free=False)
+            for j in new:
+                jobs.append(j)
+                tap.add(j)
+                budget[0] += len(j.prompt_ids) + j.max_tokens
+            self.stats["joined"] += len(new)
+            self.stats["rows"] += len(new)
+            self._count(len(jobs) - len(finished))
+            return [(j.prompt_ids, j.seed, j.row_params()) for j in new]
+
+        def on_done(i: int, c: Completion) -> None:
+            job = jobs[i]
+            finished.add(i)
+            budget[0] -= len(job.prompt_ids) + job.max_tokens
+            self.stats["tokens"] += len(c.completion_ids)
+            self.stats["stopped"] += job.abandoned
+            loop.call_soon_threadsafe(self._finish, job, self._fit(c, job, tap.reached[i]))
+
+        self.stats["rows"] += len(batch)
+        self._count(len(batch))
+        self.teacher.complete_ids([j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch],
+                                  logits_processor=tap, row_params=[j.row_params() for j in batch], feed=feed,
+                                  on_done=on_done, batch_size=self.cfg.max_batch_size)
+        for i, job in enumerate(jobs):  # a row that never ended (should not happen): fail it, never hang
+            if i not in finished:
+                loop.call_soon_threadsafe(self._finish, job, None,
+                                          APIError(500, "decoding ended without this row", "server_error"))
+        jobs.clear()
+
+    def _count(self, live: int) -> None:
+        self.stats["max_rows"] = max(self.stats["max_rows"], live)
 
     def _fit(self, c: Completion, job: Job, reached: bool) -> Completion:
         """Cut a row decoded under the batch's params down to its own max_tokens and top-k."""
