@@ -2,8 +2,8 @@
 
 1. a client that disconnects (stream or not) is charged exactly what it was sent, its row stops
    decoding, and its log row says `client_closed` with the partial completion;
-4. bounded queue (503), per-key concurrency (429), a deadline, and rows with distinct seeds and
-   temperatures sharing a batch;
+4. bounded queue (503), per-key concurrency (429), a deadline (504), rows with distinct seeds and
+   temperatures sharing a batch, and new requests joining a running batch;
 5. refused requests do no tokenising and store no large prompts;
 6. auth is a route dependency (holds under a root_path, answers before the body), docs off.
 """
@@ -42,13 +42,25 @@ def wait_rows(srv, n: int, timeout: float = 15.0) -> list[dict]:
         time.sleep(0.05)
 
 
-def long_seed(srv, headers) -> tuple[int, str]:
-    """A seed whose completion runs to LONG tokens (no EOS): (seed, its text)."""
+def bucket(limiter: RateLimiter, key_id: str) -> float:
+    """The key's token-bucket level (full before its first request)."""
+    b = limiter._tokens.get(key_id)
+    return b.level if b is not None else float(limiter.default_tpm)
+
+
+_LONG: list[tuple[int, str]] = []  # found once per module (same teacher, same prompt)
+
+
+def long_seed(srv, headers) -> tuple[int, str, int]:
+    """A seed whose completion runs to LONG tokens (no EOS): (seed, its text, requests sent to `srv`)."""
+    if _LONG:
+        return (*_LONG[0], 0)
     for seed in range(40):
         r = httpx.post(srv.base + "/completions", headers=headers, timeout=60,
                        json={"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed})
         if r.json()["usage"]["completion_tokens"] == LONG:
-            return seed, r.json()["choices"][0]["text"]
+            _LONG.append((seed, r.json()["choices"][0]["text"]))
+            return (*_LONG[0], seed + 1)
     raise AssertionError("no seed runs to max_tokens")
 
 
@@ -58,10 +70,10 @@ def test_stream_disconnect_is_charged_stopped_and_logged(teacher, tmp_path):
     with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
         key_id, sec = srv.keys.create("leech")
         h = {"Authorization": f"Bearer {sec}"}
-        seed, full = long_seed(srv, h)
-        n_rows = len(wait_rows(srv, 1))
+        seed, full, n_rows = long_seed(srv, h)
+        wait_rows(srv, n_rows)
         stats = srv.app.state.service.batcher.stats
-        level, decoded = limiter._tokens[key_id].level, stats.get("tokens", 0)
+        level, decoded = bucket(limiter, key_id), stats.get("tokens", 0)
         got, chunks = "", 0
         body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed, "stream": True}
         with httpx.Client(timeout=60) as http, http.stream("POST", srv.base + "/completions", json=body,
@@ -75,7 +87,7 @@ def test_stream_disconnect_is_charged_stopped_and_logged(teacher, tmp_path):
                         break  # leaving the `with` closes the connection mid-stream
         row = wait_rows(srv, n_rows + 1)[-1]
         time.sleep(0.3)
-        charged = level - limiter._tokens[key_id].level
+        charged = level - bucket(limiter, key_id)
         # charged exactly what the row says was sent, which is at least what the client read
         assert charged >= row["tokens_in"] + chunks, (charged, row["tokens_in"], chunks)
         assert charged == row["tokens_in"] + row["tokens_out"]
@@ -90,10 +102,10 @@ def test_non_streaming_timeout_stops_decoding(teacher, tmp_path):
     with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
         key_id, sec = srv.keys.create("impatient")
         h = {"Authorization": f"Bearer {sec}"}
-        seed, _ = long_seed(srv, h)
-        n_rows = len(wait_rows(srv, 1))
+        seed, _, n_rows = long_seed(srv, h)
+        wait_rows(srv, n_rows)
         stats = srv.app.state.service.batcher.stats
-        level, decoded = limiter._tokens[key_id].level, stats.get("tokens", 0)
+        level, decoded = bucket(limiter, key_id), stats.get("tokens", 0)
         body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.base + "/completions", json=body, headers=h, timeout=httpx.Timeout(30, read=0.05))
@@ -101,7 +113,7 @@ def test_non_streaming_timeout_stops_decoding(teacher, tmp_path):
         time.sleep(0.3)
         assert row["error_type"] == "client_closed"
         assert stats["tokens"] - decoded < LONG
-        assert level - limiter._tokens[key_id].level == row["tokens_in"] + row["tokens_out"]
+        assert level - bucket(limiter, key_id) == row["tokens_in"] + row["tokens_out"]
 
 
 # ---- 5. limits before costly work ---------------------------------------------------------------
@@ -215,7 +227,7 @@ def test_new_requests_join_a_running_batch(teacher, tmp_path):
     with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, max_tokens_cap=LONG) as srv:
         _, sec = srv.keys.create("joiner")
         h = {"Authorization": f"Bearer {sec}"}
-        seed, full = long_seed(srv, h)
+        seed, full, _ = long_seed(srv, h)
         short = {"prompt": "Numbers 3", "max_tokens": 8, "seed": 7, "temperature": 0.8, "top_p": 0.9}
         alone = httpx.post(srv.base + "/completions", json=short, headers=h, timeout=30).json()["choices"][0]["text"]
         stats = srv.app.state.service.batcher.stats
