@@ -23,7 +23,8 @@ from potstill.guard.ratelimit import RateLimiter
 from tests.guard_fixtures import live_server, one_torch_thread, tiny_teacher
 
 CHAT = [{"role": "user", "content": "Name two animals."}]
-LONG = 480  # tokens: the tiny model's context is 512
+LONG = 300  # tokens (the tiny model's context is 512)
+PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
@@ -48,34 +49,28 @@ def bucket(limiter: RateLimiter, key_id: str) -> float:
     return b.level if b is not None else float(limiter.default_tpm)
 
 
-_LONG: list[tuple[int, str]] = []  # found once per module (same teacher, same prompt)
+@pytest.fixture(scope="module")
+def long(teacher) -> tuple[int, str]:
+    """A seed whose completion of PROMPT runs to LONG tokens (no EOS), and its text (the server's, seeded)."""
+    from potstill.teachers.base import SamplingParams
 
-
-def long_seed(srv, headers) -> tuple[int, str, int]:
-    """A seed whose completion runs to LONG tokens (no EOS): (seed, its text, requests sent to `srv`)."""
-    if _LONG:
-        return (*_LONG[0], 0)
-    for seed in range(40):
-        r = httpx.post(srv.base + "/completions", headers=headers, timeout=60,
-                       json={"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed})
-        if r.json()["usage"]["completion_tokens"] == LONG:
-            _LONG.append((seed, r.json()["choices"][0]["text"]))
-            return (*_LONG[0], seed + 1)
-    raise AssertionError("no seed runs to max_tokens")
+    ids = teacher.tokenizer(PROMPT)["input_ids"]
+    outs = teacher.complete_ids([ids] * 8, SamplingParams(max_new_tokens=LONG, temperature=1.0, top_logprobs=0),
+                                seeds=list(range(8)))
+    return next((s, o.text) for s, o in enumerate(outs) if len(o.completion_ids) == LONG)
 
 
 # ---- 1. disconnects ---------------------------------------------------------------------------
-def test_stream_disconnect_is_charged_stopped_and_logged(teacher, tmp_path):
+def test_stream_disconnect_is_charged_stopped_and_logged(teacher, long, tmp_path):
     limiter = RateLimiter(rpm=None, tpm=1_000_000, clock=lambda: 0.0)  # frozen clock: no refill
     with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
         key_id, sec = srv.keys.create("leech")
         h = {"Authorization": f"Bearer {sec}"}
-        seed, full, n_rows = long_seed(srv, h)
-        wait_rows(srv, n_rows)
+        seed, full = long
         stats = srv.app.state.service.batcher.stats
         level, decoded = bucket(limiter, key_id), stats.get("tokens", 0)
         got, chunks = "", 0
-        body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed, "stream": True}
+        body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 1.0, "seed": seed, "stream": True}
         with httpx.Client(timeout=60) as http, http.stream("POST", srv.base + "/completions", json=body,
                                                             headers=h) as r:
             for line in r.iter_lines():
@@ -85,7 +80,7 @@ def test_stream_disconnect_is_charged_stopped_and_logged(teacher, tmp_path):
                     chunks += bool(text)
                     if chunks == 5:
                         break  # leaving the `with` closes the connection mid-stream
-        row = wait_rows(srv, n_rows + 1)[-1]
+        row = wait_rows(srv, 1)[-1]
         time.sleep(0.3)
         charged = level - bucket(limiter, key_id)
         # charged exactly what the row says was sent, which is at least what the client read
@@ -97,19 +92,18 @@ def test_stream_disconnect_is_charged_stopped_and_logged(teacher, tmp_path):
         assert stats["tokens"] - decoded < LONG  # the batcher stopped decoding the departed row
 
 
-def test_non_streaming_timeout_stops_decoding(teacher, tmp_path):
+def test_non_streaming_timeout_stops_decoding(teacher, long, tmp_path):
     limiter = RateLimiter(rpm=None, tpm=1_000_000, clock=lambda: 0.0)
     with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
         key_id, sec = srv.keys.create("impatient")
         h = {"Authorization": f"Bearer {sec}"}
-        seed, _, n_rows = long_seed(srv, h)
-        wait_rows(srv, n_rows)
+        seed = long[0]
         stats = srv.app.state.service.batcher.stats
         level, decoded = bucket(limiter, key_id), stats.get("tokens", 0)
-        body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed}
+        body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 1.0, "seed": seed}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.base + "/completions", json=body, headers=h, timeout=httpx.Timeout(30, read=0.05))
-        row = wait_rows(srv, n_rows + 1)[-1]
+        row = wait_rows(srv, 1)[-1]
         time.sleep(0.3)
         assert row["error_type"] == "client_closed"
         assert stats["tokens"] - decoded < LONG
@@ -195,8 +189,8 @@ def test_distinct_seeds_and_temperatures_share_a_batch(teacher, tmp_path):
         assert stats["batches"] - before["batches"] < len(bodies) and stats["max_rows"] > 1
 
 
-def test_bounded_queue_concurrency_cap_and_deadline(teacher, tmp_path):
-    body = {"prompt": "Once", "max_tokens": 300, "temperature": 1.0}
+def test_bounded_queue_concurrency_cap_and_deadline(teacher, long, tmp_path):
+    body = {"prompt": PROMPT, "max_tokens": 100, "temperature": 1.0, "seed": long[0]}  # no EOS before 100
     with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, max_tokens_cap=LONG,
                      max_concurrent_per_key=2) as srv:
         _, sec = srv.keys.create("greedy")
@@ -219,22 +213,22 @@ def test_bounded_queue_concurrency_cap_and_deadline(teacher, tmp_path):
                      request_timeout_s=0.05) as srv:
         _, sec = srv.keys.create("late")
         for stream in (False, True):
-            r = asyncio.run(_burst(srv, sec, [{"prompt": "Once", "max_tokens": LONG, "stream": stream}]))[0]
+            r = asyncio.run(_burst(srv, sec, [{**body, "max_tokens": LONG, "stream": stream}]))[0]
             assert r.status_code == 504 if not stream else "deadline" in r.text, r.text[:200]
 
 
-def test_new_requests_join_a_running_batch(teacher, tmp_path):
+def test_new_requests_join_a_running_batch(teacher, long, tmp_path):
     with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, max_tokens_cap=LONG) as srv:
         _, sec = srv.keys.create("joiner")
         h = {"Authorization": f"Bearer {sec}"}
-        seed, full, _ = long_seed(srv, h)
+        seed, full = long
         short = {"prompt": "Numbers 3", "max_tokens": 8, "seed": 7, "temperature": 0.8, "top_p": 0.9}
         alone = httpx.post(srv.base + "/completions", json=short, headers=h, timeout=30).json()["choices"][0]["text"]
         stats = srv.app.state.service.batcher.stats
 
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.base, headers=h, timeout=60) as http:
-                body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 1.0, "seed": seed}
+                body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 1.0, "seed": seed}
                 long = asyncio.ensure_future(http.post("/completions", json=body))
                 while stats["batches"] == before["batches"] and not long.done():
                     await asyncio.sleep(0.01)
