@@ -96,13 +96,17 @@ def test_non_streaming_timeout_stops_decoding(teacher, long, tmp_path):
     limiter = RateLimiter(rpm=None, tpm=1_000_000, clock=lambda: 0.0)
     with live_server(teacher, tmp_path, limiter=limiter, max_tokens_cap=LONG) as srv:
         key_id, sec = srv.keys.create("impatient")
-        h = {"Authorization": f"Bearer {sec}"}
         seed = long[0]
         stats = srv.app.state.service.batcher.stats
         level, decoded = bucket(limiter, key_id), stats.get("tokens", 0)
-        body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 1.0, "seed": seed}
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(srv.base + "/completions", json=body, headers=h, timeout=httpx.Timeout(30, read=0.05))
+        body = json.dumps({"prompt": PROMPT, "max_tokens": LONG, "temperature": 1.0, "seed": seed}).encode()
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # a client that gives up waiting
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Authorization: Bearer {sec}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.time() + 20
+            while stats["batches"] == 0 and time.time() < deadline:  # until its row is decoding
+                time.sleep(0.005)
         row = wait_rows(srv, 1)[-1]
         time.sleep(0.3)
         assert row["error_type"] == "client_closed"
