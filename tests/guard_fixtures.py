@@ -63,8 +63,11 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", **cfg_kwargs):
-    """Serve `teacher` with uvicorn in a thread; yields a LiveServer; stops (and flushes the log) on exit."""
+def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", server_kwargs: dict | None = None,
+                **cfg_kwargs):
+    """Serve `teacher` with uvicorn in a thread; yields a LiveServer; stops (and flushes the log) on exit.
+
+    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig`."""
     import uvicorn
 
     from potstill.guard.keys import KeyStore
@@ -80,7 +83,8 @@ def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", **
     keys = KeyStore(cfg.keys_url)
     app = create_app(teacher, cfg, keys=keys, limiter=limiter)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, lifespan="on", backlog=2048)
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, lifespan="on", backlog=2048,
+                      **(server_kwargs or {}))
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -103,3 +103,22 @@ def test_unlimited():
     lim = RateLimiter(rpm=None, tpm=None, clock=Clock())
     for _ in range(10_000):
         lim.acquire("k", tokens=10**6)
+
+
+def test_resize_charges_the_prompt_after_tokenising():
+    """The server charges max_tokens + 1 before tokenising, then resizes to prompt + max_tokens."""
+    clock = Clock()
+    lim = RateLimiter(rpm=None, tpm=1000, clock=clock)
+    res = lim.acquire("k", tokens=101)
+    lim.resize(res, 300)  # the prompt turned out to be 200 tokens
+    assert lim._tokens["k"].level == 700
+    with pytest.raises(RateLimited, match="Request too large"):
+        lim.resize(res, 1001)
+    other = lim.acquire("k", tokens=600)
+    with pytest.raises(RateLimited) as err:
+        lim.resize(other, 701)  # 101 more than the 100 left
+    assert err.value.limit == "tokens" and err.value.retry_after >= 1 and lim._tokens["k"].level == 100
+    lim.settle(other, 0)  # refused after the charge: its tokens come back, the request stays counted
+    lim.resize(res, 250)  # shrinking refunds the difference
+    lim.settle(res, 250)
+    assert lim._tokens["k"].level == 750

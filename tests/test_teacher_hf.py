@@ -92,6 +92,24 @@ def test_continuous_refill_matches_rows_alone(tiny_model_dir):
         assert refilled[i].finish_reason == alone.finish_reason
 
 
+def test_row_params_in_one_batch_match_rows_alone(tiny_model_dir):
+    """Rows with their own temperature, top-p, stop strings and max_new_tokens share one batch exactly."""
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    prompts = [teacher.encode_chat([{"role": "user", "content": t}]) for t in ["hello", "rain", "count", "colors"]]
+    free = teacher.complete_ids(prompts[3:], SamplingParams(max_new_tokens=12, temperature=0), seeds=[0])[0]
+    rows = [SamplingParams(max_new_tokens=10, temperature=0.0), SamplingParams(max_new_tokens=6, temperature=0.7),
+            SamplingParams(max_new_tokens=12, temperature=1.3, top_p=0.8),
+            SamplingParams(max_new_tokens=12, temperature=0.0, stop=[free.text[2:4]])]
+    params = SamplingParams(max_new_tokens=12, top_logprobs=3)
+    together = teacher.complete_ids(prompts, params, seeds=[1, 2, 3, 4], row_params=rows)
+    for i, (p, rp) in enumerate(zip(prompts, rows, strict=True)):
+        alone = teacher.complete_ids([p], SamplingParams(**{**rp.to_dict(), "top_logprobs": 3}), seeds=[i + 1])[0]
+        assert (together[i].completion_ids, together[i].text, together[i].finish_reason) == \
+            (alone.completion_ids, alone.text, alone.finish_reason), i
+        assert len(together[i].completion_ids) <= rp.max_new_tokens
+    assert together[3].finish_reason == "stop"
+
+
 def test_batch_lowered_to_fit_memory_decodes_the_same(tiny_model_dir, caplog):
     """Where 64 rows of KV cache would not fit, the engine takes as many rows as fit, says so, and
     every completion is the one an unbounded batch gives."""

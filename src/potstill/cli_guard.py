@@ -66,10 +66,13 @@ def register(app: click.Group) -> None:
     @click.option("--rpm", default=None, type=int, help="Default requests/minute per key.")
     @click.option("--tpm", default=None, type=int, help="Default tokens/minute per key.")
     @click.option("--max-tokens-cap", default=1024, show_default=True, help="Largest max_tokens a request may ask.")
-    @click.option("--max-batch-size", default=16, show_default=True, help="Most requests decoded together (continuous refill keeps the batch full).")
+    @click.option("--max-batch-size", default=None, type=int,
+                  help="Most requests decoded together [default: ServeConfig.max_batch_size, 32].")
+    @click.option("--docs/--no-docs", default=False, show_default=True,
+                  help="Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone).")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
     @watermark_options
-    def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, name,
+    def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name,
               watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
 
@@ -81,9 +84,10 @@ def register(app: click.Group) -> None:
         from potstill.utils import quiet_transformers
 
         wm = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, False)
-        kw = {k: v for k, v in {"default_rpm": rpm, "default_tpm": tpm}.items() if v is not None}
+        kw = {k: v for k, v in {"default_rpm": rpm, "default_tpm": tpm, "max_batch_size": max_batch_size}.items()
+              if v is not None}
         cfg = ServeConfig(host=host, port=port, keys_url=keys_db, querylog_url=log_db, watermark=wm,
-                          max_tokens_cap=max_tokens_cap, max_batch_size=max_batch_size, model_name=name, **kw)
+                          max_tokens_cap=max_tokens_cap, model_name=name, docs=docs, **kw)
         quiet_transformers()
         click.echo(f"serving {model} on http://{host}:{port}/v1 (watermark {'on' if wm else 'off'})", err=True)
         run_serve(model, cfg)

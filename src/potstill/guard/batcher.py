@@ -1,20 +1,23 @@
 """The batcher of `potstill serve`: groups concurrent requests and decodes each group at once.
 
 `Batcher.submit(job)` queues a `Job` (one admitted request). A background task collects jobs for
-`batch_window_ms` (and while a batch is decoding), takes the oldest live job's group (same
-temperature, top_p and stop strings; with stop strings also the same max_tokens) up to
-`max_batch_size` rows and `max_batch_tokens`, and runs one `teacher.complete_ids` call for it
-in a single worker thread, so the event loop stays free. Each row samples from its own seed,
-so a completion does not depend on which batch it joined. `_Tap`, the batch's logits
-processor, streams each row's new token ids to its job and wraps the watermark processor (when
-configured). Rows are then cut to their own `max_tokens` and `top_logprobs`, and each job's
-future gets its `Completion` (or an `APIError`).
+`batch_window_ms` (and while a batch is decoding), takes the oldest live jobs up to
+`max_batch_size` rows and `max_batch_tokens`, and runs one `teacher.complete_ids` call for them
+in a single worker thread, so the event loop stays free. Rows keep their own sampling params
+inside the batch (temperature, top-p, stop strings, max_tokens: `row_params`) and sample from
+their own seed, so requests sampled differently share a batch and a completion does not depend
+on which batch it joined. `_Tap`, the batch's logits processor, wraps the watermark processor
+(when configured), streams each row's new token ids to its job, counts each row's decoded
+tokens, and ends a row whose job was abandoned (client gone, deadline passed) by forcing EOS at
+the next step. Rows are then cut to their own `top_logprobs`, and each job's future gets its
+`Completion` (or an `APIError`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -46,14 +49,15 @@ class Job:
     seed: int
     future: asyncio.Future
     tokens: asyncio.Queue | None = None  # streaming: lists of new token ids, then DONE
-    abandoned: bool = False
+    abandoned: bool = False  # the client left or the deadline passed: its row stops at the next step
+    decoded: int = 0  # completion tokens decoded so far (updated by the decode thread)
+    started: bool = False  # taken into a batch
     submitted: float = field(default_factory=time.monotonic)
 
-    @property
-    def group(self) -> tuple:
-        # rows share one SamplingParams; max_tokens may differ (rows are cut to their own
-        # length afterwards) except with stop strings, whose trimming cannot be undone.
-        return (self.temperature, self.top_p, self.stop, self.max_tokens if self.stop else None)
+    def row_params(self) -> SamplingParams:
+        """This row's own sampling params inside a shared batch."""
+        return SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_logprobs=0, stop=list(self.stop))
 
 
 class _Tap:
@@ -65,12 +69,18 @@ class _Tap:
     which rows ran past their own max_tokens (-> finish_reason "length").
     """
 
-    def __init__(self, jobs: list[Job], inner, loop: asyncio.AbstractEventLoop):
-        self.jobs, self.inner, self.loop = jobs, inner, loop
+    def __init__(self, jobs: list[Job], inner, loop: asyncio.AbstractEventLoop, eos: int):
+        self.jobs, self.inner, self.loop, self.eos = jobs, inner, loop, eos
         self.rows: dict[int, int] = {}
         self.unmatched = list(range(len(jobs)))
         self.sent = [len(j.prompt_ids) for j in jobs]
         self.reached = [False] * len(jobs)
+
+    def add(self, job: Job) -> None:
+        """A job joining the running batch (its row comes after the current ones)."""
+        self.unmatched.append(len(self.sent))
+        self.sent.append(len(job.prompt_ids))
+        self.reached.append(False)
 
     def _row(self, ctx: list[int]) -> int | None:
         b = self.rows.get(id(ctx))
@@ -83,29 +93,36 @@ class _Tap:
         return b
 
     def __call__(self, contexts, logits):
-        for ctx in contexts:
+        if self.inner is not None:
+            logits = self.inner(contexts, logits)
+        for r, ctx in enumerate(contexts):
             b = self._row(ctx)
             if b is None:
                 continue
             job = self.jobs[b]
             end = len(job.prompt_ids) + job.max_tokens
+            job.decoded = min(len(ctx), end) - len(job.prompt_ids)
             if len(ctx) >= end:
                 self.reached[b] = True
             if job.tokens is not None and self.sent[b] < min(len(ctx), end):
                 new = ctx[self.sent[b] : min(len(ctx), end)]
                 self.sent[b] += len(new)
                 self.loop.call_soon_threadsafe(job.tokens.put_nowait, new)
-        return logits if self.inner is None else self.inner(contexts, logits)
+            if job.abandoned or len(ctx) >= end:  # done with this row: EOS ends it at this step
+                logits[r] = float("-inf")
+                logits[r, self.eos] = 0.0
+        return logits
 
 
 class Batcher:
-    """Collects concurrent jobs and decodes compatible ones together in one worker thread."""
+    """Collects concurrent jobs and decodes them together in one worker thread; new jobs join the running batch."""
 
     def __init__(self, teacher, cfg: ServeConfig, processor=None):
         # reads cfg.batch_window_ms, cfg.max_batch_size and cfg.max_batch_tokens
         self.teacher, self.cfg, self.processor = teacher, cfg, processor
         self.pending: deque[Job] = deque()
-        self.stats = {"batches": 0, "rows": 0, "max_rows": 0}
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "joined": 0, "tokens": 0, "stopped": 0}
+        self._lock = threading.Lock()  # pending is taken from by the decode thread too (rows joining)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="potstill-decode")
@@ -122,14 +139,16 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for job in self.pending:
+        with self._lock:
+            left, self.pending = list(self.pending), deque()
+        for job in left:
             self._finish(job, error=APIError(503, "server shutting down", "server_error"))
-        self.pending.clear()
         self._executor.shutdown(wait=True)
 
     async def submit(self, job: Job) -> None:
         self.start()
-        self.pending.append(job)
+        with self._lock:
+            self.pending.append(job)
         self._wake.set()
 
     async def _run(self) -> None:
@@ -141,54 +160,91 @@ class Batcher:
             wait = self.cfg.batch_window_ms / 1000 - (time.monotonic() - self.pending[0].submitted)
             if wait > 0 and len(self.pending) < self.cfg.max_batch_size:
                 await asyncio.sleep(wait)
-            batch = self._take()
+            batch = self._take(self.cfg.max_batch_size, self.cfg.max_batch_tokens, loop)
             if not batch:
                 continue
             self.stats["batches"] += 1
-            self.stats["rows"] += len(batch)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+            jobs: list[Job] = []
             try:
-                results = await loop.run_in_executor(self._executor, self._decode, batch, loop)
+                await loop.run_in_executor(self._executor, self._decode, batch, jobs, loop)
             except Exception as err:  # a decoding failure fails this batch, not the server
-                log.exception("decode failed for a batch of %d", len(batch))
-                for job in batch:
+                log.exception("decode failed for a batch of %d", len(jobs))
+                for job in jobs:
                     self._finish(job, error=APIError(500, f"decoding failed: {type(err).__name__}", "server_error"))
-                continue
-            for job, res in zip(batch, results, strict=True):
-                self._finish(job, result=res)
 
-    def _take(self) -> list[Job]:
-        live = [j for j in self.pending if not (j.abandoned or j.future.cancelled())]
-        if not live:
-            self.pending.clear()
-            return []
-        key = live[0].group
-        batch, rest, budget = [], deque(), 0
-        for j in live:
-            cost = len(j.prompt_ids) + j.max_tokens
-            fits = not batch or (len(batch) < self.cfg.max_batch_size and budget + cost <= self.cfg.max_batch_tokens)
-            if j.group == key and fits:
-                batch.append(j)
-                budget += cost
-            else:
-                rest.append(j)
-        self.pending = rest
+    def _take(self, rows: int, budget: int, loop, top_k: int | None = None, first_free: bool = True) -> list[Job]:
+        """Up to `rows` live pending jobs within `budget` tokens (the first one always, if `first_free`),
+        oldest first; with `top_k`, only jobs asking for at most that many log-probs."""
+        batch, dropped = [], []
+        with self._lock:
+            rest: deque[Job] = deque()
+            for j in self.pending:
+                if j.abandoned or j.future.cancelled():
+                    dropped.append(j)
+                    continue
+                cost = len(j.prompt_ids) + j.max_tokens
+                fits = len(batch) < rows and (cost <= budget or (first_free and not batch))
+                if fits and (top_k is None or j.top_k <= top_k):
+                    j.started = True
+                    batch.append(j)
+                    budget -= cost
+                else:
+                    rest.append(j)
+            self.pending = rest
+        for j in dropped:  # nobody waits for them any more
+            loop.call_soon_threadsafe(self._drop, j)
         return batch
 
-    def _decode(self, batch: list[Job], loop) -> list[Completion]:
-        first = batch[0]
-        params = SamplingParams(
-            max_new_tokens=max(j.max_tokens for j in batch),
-            temperature=first.temperature,
-            top_p=first.top_p,
-            top_logprobs=max(j.top_k for j in batch),
-            stop=list(first.stop),
-        )
-        tap = _Tap(batch, self.processor, loop)
-        outs = self.teacher.complete_ids(
-            [j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch], logits_processor=tap
-        )
-        return [self._fit(o, j, tap.reached[b]) for b, (o, j) in enumerate(zip(outs, batch, strict=True))]
+    @staticmethod
+    def _drop(job: Job) -> None:
+        job.future.cancel()
+        if job.tokens is not None:
+            job.tokens.put_nowait(DONE)
+
+    def _decode(self, batch: list[Job], jobs: list[Job], loop) -> None:
+        """Decode `batch` (worker thread); jobs arriving meanwhile join it while rows are free.
+
+        `jobs` (row index -> job) grows as rows join; each job's future is set as its row ends.
+        """
+        jobs.extend(batch)
+        k = max(j.top_k for j in batch)
+        params = SamplingParams(max_new_tokens=max(j.max_tokens for j in batch), top_logprobs=k)
+        tap = _Tap(jobs, self.processor, loop, self.teacher.eos_ids[0])
+        budget = [sum(len(j.prompt_ids) + j.max_tokens for j in batch)]
+        finished: set[int] = set()
+
+        def feed(free: int) -> list[tuple[list[int], int, SamplingParams]]:
+            new = self._take(free, self.cfg.max_batch_tokens - budget[0], loop, top_k=k, first_free=False)
+            for j in new:
+                jobs.append(j)
+                tap.add(j)
+                budget[0] += len(j.prompt_ids) + j.max_tokens
+            self.stats["joined"] += len(new)
+            self.stats["rows"] += len(new)
+            self._count(len(jobs) - len(finished))
+            return [(j.prompt_ids, j.seed, j.row_params()) for j in new]
+
+        def on_done(i: int, c: Completion) -> None:
+            job = jobs[i]
+            finished.add(i)
+            budget[0] -= len(job.prompt_ids) + job.max_tokens
+            self.stats["tokens"] += len(c.completion_ids)
+            self.stats["stopped"] += job.abandoned
+            loop.call_soon_threadsafe(self._finish, job, self._fit(c, job, tap.reached[i]))
+
+        self.stats["rows"] += len(batch)
+        self._count(len(batch))
+        self.teacher.complete_ids([j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch],
+                                  logits_processor=tap, row_params=[j.row_params() for j in batch], feed=feed,
+                                  on_done=on_done, batch_size=self.cfg.max_batch_size)
+        for i, job in enumerate(jobs):  # a row that never ended (should not happen): fail it, never hang
+            if i not in finished:
+                loop.call_soon_threadsafe(self._finish, job, None,
+                                          APIError(500, "decoding ended without this row", "server_error"))
+        jobs.clear()
+
+    def _count(self, live: int) -> None:
+        self.stats["max_rows"] = max(self.stats["max_rows"], live)
 
     def _fit(self, c: Completion, job: Job, reached: bool) -> Completion:
         """Cut a row decoded under the batch's params down to its own max_tokens and top-k."""

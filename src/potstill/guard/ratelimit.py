@@ -118,6 +118,32 @@ class RateLimiter:
                 tok.level -= tokens
         return Reservation(key_id, tokens)
 
+    def resize(self, reservation: Reservation, tokens: int) -> None:
+        """Change what `reservation` holds to `tokens` (once the prompt is tokenised), or raise RateLimited.
+
+        Growing it needs the difference available now; on RateLimited the reservation is unchanged
+        (the request stays counted; `settle` refunds its tokens).
+        """
+        with self._lock:
+            extra = tokens - reservation.tokens
+            tok = self._tokens.get(reservation.key_id)
+            if tok is not None and not reservation.settled:
+                tok.refill(self.clock())
+                if extra > 0:
+                    if tokens > tok.capacity:
+                        raise RateLimited(
+                            f"Request too large: it needs {tokens} tokens (prompt + max_tokens) but this key's "
+                            f"limit is {int(tok.capacity)} tokens per minute; lower max_tokens or shorten the prompt.",
+                            retry_after=60, limit="tokens")
+                    wait = tok.wait(extra)
+                    if wait > 0:
+                        retry = max(1, math.ceil(wait))
+                        raise RateLimited(
+                            f"Rate limit reached for tokens per minute (limit {int(tok.capacity)}); retry in {retry} s.",
+                            retry_after=retry, limit="tokens")
+                tok.level = min(tok.capacity, tok.level - extra)
+            reservation.tokens = tokens
+
     def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Refund the tokens charged up front but not used (once per reservation)."""
         with self._lock:

@@ -161,6 +161,9 @@ class HFTeacher:
         prefill_tokens: int = 8192,
         share_prefix: bool = True,
         memory: int | None = None,
+        row_params: list[SamplingParams] | None = None,
+        feed: Callable[[int], list[tuple[list[int], int, SamplingParams]]] | None = None,
+        on_done: Callable[[int, Completion], None] | None = None,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
 
@@ -176,11 +179,18 @@ class HFTeacher:
         uses any more are cut off. With `share_prefix`, the prompts' common leading tokens are
         prefilled once and their keys and values copied into every row. The batch is lowered
         (with a warning) where its KV cache would not fit in `memory` bytes (default: what the device
-        has free).
+        has free). `row_params[i]`, when given, is row i's own temperature, top-p, stop strings and
+        max_new_tokens (at most `params.max_new_tokens`), so requests sampled differently share a
+        batch (the server's batcher); `params` keeps `top_logprobs`. With `feed`, rows join the running
+        batch: at each refill point `feed(free_rows)` returns new `(prompt_ids, seed, row_params)` rows
+        (at most `free_rows`; they get the next indices), and `on_done(i, completion)` is called as soon
+        as row i finishes. The returned list holds every row, fed ones included.
         """
         if not prompt_ids:
             return []
         n = len(prompt_ids)
+        prompt_ids = list(prompt_ids)
+        rp = list(row_params) if row_params is not None else [params] * n
         seeds = seeds if seeds is not None else [row_seed(params.seed, i) for i in range(n)]
         gens = [np.random.default_rng(s) for s in seeds]
         cap = batch_size or n
@@ -202,7 +212,18 @@ class HFTeacher:
                 logits = logits_processor([contexts[i] for i in rows], logits)
             logprobs = torch.log_softmax(logits, dim=-1)
             top = logprobs.topk(min(max(k, SAMPLE_TOP), logprobs.shape[1]), dim=-1)  # sorted: capture and sampler
-            next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows], top)
+            if row_params is None and feed is None:
+                next_tok = self._sample(logits, logprobs, params, [gens[i] for i in rows], top)
+            else:  # rows grouped by their sampling params, each group sampled as if alone
+                next_tok = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+                groups: dict[tuple[float, float], list[int]] = {}
+                for b, i in enumerate(rows):
+                    groups.setdefault((rp[i].temperature, rp[i].top_p), []).append(b)
+                for (temp, top_p), bs in groups.items():
+                    idx = torch.tensor(bs, device=logits.device)
+                    sub = SamplingParams(max_new_tokens=1, temperature=temp, top_p=top_p)
+                    next_tok[idx] = self._sample(logits[idx], logprobs[idx], sub, [gens[rows[b]] for b in bs],
+                                                 (top[0][idx], top[1][idx]))
             chosen = logprobs.gather(1, next_tok[:, None])[:, 0].tolist()
             if k:
                 tk_lp, tk_ids = top[0][:, :k].cpu().numpy(), top[1][:, :k].cpu().numpy()
@@ -225,24 +246,65 @@ class HFTeacher:
                 if k:
                     out_tk_ids[i].append(tk_ids[b])
                     out_tk_lp[i].append(tk_lp[b])
-                if params.stop and self._hits_stop(out_ids[i], params.stop):
+                if rp[i].stop and self._hits_stop(out_ids[i], rp[i].stop):
                     finish[i] = "stop"
-                elif len(out_ids[i]) < params.max_new_tokens:
+                elif len(out_ids[i]) < rp[i].max_new_tokens:
                     keep.append(b)
+            if on_done is not None:
+                kept = set(keep)
+                for b, i in enumerate(rows):
+                    if b not in kept:
+                        on_done(i, result(i))
             if on_token is not None:  # (tokens sampled this step, rows that finished)
                 on_token(len(rows), len(rows) - len(keep))
             return keep, next_tok
 
+        def result(i: int) -> Completion:
+            ids = out_ids[i]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if rp[i].stop and finish[i] == "stop":
+                text, ids, cut = self._trim_stop(text, ids, rp[i].stop)
+            else:
+                cut = len(ids)
+            t = len(ids)
+            return Completion(
+                prompt_ids=list(prompt_ids[i]),
+                completion_ids=ids,
+                text=text,
+                finish_reason=finish[i],
+                sampled_logprob=np.asarray(out_lp[i][:cut], dtype=np.float32),
+                topk_ids=np.asarray(out_tk_ids[i][:t], dtype=np.int64).reshape(t, k) if k else None,
+                topk_logprobs=np.asarray(out_tk_lp[i][:t], dtype=np.float32).reshape(t, k) if k else None,
+            )
+
+        def add_fed(free: int) -> list[int]:
+            new = []
+            for ids, seed, row in feed(free) if free > 0 else ():
+                new.append(len(prompt_ids))
+                prompt_ids.append(list(ids))
+                rp.append(row)
+                gens.append(np.random.default_rng(seed))
+                contexts.append(list(ids))
+                for lst in (out_ids, out_lp, out_tk_ids, out_tk_lp):
+                    lst.append([])
+                finish.append("length")
+            return new
+
         # shortest prompts first: rows prefilled together have similar lengths, so little padding
         queue = sorted(range(n), key=lambda i: len(prompt_ids[i]))
         prefix = self._shared_prefix(prompt_ids) if share_prefix else None
+        prefix_ids = prompt_ids[0][: prefix[0]] if prefix else None
         max_len = max(map(len, prompt_ids)) + params.max_new_tokens
-        cap = self._rows_that_fit(min(cap, n), max_len, prefill_tokens, memory)
+        cap = self._rows_that_fit(min(cap, n) if feed is None else cap, max_len, prefill_tokens, memory)
         keep_freed_memory()
         live: list[int] = []
         slab: SlabCache | None = None
         attn = step_ids = None
-        while queue or live:
+        while True:
+            if feed is not None and not queue:  # a waiting (too long) row first lets the batch drain
+                queue = sorted(add_fed(cap - len(live)), key=lambda i: len(prompt_ids[i]))
+            if not (queue or live):
+                break
             free = cap - len(live)
             if queue and (not live or free >= max(1, cap // 4) or free >= len(queue)):
                 taken, queue = queue[:free], queue[free:]
@@ -251,7 +313,10 @@ class HFTeacher:
                 fits = [i for i in taken if len(prompt_ids[i]) <= max(2 * width, width + 64)]
                 queue, taken = taken[len(fits) :] + queue, fits
                 for group in _prefill_groups(taken, [len(prompt_ids[i]) for i in taken], prefill_tokens):
-                    new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in group], prefix)
+                    shared = prefix if prefix and all(
+                        len(prompt_ids[i]) > prefix[0] and prompt_ids[i][: prefix[0]] == prefix_ids for i in group
+                    ) else None
+                    new_cache, new_attn, logits = self._prefill([prompt_ids[i] for i in group], shared)
                     keep, toks = consume(group, logits)
                     if not keep:
                         continue
@@ -284,27 +349,7 @@ class HFTeacher:
                 attn, toks, live = slab.trim_left(attn[idx]), toks[idx], [live[b] for b in order]
             step_ids = toks[:, None]
 
-        results = []
-        for i in range(n):
-            ids = out_ids[i]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if params.stop and finish[i] == "stop":
-                text, ids, cut = self._trim_stop(text, ids, params.stop)
-            else:
-                cut = len(ids)
-            t = len(ids)
-            results.append(
-                Completion(
-                    prompt_ids=list(prompt_ids[i]),
-                    completion_ids=ids,
-                    text=text,
-                    finish_reason=finish[i],
-                    sampled_logprob=np.asarray(out_lp[i][:cut], dtype=np.float32),
-                    topk_ids=np.asarray(out_tk_ids[i][:t], dtype=np.int64).reshape(t, k) if k else None,
-                    topk_logprobs=np.asarray(out_tk_lp[i][:t], dtype=np.float32).reshape(t, k) if k else None,
-                )
-            )
-        return results
+        return [result(i) for i in range(len(prompt_ids))]
 
     def _rows_that_fit(self, rows: int, max_len: int, prefill_tokens: int, memory: int | None) -> int:
         """`rows`, or fewer where a batch of them would not have room for its KV cache."""
