@@ -26,3 +26,4 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports  # layer rules: [tool.importlinter] in pyproject.toml
