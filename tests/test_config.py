@@ -145,3 +145,16 @@ def test_cli_defaults_are_the_configs():
                     assert params[name].help == f.metadata["help"], (path, name)
                 checked += 1
     assert checked > 100
+
+
+def test_run_with_bad_value_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = _recipe(tmp_path, "generate:\n  prompts: builtin:seed_tasks\ntrain:\n  lr: fast\n")
+    res = subprocess.run([sys.executable, "-m", "potstill.cli", "run", str(recipe), "--run-dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert str(recipe) in lines[0] and "train" in lines[0] and "lr" in lines[0] and "'fast'" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written for a recipe that does not resolve
