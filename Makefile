@@ -32,3 +32,4 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports  # layer rules: [tool.importlinter] in pyproject.toml

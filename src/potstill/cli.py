@@ -41,6 +41,23 @@ def _click_type(tp):
     return {int: int, float: float, str: str, bool: bool}.get(base, str)
 
 
+def _shown_default(f: dataclasses.Field) -> str:
+    """' [default: X]' for a field's default (the flag itself defaults to None: the dataclass decides)."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    if value is None or value == []:
+        return ""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    elif isinstance(value, list):
+        value = " ".join(map(str, value))
+    return f" [default: {value}]"
+
+
 def config_options(cls):
     """Decorator: one --flag per dataclass field, help from the field's metadata; plus --config YAML."""
     hints = typing.get_type_hints(cls)
@@ -49,11 +66,11 @@ def config_options(cls):
         for f in reversed(dataclasses.fields(cls)):
             name = "--" + f.name.replace("_", "-")
             tp = hints[f.name]
-            helptext = f.metadata.get("help", "")
+            helptext = f.metadata.get("help", "") + _shown_default(f)
             if tp is bool:
                 fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=None, help=helptext)(fn)
             elif typing.get_origin(tp) is list:
-                fn = click.option(name, multiple=True, help=helptext + " (repeatable)")(fn)
+                fn = click.option(name, multiple=True, default=(), help=helptext + " (repeatable)")(fn)
             else:
                 fn = click.option(name, type=_click_type(tp), default=None, help=helptext)(fn)
         return click.option("--config", "config_file", type=click.Path(), help="YAML file with these fields.")(fn)

@@ -6,6 +6,7 @@ file, never from a command-line argument, so it does not show up in `ps` or shel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -17,16 +18,24 @@ from potstill.errors import PotstillError
 
 
 def watermark_options(fn):
-    """--watermark-key-env/--watermark-key-file plus the scheme's parameters."""
+    """--watermark-key-env/--watermark-key-file plus the scheme's parameters (defaults and help: WatermarkConfig)."""
+    from potstill.guard.watermark_config import WatermarkConfig
+
+    default = {f.name: f for f in dataclasses.fields(WatermarkConfig)}
+
+    def param(name: str, flag: str):
+        f = default[name]
+        return click.option(flag, default=f.default, show_default=True, help=f.metadata["help"])
+
     opts = [
         click.option("--watermark-key-env", default="POTSTILL_WATERMARK_KEY", show_default=True,
                      help="Environment variable holding the watermark secret."),
         click.option("--watermark-key-file", type=click.Path(), default=None,
                      help="File holding the watermark secret (instead of the env var)."),
-        click.option("--gamma", default=0.25, show_default=True, help="Green fraction of the vocabulary."),
-        click.option("--delta", default=2.0, show_default=True, help="Logit bias on green tokens."),
-        click.option("--context-width", default=1, show_default=True, help="Previous tokens seeding the green list."),
-        click.option("--self-hash/--no-self-hash", default=False, show_default=True, help="SelfHash seeding."),
+        param("gamma", "--gamma"),
+        param("delta", "--delta"),
+        param("context_width", "--context-width"),
+        param("self_hash", "--self-hash/--no-self-hash"),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -34,7 +43,7 @@ def watermark_options(fn):
 
 
 def watermark_config(key_env, key_file, gamma, delta, context_width, self_hash, required: bool):
-    from potstill.guard.watermark import WatermarkConfig
+    from potstill.guard.watermark_config import WatermarkConfig
 
     key = None
     if key_file:

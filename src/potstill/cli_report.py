@@ -1,6 +1,6 @@
 """`potstill report RUN_DIR [RUN_DIR ...] --out DIR`: the report verb, registered on the main CLI.
 
-Thin, like cli.py: flags come from `ReportConfig` (potstill.evaluate.report), the work happens there.
+Thin, like cli.py: flags come from `ReportConfig` (potstill.evaluate.report_config), the work happens there.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import click
 
 def register(app: click.Group) -> None:
     from potstill.cli import config_options, make_config
-    from potstill.evaluate.report import ReportConfig
+    from potstill.evaluate.report_config import ReportConfig
 
     @app.command("report")
     @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())

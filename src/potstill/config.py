@@ -8,6 +8,8 @@ next to every artefact.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,26 @@ class GenerateConfig:
             raise PotstillError(f"generate: answers must be 'sample' or 'reference', not {self.answers!r}")
         if self.answers == "reference" and (self.samples != 1 or self.self_instruct):
             raise PotstillError("generate: --answers reference scores each prompt's one reference (samples 1, no self-instruct)")
+
+
+MODES = ("offline", "online", "on-policy")
+
+
+def check_modes(cfg) -> None:
+    """Cross-field checks of TrainConfig's mode settings (called from its __post_init__; train/online.py runs the modes)."""
+    if cfg.mode not in MODES:
+        raise PotstillError(f"train: mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
+    if not 0.0 <= cfg.lmbda <= 1.0:
+        raise PotstillError(f"train: lmbda must be in [0, 1], got {cfg.lmbda!r}")
+    if cfg.online_k < 1:
+        raise PotstillError(f"train: online_k must be >= 1, got {cfg.online_k!r}")
+    if cfg.hidden_weight < 0:
+        raise PotstillError(f"train: hidden_weight must be >= 0, got {cfg.hidden_weight!r}")
+    if cfg.hidden_weight > 0 and cfg.mode == "offline":
+        raise PotstillError(
+            "train: --hidden-weight needs the teacher's hidden states, which a capture does not store; "
+            "use --mode online or --mode on-policy"
+        )
 
 
 @dataclass
@@ -121,8 +143,6 @@ class TrainConfig:
             raise PotstillError("train: max_steps, batch_size and grad_accum must be >= 1")
         if self.bf16 not in ("auto", "on", "off"):
             raise PotstillError(f"train: bf16 must be auto/on/off, not {self.bf16!r}")
-        from potstill.train.online import check_modes  # the mode checks live with the modes
-
         check_modes(self)
         if self.dist not in ("auto", "ddp", "fsdp"):
             raise PotstillError(f"train: dist must be auto/ddp/fsdp, not {self.dist!r}")
@@ -155,15 +175,95 @@ def help_of(cls, name: str) -> str:
 
 
 def build(cls, values: dict[str, Any], where: str):
-    """Instantiate a config from a dict, naming unknown fields and bad values."""
+    """Instantiate a config from a dict, naming unknown fields and bad values.
+
+    Each value is first validated into its field's declared type (`coerce`), so a YAML `lr: 1e-4`
+    (a string under YAML 1.1) or `--set train.lr=3e-4` reaches the stage as a float.
+    """
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise PotstillError(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})", where=where)
+    hints = typing.get_type_hints(cls)
+    typed = {k: coerce(v, hints[k], k, where) for k, v in values.items()}
     try:
-        return cls(**values)
+        return cls(**typed)
     except TypeError as e:
         raise PotstillError(str(e), where=where) from None
+    except PotstillError as e:
+        if e.where is None:
+            raise PotstillError(str(e), where=where) from None
+        raise
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def coerce(value: Any, tp: Any, name: str, where: str) -> Any:
+    """`value` as the type `tp` (int, float, bool, str, X | None, list[X]); a one-line error naming `name` if not."""
+
+    def bad(expected: str) -> PotstillError:
+        return PotstillError(f"{name}: expected {expected}, got {value!r}", where=where)
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return value  # a union of several types: left to the config's own checks
+        return coerce(value, rest[0], name, where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise bad("a list")
+        item = args[0] if args else Any
+        return [coerce(v, item, name, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise bad(_TYPE_NAMES[bool])
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad(_TYPE_NAMES[int])
+        if isinstance(value, int):
+            return value
+        number = _number(value)
+        if number is None or not number.is_integer():
+            raise bad(_TYPE_NAMES[int])
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad(_TYPE_NAMES[float])
+        number = _number(value)
+        if number is None:
+            raise bad(_TYPE_NAMES[float])
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off/yes/no as a boolean
+            raise bad("a string (quote it in YAML)")
+        if isinstance(value, int | float):
+            return str(value)
+        raise bad(_TYPE_NAMES[str])
+    return value
+
+
+_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False, "1": True, "0": False}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

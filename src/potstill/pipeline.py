@@ -26,12 +26,14 @@ def builtin_recipe(name: str) -> Path:
     return path
 
 
-def run_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None = None, log=print) -> dict[str, Any]:
-    """Run every stage of a recipe; returns {"eval": eval result, "timings": seconds per stage}."""
+def resolve_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None = None,
+                   ) -> tuple[GenerateConfig, TrainConfig, EvalConfig]:
+    """The three stage configs a recipe (+ stage.field=value overrides) resolves to, typed and checked."""
     data = load_recipe(path, overrides)
-    run = Path(run_dir or data.get("run_dir") or "runs/run")
-    run.mkdir(parents=True, exist_ok=True)
-    where = str(path)
+    return _configs(data, str(path), Path(run_dir or data.get("run_dir") or "runs/run"))
+
+
+def _configs(data: dict[str, Any], where: str, run: Path) -> tuple[GenerateConfig, TrainConfig, EvalConfig]:
     gen = build(GenerateConfig, {**data.get("generate", {}), "out": str(run / "capture")}, f"{where}: generate")
     train_cfg = build(
         TrainConfig,
@@ -49,6 +51,15 @@ def run_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None 
          "teacher": gen.teacher, "out": str(run)},
         f"{where}: eval",
     )
+    return gen, train_cfg, eval_cfg
+
+
+def run_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None = None, log=print) -> dict[str, Any]:
+    """Run every stage of a recipe; returns {"eval": eval result, "timings": seconds per stage}."""
+    data = load_recipe(path, overrides)
+    run = Path(run_dir or data.get("run_dir") or "runs/run")
+    gen, train_cfg, eval_cfg = _configs(data, str(path), run)
+    run.mkdir(parents=True, exist_ok=True)
     resolved = {"run_dir": str(run), "eval_before": bool(data.get("eval_before")),
                 "generate": gen.__dict__, "train": train_cfg.__dict__, "eval": eval_cfg.__dict__}
     with atomic_path(run / "recipe.resolved.yaml") as tmp:

@@ -1,4 +1,4 @@
-"""Small helpers shared across stages: atomic writes, hashing, the potstill home directory."""
+"""Small helpers shared across stages: atomic writes, hashing, the potstill home directory, pyplot."""
 
 from __future__ import annotations
 
@@ -79,3 +79,13 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed); imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -261,10 +261,9 @@ def rich_table(result: dict):
 
 def plot(result: dict, path: Path) -> None:
     """KL(teacher||student) on the held-out split against training seconds and completion tokens."""
-    import matplotlib
+    from potstill.utils import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, a in result["arms"].items():

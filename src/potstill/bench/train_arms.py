@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from potstill.lm.tokens import pad_token_id
+
 
 def _rss_kb(field: str) -> int | None:
     try:
@@ -251,7 +253,7 @@ def main(spec_path: str) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(spec["init_dir"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(spec["init_dir"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     heldout = _heldout(spec)
     run = {"potstill": run_potstill, "trl": run_trl}[spec["arm"]]
     probe = output_dtype_probe(model)

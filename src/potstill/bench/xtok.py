@@ -145,10 +145,9 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    from potstill.utils import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in curves.items():

@@ -14,6 +14,7 @@ from typing import Any
 
 from potstill.config import GenerateConfig
 from potstill.errors import PotstillError
+from potstill.lm.tokens import chat_ids
 from potstill.teachers.base import SamplingParams
 from potstill.utils import quiet_transformers
 
@@ -221,10 +222,7 @@ def answer_ids(tokenizer, messages: list[dict], reference: str, prompt_ids: list
     including the first of `stop_ids`; plain tokens + stop_ids[0] when the rendering of the whole
     conversation does not start with the prompt's ids. Shared by captures (reference columns), the
     transfer study's scratch arm and reference-NLL scoring, so all of them learn / score one EOS."""
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reference}], tokenize=True)
-    if isinstance(full, dict) or hasattr(full, "input_ids"):
-        full = full["input_ids"]
-    full = list(full)
+    full = chat_ids(tokenizer, messages + [{"role": "assistant", "content": reference}], add_generation_prompt=False)
     if full[: len(prompt_ids)] == list(prompt_ids) and len(full) > len(prompt_ids):
         answer = full[len(prompt_ids) :]
         stops = set(stop_ids)

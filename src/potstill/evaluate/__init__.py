@@ -13,6 +13,7 @@ from typing import Any
 
 from potstill.config import EvalConfig
 from potstill.evaluate.tasks import task_columns
+from potstill.lm.tokens import pad_token_id
 from potstill.utils import atomic_path, quiet_transformers, write_json
 
 COLUMNS = [
@@ -30,7 +31,7 @@ def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConf
     from potstill.evaluate.metrics import fidelity, generation_speed, reference_nll, size_stats
     from potstill.evaluate.tasks import task_metrics
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     row: dict[str, Any] = {"model": name}
     row.update(fidelity(model, examples, pad, cfg.batch_size))
     row.update(reference_nll(model, tokenizer, prompts, cfg.batch_size) or {})

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from potstill.lm.tokens import chat_ids, pad_token_id
 from potstill.train.data import collate, student_logits
 from potstill.train.losses import forward_kl, stored_slots, student_bucket_logprobs, teacher_bucket_logprobs
 
@@ -67,10 +68,7 @@ def reference_examples(tokenizer, prompts, stop_ids: list[int], max_len: int = 1
     for p in prompts:
         if not p.reference:
             continue
-        prompt_ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-            prompt_ids = prompt_ids["input_ids"]
-        prompt_ids = list(prompt_ids)
+        prompt_ids = chat_ids(tokenizer, p.messages)
         ids = (prompt_ids + answer_ids(tokenizer, p.messages, p.reference, prompt_ids, stop_ids))[:max_len]
         if len(ids) > len(prompt_ids):
             examples.append(Example(np.asarray(ids, dtype=np.int64), len(prompt_ids), None, None, None))
@@ -87,7 +85,7 @@ def reference_nll(model, tokenizer, prompts, batch_size: int = 8, max_len: int =
     examples = reference_examples(tokenizer, prompts, stop, max_len)
     if not examples:
         return None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     res = fidelity(model, examples, pad, batch_size)
     return {"nll_reference": res["nll_teacher_tokens"], "reference_tokens": res["tokens"], "references": len(examples)}
 

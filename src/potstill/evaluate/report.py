@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import potstill
-from potstill.config import opt
-from potstill.errors import PotstillError
+from potstill.evaluate.report_config import ReportConfig
 from potstill.evaluate.report_data import (
-    QUALITY,
     Run,
     capture_stats,
     load_runs,
@@ -30,22 +28,6 @@ from potstill.utils import atomic_path, sha256_file, write_json
 
 QUALITY_LABELS = {"kl": "KL(teacher‖student) ↓", "top1_agreement": "top-1 agreement ↑",
                   "nll_teacher_tokens": "NLL of teacher text ↓", "nll_reference": "NLL of references ↓"}
-
-
-@dataclass
-class ReportConfig:
-    out: str = opt("runs/report", "Directory for report.html, its PNG plots and report.json.")
-    title: str = opt("potstill report", "Page title.")
-    quality: str = opt("kl", "Quality axis of the Pareto plots: kl, top1_agreement, nll_teacher_tokens, nll_reference.")
-    examples: int = opt(6, "Held-out capture rows shown per run, each student teacher-forced on them (0 = none).")
-    split: str = opt("heldout", "Capture split the examples come from.")
-    max_new_tokens: int = opt(64, "Most tokens of each student's own (greedy) answer in the examples.")
-
-    def __post_init__(self) -> None:
-        if self.quality not in QUALITY:
-            raise PotstillError(f"report: quality must be one of {', '.join(QUALITY)}, not {self.quality!r}")
-        if self.examples < 0 or self.max_new_tokens < 1:
-            raise PotstillError("report: examples >= 0 and max_new_tokens >= 1")
 
 
 def _versions() -> dict[str, str]:

@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 
 from potstill.errors import PotstillError
+from potstill.evaluate.report_config import QUALITY
 from potstill.utils import sha256_file, sha256_text
-
-# (metric key, higher is better) for the quality axis of the Pareto plots
-QUALITY = {"kl": False, "top1_agreement": True, "nll_teacher_tokens": False, "nll_reference": False}
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from potstill.errors import PotstillError
+from potstill.lm.tokens import pad_token_id
 from potstill.utils import bytes_to_unicode
 
 
@@ -111,7 +112,7 @@ def run_examples(run, n: int, max_new_tokens: int, split: str = "heldout", log=p
             continue
         tokenizer = tokenizer or tok
         model = AutoModelForCausalLM.from_pretrained(st.path, dtype=torch.float32)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = pad_token_id(tok)
         forced = teacher_forced(model, rows, pad)
         answers = student_answers(model, tok, [r["prompt_ids"].tolist() for r in rows], max_new_tokens)
         del model

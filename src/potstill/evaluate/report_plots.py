@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from potstill.utils import pyplot
+
 CURVES = [("loss", "loss (total)"), ("kd", "kd term"), ("ce", "ce term"), ("lr", "learning rate"),
           ("grad_norm", "grad norm (before clip)")]
 BARS = [("kl", "KL(teacher‖model) ↓", 1.0), ("top1_agreement", "top-1 agreement ↑", 1.0),
@@ -25,20 +27,11 @@ def _text(label: str) -> str:
     return str(label).replace("$", r"\$")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def to_png(fig) -> bytes:
     buf = io.BytesIO()
     # no timestamp or version in the file: the same data gives the same bytes
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    _plt().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -48,7 +41,7 @@ def training_curves(series: list[tuple[str, list[dict[str, Any]]]]) -> bytes | N
     keys = [(k, t) for k, t in CURVES if any(r.get(k) is not None for _, recs in series for r in recs)]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
@@ -75,7 +68,7 @@ def eval_bars(entries: list[tuple[str, dict[str, Any]]]) -> bytes | None:
     keys = [b for b in BARS if any(row.get(b[0]) is not None for _, row in entries)]
     if not keys:
         return None
-    plt = _plt()
+    plt = pyplot()
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     width = max(4.6, 0.45 * len(entries) + 1.5)
@@ -108,7 +101,7 @@ def pareto_plot(points: list[dict[str, Any]], teachers: list[tuple[str, dict[str
     panels = [p for p in panels if any(pt.get(p[0]) is not None for pt in points)]
     if not panels:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (axis, row_key, xlabel, scale, flag) in zip(axes.flat, panels, strict=True):
         pts = [p for p in points if p.get(axis) is not None]
@@ -139,7 +132,7 @@ def entropy_hist(stats: list[tuple[str, np.ndarray]]) -> bytes | None:
     stats = [(n, e) for n, e in stats if e.size]
     if not stats:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     top = max(float(e.max()) for _, e in stats)
     bins = np.linspace(0.0, max(top, 1e-3), 40)

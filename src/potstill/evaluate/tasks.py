@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import PotstillError
+from potstill.lm.tokens import pad_token_id
 
 BUILTIN_TASKS = {"potstill_mc": "potstill_mc.jsonl"}
 CONTEXT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -164,7 +165,7 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
             raise PotstillError(f"continuation {continuation!r} encodes to no tokens after {context!r}")
         ids = (ctx + cont)[-(max_len + 1) :]  # lm-eval truncates the context on the left, too
         examples.append(Example(np.asarray(ids, dtype=np.int64), max(len(ids) - len(cont), 1), None, None, None))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))  # little padding per batch
     sums = [0.0] * len(examples)
     model.eval()

@@ -109,8 +109,9 @@ def detect_model(
     h = cfg.context_width
     model = suspect_model.eval()
     device = next(model.parameters()).device
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad = 0 if pad is None else pad
+    from potstill.lm.tokens import pad_token_id
+
+    pad = pad_token_id(tokenizer) if tokenizer is not None else 0
     starts = prompt_lengths or [0] * len(prompts_or_texts)
     if len(starts) != len(prompts_or_texts):
         raise ValueError("prompt_lengths must have one entry per sequence")

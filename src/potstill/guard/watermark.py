@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
 
 from potstill.errors import PotstillError
-from potstill.guard.keymat import check_fingerprint, check_key_strength, fingerprint
+from potstill.guard.watermark_config import WatermarkConfig
 
 
 def _i64(c: int) -> int:
@@ -69,62 +69,6 @@ def _fmix(x: torch.Tensor) -> torch.Tensor:
         if mult is not None:
             x *= mult
     return x
-
-
-@dataclass
-class WatermarkConfig:
-    """The watermark's settings. Detection needs the same settings (and key) as generation."""
-
-    key: str = field(repr=False)
-    """The secret (>= 128 bits, e.g. `secrets.token_hex(32)`); anyone holding it can detect, forge or
-    strip the mark. Never in the repr; `public_dict` replaces it by a keyed fingerprint."""
-    gamma: float = 0.25
-    """Expected fraction of the vocabulary that is green after any context."""
-    delta: float = 2.0
-    """Logit bias added to green tokens while sampling (0 = no watermark)."""
-    context_width: int = 1
-    """h: how many previous tokens seed the green list."""
-    self_hash: bool = False
-    """Min-SelfHash seeding (the candidate token takes part in the seed) instead of LeftHash."""
-    vocab_size: int | None = None
-    """Vocabulary size (for validating ids and the public description); the hash itself needs none."""
-    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        where = "watermark config"
-        if not isinstance(self.key, str) or not self.key:
-            raise PotstillError("key must be a non-empty string", where=where)
-        check_key_strength(self.key, "the watermark key")
-        if not 0.0 < self.gamma < 1.0:
-            raise PotstillError(f"gamma must be in (0, 1), got {self.gamma}", where=where)
-        if not (math.isfinite(self.delta) and self.delta >= 0):
-            raise PotstillError(f"delta must be finite and >= 0, got {self.delta}", where=where)
-        if not 1 <= self.context_width <= 16:
-            raise PotstillError(f"context_width must be in 1..16, got {self.context_width}", where=where)
-        if self.vocab_size is not None and self.vocab_size < 2:
-            raise PotstillError(f"vocab_size must be >= 2, got {self.vocab_size}", where=where)
-
-    def key_fingerprint(self) -> str:
-        """`v1:<nonce>:<64-bit HMAC>` (guard/keymat.py): checkable only with the key.
-
-        Stable for this config object; a new config (another run) draws a new nonce, so reports
-        made in different runs with the same key cannot be linked without the key.
-        """
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.key, "watermark")
-        return self._fingerprint
-
-    def check_fingerprint(self, fp: str) -> bool:
-        """Whether a fingerprint from some report was made with this key."""
-        return check_fingerprint(self.key, "watermark", fp)
-
-    def public_dict(self) -> dict[str, Any]:
-        """Everything but the key (replaced by its fingerprint): safe to log and to save."""
-        d = asdict(self)
-        del d["key"], d["_fingerprint"]
-        d["key_fingerprint"] = self.key_fingerprint()
-        d["scheme"] = "kgw-min-selfhash" if self.self_hash else "kgw-lefthash"
-        return d
 
 
 class GreenCount(NamedTuple):

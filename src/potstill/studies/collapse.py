@@ -33,10 +33,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from potstill.config import opt
 from potstill.errors import PotstillError
+from potstill.lm.tokens import pad_token_id
 from potstill.studies.common import fmt_s, heldout_inputs, measure
 from potstill.utils import stable_hash, write_json
 
@@ -122,6 +121,8 @@ def own_entropy(model, examples, pad_id: int, batch_size: int = 8) -> float:
 
 def sample_stats(capture_dir: str | Path, model, tokenizer, entropy_rows: int = 0) -> dict[str, Any]:
     """Diversity of a generation's own samples (all of them) and its entropy on the first `entropy_rows`."""
+    import numpy as np
+
     from potstill.capture.store import Capture
     from potstill.train.data import examples_from_capture
 
@@ -130,7 +131,7 @@ def sample_stats(capture_dir: str | Path, model, tokenizer, entropy_rows: int = 
     stops = [r["finish_reason"] == "stop" for r in capture.rows(columns=["finish_reason"])]
     examples = examples_from_capture(capture, split=None, max_seq_len=4096)
     examples = examples[:entropy_rows] if entropy_rows else examples
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     return {
         **{f"distinct_{n}": distinct_n(seqs, n) for n in (1, 2, 3)},
         "mean_length": float(np.mean([len(s) for s in seqs])) if seqs else 0.0,
@@ -143,6 +144,7 @@ def sample_stats(capture_dir: str | Path, model, tokenizer, entropy_rows: int = 
 
 def run_collapse(cfg: CollapseConfig, log=print) -> dict[str, Any]:
     """Run generation 0..N; write results.json / table.md / drift.png; return the results."""
+    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

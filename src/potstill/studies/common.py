@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import PotstillError
-from potstill.utils import atomic_path
+from potstill.lm.tokens import pad_token_id
+from potstill.utils import atomic_path, pyplot  # noqa: F401  (pyplot: re-exported)
 
 
 def heldout_inputs(capture_dir: str | Path, max_rows: int | None = None):
@@ -33,7 +34,7 @@ def measure(model, tokenizer, examples, prompts, batch_size: int = 8) -> dict[st
     from potstill.evaluate.metrics import fidelity, reference_nll
 
     was_training = model.training
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     try:
         row = fidelity(model, examples, pad, batch_size)
         row.update(reference_nll(model, tokenizer, prompts, batch_size) or {})
@@ -103,11 +104,3 @@ def save_figure(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -39,8 +39,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from potstill.config import opt
 from potstill.errors import PotstillError
 from potstill.studies.common import Clock, heldout_inputs, measure
@@ -91,6 +89,8 @@ class TransferConfig:
             raise PotstillError("study transfer: budgets must be >= 1 token")
 
     def budget_list(self) -> list[int]:
+        import numpy as np
+
         if self.budgets:
             return sorted(set(int(b) for b in self.budgets))
         if self.n_budgets == 1:
@@ -270,6 +270,8 @@ def _load_run(run_dir: Path, key: str) -> dict[str, Any] | None:
 def aggregate(cfg: TransferConfig, budgets: list[int], runs: list[dict[str, Any]], teacher_row: dict[str, Any],
               n_boot: int = 2000) -> dict[str, Any]:
     """Per arm × budget: mean and 95% t-interval over seeds; ratios vs scratch per seed with t-intervals."""
+    import numpy as np
+
     from potstill.studies.stats import t_interval, token_ratio
 
     curves: dict[str, Any] = {}

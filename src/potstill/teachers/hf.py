@@ -14,7 +14,6 @@ landed in.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -26,6 +25,9 @@ import numpy as np
 import torch
 
 from potstill.errors import PotstillError
+from potstill.lm.loading import cpu_has_bf16 as _cpu_has_bf16  # noqa: F401  (re-exported, old name)
+from potstill.lm.loading import pick_dtype, resolve_model_dir  # noqa: F401  (re-exported)
+from potstill.lm.tokens import chat_ids, pad_token_id, row_seed, tokenizer_hash  # noqa: F401  (re-exported)
 from potstill.teachers.base import Completion, LogitsProcessor, SamplingParams
 from potstill.teachers.kvslab import (
     SlabCache,
@@ -37,43 +39,6 @@ from potstill.teachers.kvslab import (
 from potstill.utils import sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model_dir(spec: str) -> Path:
-    """'embedded' | model dir | .gguf file -> a local HF model directory."""
-    from potstill.teachers.embedded import convert_gguf, embedded_model_dir
-
-    if spec == "embedded":
-        return embedded_model_dir()
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        return convert_gguf(path)
-    if not (path / "config.json").exists():
-        raise PotstillError(f"{spec}: not a model directory (no config.json), .gguf file or 'embedded'")
-    return path
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    """'auto' -> bf16 when the CPU has native bf16 (or a CUDA device is used), else float32."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def row_seed(base_seed: int, key: str | int) -> int:
-    """A 63-bit seed for one completion, from the run seed and the row's id."""
-    digest = hashlib.sha256(f"{base_seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class HFTeacher:
@@ -89,7 +54,7 @@ class HFTeacher:
         self.model_dir = model_dir
         self.device = next(model.parameters()).device
         self.eos_ids = self._eos_ids()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.pad_id = pad_token_id(tokenizer, fallback=self.eos_ids[0])
         self._kv_token_bytes: int | None = None
 
     @classmethod
@@ -133,10 +98,7 @@ class HFTeacher:
 
     # ---- prompts ----------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_ids(self.tokenizer, messages)
 
     def complete(
         self,
@@ -593,12 +555,6 @@ def _prefill_groups(rows: list[int], lengths: list[int], budget: int) -> list[li
         else:
             groups.append([row])
     return groups
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's vocabulary (token -> id), independent of file layout."""
-    vocab = tokenizer.get_vocab()
-    return sha256_text("\n".join(f"{t}\t{i}" for t, i in sorted(vocab.items(), key=lambda x: x[1])))
 
 
 def timed(fn, *args, **kwargs):

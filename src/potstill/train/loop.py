@@ -26,6 +26,7 @@ import torch
 import potstill
 from potstill.config import TrainConfig
 from potstill.errors import PotstillError
+from potstill.lm.tokens import pad_token_id
 from potstill.train import dist
 from potstill.train.data import collate, examples_from_capture, micro_batches
 from potstill.train.health import LossHealth
@@ -42,14 +43,14 @@ def autocast_enabled(setting: str, device: torch.device) -> bool:
         return True
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from potstill.teachers.hf import _cpu_has_bf16
+    from potstill.lm.loading import cpu_has_bf16
 
-    return _cpu_has_bf16()
+    return cpu_has_bf16()
 
 
 def check_tokenizer(manifest: dict[str, Any], tokenizer, capture_dir: str, cross_tokenizer: bool = False) -> None:
     """Refuse a capture whose tokenizer is not the student's, unless a cross-tokenizer loss is asked for."""
-    from potstill.teachers.hf import tokenizer_hash
+    from potstill.lm.tokens import tokenizer_hash
 
     want = (manifest.get("teacher") or {}).get("tokenizer_sha256")
     if want and want != tokenizer_hash(tokenizer) and not cross_tokenizer:
@@ -126,8 +127,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         loss_cfg = LossConfig(kind="ce")
 
     if model is None:
+        from potstill.lm.loading import resolve_model_dir
         from potstill.students import build_student
-        from potstill.teachers.hf import resolve_model_dir
 
         teacher_dir = None
         if not cfg.student.startswith("pretrained:"):  # rank 0 first: it may convert a GGUF into the cache
@@ -152,7 +153,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, student_info=
         dist.enable_activation_checkpointing(model)
     forward = dist.wrap(model, ctx)  # DDP/FSDP under torchrun; before the optimizer (FSDP shards params)
     use_bf16 = autocast_enabled(cfg.bf16, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

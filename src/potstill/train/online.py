@@ -26,27 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from potstill.config import MODES, check_modes  # noqa: F401  (re-exported; they live with TrainConfig)
 from potstill.errors import PotstillError
+from potstill.lm.tokens import row_seed
 from potstill.train.data import Batch, Example, collate, student_logits
-
-MODES = ("offline", "online", "on-policy")
-
-
-def check_modes(cfg) -> None:
-    """Cross-field checks of TrainConfig's mode settings (called from its __post_init__)."""
-    if cfg.mode not in MODES:
-        raise PotstillError(f"train: mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
-    if not 0.0 <= cfg.lmbda <= 1.0:
-        raise PotstillError(f"train: lmbda must be in [0, 1], got {cfg.lmbda!r}")
-    if cfg.online_k < 1:
-        raise PotstillError(f"train: online_k must be >= 1, got {cfg.online_k!r}")
-    if cfg.hidden_weight < 0:
-        raise PotstillError(f"train: hidden_weight must be >= 0, got {cfg.hidden_weight!r}")
-    if cfg.hidden_weight > 0 and cfg.mode == "offline":
-        raise PotstillError(
-            "train: --hidden-weight needs the teacher's hidden states, which a capture does not store; "
-            "use --mode online or --mode on-policy"
-        )
 
 
 class LiveTeacher:
@@ -64,7 +47,7 @@ class LiveTeacher:
     def load(cls, spec: str, k: int = 64, dtype: str = "float32", device: torch.device | None = None) -> LiveTeacher:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from potstill.teachers.hf import pick_dtype, resolve_model_dir
+        from potstill.lm.loading import pick_dtype, resolve_model_dir
 
         model_dir = resolve_model_dir(spec)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype))
@@ -73,7 +56,7 @@ class LiveTeacher:
 
     def check_student(self, tokenizer, student_vocab: int) -> None:
         """Refuse a student whose tokenizer (or output width) is not the teacher's."""
-        from potstill.teachers.hf import tokenizer_hash
+        from potstill.lm.tokens import tokenizer_hash
 
         if tokenizer_hash(tokenizer) != tokenizer_hash(self.tokenizer):
             raise PotstillError(
@@ -165,13 +148,9 @@ class TrainModes:
         """Seeded per (seed, step, micro-batch), so --resume and reruns draw the same batches."""
         if self.cfg.mode != "on-policy":
             return False
-        from potstill.teachers.hf import row_seed
-
         return bool(np.random.default_rng(row_seed(self.cfg.seed, f"onpolicy:{step}:{micro}")).random() < self.cfg.lmbda)
 
     def sample_seeds(self, step: int, micro: int, n: int) -> list[int]:
-        from potstill.teachers.hf import row_seed
-
         return [row_seed(self.cfg.seed, f"sample:{step}:{micro}:{i}") for i in range(n)]
 
     def batches(self, step: int, groups: list[list[Example]]) -> list[Batch]:

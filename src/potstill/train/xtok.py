@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from potstill.errors import PotstillError
+from potstill.lm.tokens import chat_ids
 from potstill.train.data import Batch, Example, collate
 from potstill.train.uld import XtokLossConfig, xtok_loss
 from potstill.utils import bytes_to_unicode
@@ -174,10 +175,7 @@ class XtokBatch(Batch):
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """The student's prompt ids: its own chat template, or 'role: content' lines without one."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_ids(tokenizer, messages)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -256,7 +254,8 @@ def load_teacher_tokenizer(manifest: dict, spec: str, capture_dir: str):
     """The teacher's tokenizer: `spec` (--teacher), else the embedded teacher's; it must match the capture's hash."""
     from transformers import AutoTokenizer
 
-    from potstill.teachers.hf import resolve_model_dir, tokenizer_hash
+    from potstill.lm.loading import resolve_model_dir
+    from potstill.lm.tokens import tokenizer_hash
 
     teacher = manifest.get("teacher") or {}
     want = teacher.get("tokenizer_sha256")
