@@ -113,7 +113,7 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     from potstill.plan import Deadline, Workload, format_plan, measure_rates, size_plan
     from potstill.teachers.hf import HFTeacher, resolve_model_dir
     from potstill.train.loop import train
-    from potstill.utils import quiet_transformers, write_json
+    from potstill.utils import cpu_info, quiet_transformers, write_json
 
     t_start, c_start = time.perf_counter(), time.process_time()
     budget = minutes * 60.0
@@ -153,7 +153,7 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
         gen_prompts=eval0.get("gen_prompts", EvalConfig.gen_prompts), gen_tokens=eval0.get("gen_tokens", EvalConfig.gen_tokens),
         eval_models=3 if data.get("eval_before") else 2, pinned=pinned,
     )
-    plan = size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start)
+    plan = {**size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start), "cpu": cpu_info()}
     log(format_plan(plan))
     ov = plan["overrides"]
     stage_data = {

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from potstill.utils import cpu_line
+
 MARGIN = 0.12  # share of the budget kept back for what the estimates miss (saves, imports, noise)
 EVAL_SHARE = 0.15  # share of the usable budget the eval gets
 MIN_PROMPTS = 64  # shorten completions before going under this many prompts
@@ -160,7 +162,8 @@ def format_plan(plan: dict) -> str:
     """The plan as a plain-text table (stage, work, estimated seconds; actual seconds once known)."""
     actual = plan.get("actual_s", {})
     lines = [f"plan: budget {plan['budget_s']:.0f}s, {plan['margin']:.0%} kept back, "
-             f"{plan['spent_s']:.0f}s spent measuring this machine"]
+             f"{plan['spent_s']:.0f}s spent measuring this machine"
+             + (f" ({cpu_line(plan['cpu'])})" if plan.get("cpu") else "")]
     r = plan["rates"]
     lines.append(f"  rates: teacher decode {r['decode_tok_s']:.0f} tok/s (batch {r['decode_batch']}), "
                  f"prefill {r['prefill_tok_s']:.0f} tok/s, student train {r['train_tok_s']:.0f} tok/s, "
