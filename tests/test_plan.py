@@ -127,3 +127,34 @@ def test_budgeted_run_on_tiny_model(tmp_path, tiny_model_dir, prompts_file):
     rows = {r["model"]: r for r in result["eval"]["rows"]}
     assert set(rows) == {"teacher", "student before", "student after"}
     assert (tmp_path / "run" / "recipe.budgeted.yaml").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 12, 175])
+@pytest.mark.parametrize("fraction", [0.0, 0.15, 0.25, 0.5])
+def test_heldout_rows_counts_as_assign_split(n, fraction):
+    from potstill.capture.prompts import Prompt, assign_split
+    from potstill.plan import heldout_rows
+
+    prompts = [Prompt([{"role": "user", "content": f"p{i}"}]) for i in range(n)]
+    assert heldout_rows(n, fraction) == assign_split(prompts, fraction, seed=0).count("heldout")
+
+
+def test_too_slow_machine_still_plans_a_valid_run():
+    crawl = faster(SLOW, 0.1)  # ten times slower: a busy shared machine
+    plan = size_plan(crawl, workload(), 180, spent_s=200)
+    ov = plan["overrides"]
+    assert ov["generate"]["max_prompts"] >= 2 and ov["train"]["max_steps"] >= 1 and ov["eval"]["max_rows"] >= 1
+    assert ov["train"]["calibration"] == 8
+    assert "too slow" in format_plan(plan)
+    assert "too slow" not in format_plan(size_plan(SLOW, workload(), 600, spent_s=20))
+
+
+def test_student_shaped_has_the_pruned_students_shape(tiny_model_dir):
+    from potstill.plan import student_shaped
+    from potstill.students import build_student
+
+    shaped = student_shaped("prune:depth:0.5", tiny_model_dir)
+    real = build_student("prune:depth:0.5", tiny_model_dir, [[1, 2, 3, 4]])[0]
+    assert shaped.config.num_hidden_layers == real.config.num_hidden_layers == 2
+    assert sum(p.numel() for p in shaped.parameters()) == sum(p.numel() for p in real.parameters())
+    assert student_shaped("prune:width:0.5", tiny_model_dir) is None

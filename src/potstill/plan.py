@@ -29,6 +29,7 @@ MIN_NEW_TOKENS = 24
 TARGET_EPOCHS = 2.0  # passes over the training rows the sizing aims for when it trades data against steps
 MAX_EPOCHS = 8.0  # more passes than this over a small capture do not buy a better student
 MIN_STEPS = 8  # halve the train batch (down to 2) before planning fewer optimizer steps
+PROBE_ROWS = 16  # the decode probe's batch (a larger planned batch decodes at least as fast per token)
 
 
 @dataclass
@@ -62,6 +63,16 @@ class Workload:
     pinned: dict[str, Any]  # "stage.field" -> value the user set; the plan keeps these
 
 
+def heldout_rows(n: int, fraction: float) -> int:
+    """Held-out prompts among n, as `capture.prompts.assign_split` counts them."""
+    k = int(fraction * n + 0.5)
+    if n >= 2:
+        k = min(max(k, 1 if fraction > 0 else 0), n - 1 if fraction < 1 else n)
+    elif fraction < 1:
+        k = 0
+    return k
+
+
 def _pin(w: Workload, key: str, value):
     return w.pinned.get(key, value)
 
@@ -92,12 +103,13 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
         rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
     rows = _pin(w, "eval.max_rows", max(4, rows_fit))
 
-    # build: the student from the teacher's weights, calibrated on its first rows; saved as 'before'
-    calib = min(w.calibration, 32)
+    # build: the student from the teacher's weights, calibrated on its first rows (fewer where that would
+    # take more than 5% of the budget, at least 8), saved as 'before'
+    calib = _pin(w, "train.calibration", min(w.calibration, max(8, math.floor(0.05 * usable * pre / (p + c_guess)))))
     build_est = rates.build_s + calib * (p + c_guess) / pre
 
     def eval_est(c: int, n: int) -> float:
-        r = min(rows, max(1, round(n * w.heldout)))
+        r = min(rows, max(1, heldout_rows(n, w.heldout)))
         row_s = ((p + c) + (p + ref if ref else 0)) / pre
         return m * (rates.load_s + speed_s + r * row_s)
 
@@ -113,7 +125,7 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
         if n >= min(MIN_PROMPTS, w.prompts_available) or c == candidates[-1]:
             break
     gen_s = n * (c / dec + p / pre)
-    train_rows = max(1, n - round(n * w.heldout))
+    train_rows = max(1, n - heldout_rows(n, w.heldout))
     seq = p + c
     train_s = max(work - eval_est(c, n) - gen_s, 0.0)
     if "train.max_steps" in w.pinned:
@@ -126,7 +138,7 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
         steps = max(1, min(steps, math.floor(MAX_EPOCHS * train_rows / b)))
     train_s = steps * b * seq / trn
     warmup = _pin(w, "train.warmup_steps", min(w.warmup_steps, max(1, steps // 10)))
-    eval_rows = min(rows, max(1, round(n * w.heldout)))
+    eval_rows = min(rows, max(1, heldout_rows(n, w.heldout)))
     stages = [
         {"stage": "generate", "work": f"{n} prompts x {c} new tokens (batch {min(w.gen_batch, n)})", "est_s": gen_s},
         {"stage": "build student", "work": f"prune/build + {calib} calibration rows, saved as 'before'", "est_s": build_est},
@@ -137,7 +149,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     total = spent_s + sum(s["est_s"] for s in stages)
     overrides = {
         "generate": {"max_prompts": n, "max_new_tokens": c, "batch_size": min(w.gen_batch, n)},
-        "train": {"max_steps": steps, "batch_size": b, "warmup_steps": warmup, "checkpoint_every": 0},
+        "train": {"max_steps": steps, "batch_size": b, "warmup_steps": warmup, "checkpoint_every": 0,
+                  "calibration": calib},
         "eval": {"max_rows": eval_rows, "gen_prompts": g, "gen_tokens": t},
     }
     for key, value in w.pinned.items():  # what the user set wins, whatever the sizing thought
@@ -181,6 +194,9 @@ def format_plan(plan: dict) -> str:
     if actual:
         total += f" {actual.get('total', float('nan')):>9.0f}"
     lines.append(total)
+    if plan["total_est_s"] > plan["budget_s"]:
+        lines.append(f"  note: this machine is too slow (or too busy) for a {plan['budget_s']:.0f}s budget; "
+                     "the smallest run it can size will overrun it")
     return "\n".join(lines)
 
 
@@ -218,8 +234,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     from potstill.teachers.base import SamplingParams
     from potstill.train.loop import autocast_enabled
 
-    rows = max(1, min(gen_batch, len(prompt_ids)))
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_logprobs=top_k)
+    rows = max(1, min(gen_batch, PROBE_ROWS, len(prompt_ids)))
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_logprobs=top_k)
     teacher.complete_ids(prompt_ids[:1], SamplingParams(max_new_tokens=2, temperature=1.0, top_logprobs=top_k))
     stamps: list[tuple[float, int]] = []
     t0 = time.perf_counter()
@@ -239,8 +255,12 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
         decode = sum(n for _, n in stamps) / max(stamps[-1][0] - t0, 1e-6)
 
     t = time.perf_counter()
-    model, _, _ = build_student(student, teacher_dir, [list(p) for p in prompt_ids[:4]], seed=0)
-    build_s = time.perf_counter() - t
+    model = student_shaped(student, teacher_dir)
+    if model is None:  # not a depth pruning: build it as the run will (on 4 prompts' calibration)
+        model = build_student(student, teacher_dir, [list(p) for p in prompt_ids[:4]], seed=0)[0]
+        build_s = time.perf_counter() - t
+    else:  # the run loads the teacher's weights, prunes, and saves the student: about two loads
+        build_s = 2 * load_s
     model.train()
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -263,3 +283,23 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     train = 2 * seq_len / (time.perf_counter() - t)
     return Rates(decode_tok_s=decode, prefill_tok_s=prefill, train_tok_s=train, load_s=load_s, build_s=build_s,
                  decode_batch=rows)
+
+
+def student_shaped(student: str, teacher_dir):
+    """A randomly initialised model of the student's shape for `prune:depth[:N|ratio]` (no weights loaded,
+    no calibration); None for other specs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from potstill.students import parse_amount
+
+    kind, _, rest = student.partition(":")
+    method, _, amount = rest.partition(":")
+    if kind != "prune" or method != "depth" or "+" in student:
+        return None
+    config = AutoConfig.from_pretrained(teacher_dir)
+    config.num_hidden_layers = parse_amount(amount or "0.5", config.num_hidden_layers, student)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    with torch.device("cpu"):
+        return AutoModelForCausalLM.from_config(config)
