@@ -158,3 +158,11 @@ def test_student_shaped_has_the_pruned_students_shape(tiny_model_dir):
     assert shaped.config.num_hidden_layers == real.config.num_hidden_layers == 2
     assert sum(p.numel() for p in shaped.parameters()) == sum(p.numel() for p in real.parameters())
     assert student_shaped("prune:width:0.5", tiny_model_dir) is None
+
+
+def test_decode_time_charges_small_batches_as_the_probes():
+    from potstill.plan import decode_s
+
+    # a 32-row probe at 40 tok/s: a step takes 0.8 s whether it decodes 2 rows or 32
+    assert decode_s(2, 24, 32, SLOW) == pytest.approx(decode_s(16, 24, 32, SLOW)) == pytest.approx(24 * 32 / 40)
+    assert decode_s(64, 10, 32, SLOW) == pytest.approx(2 * 10 * 32 / 40)  # two waves of 32

@@ -85,7 +85,7 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     """
     p, ref = max(w.prompt_tokens, 1.0), w.reference_tokens
     usable = max(budget_s * (1 - margin) - spent_s, 1.0)
-    dec, pre, trn = rates.decode_tok_s, rates.prefill_tok_s, rates.train_tok_s
+    pre, trn = rates.prefill_tok_s, rates.train_tok_s
     pinned_c = "generate.max_new_tokens" in w.pinned
 
     # eval: m models x (load + fidelity on R held-out rows + reference NLL + a short batched speed run)
@@ -94,12 +94,12 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     t = _pin(w, "eval.gen_tokens", min(w.gen_tokens, 32))
     m = w.eval_models
     eval_share = EVAL_SHARE * usable
-    speed_s = g * p / pre + g * t / dec
+    speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
     per_row = ((p + c_guess) + (p + ref if ref else 0)) / pre
     rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
     if rows_fit < 4 and "eval.gen_prompts" not in w.pinned and "eval.gen_tokens" not in w.pinned:
         g, t = min(g, 4), min(t, 16)
-        speed_s = g * p / pre + g * t / dec
+        speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
         rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
     rows = _pin(w, "eval.max_rows", max(4, rows_fit))
 
@@ -118,13 +118,13 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     candidates = [c_guess] if pinned_c else _lengths(w.max_new_tokens)
     for c in candidates:
         b = _pin(w, "train.batch_size", w.train_batch)
-        per_prompt = c / dec + p / pre + TARGET_EPOCHS * (1 - w.heldout) * (p + c) / trn
+        per_prompt = c / rates.decode_tok_s + p / pre + TARGET_EPOCHS * (1 - w.heldout) * (p + c) / trn
         left = work - eval_est(c, w.prompts_available)
         n = _pin(w, "generate.max_prompts", min(w.prompts_available, max(2, math.floor(left / per_prompt))))
         n = min(n, w.prompts_available)
         if n >= min(MIN_PROMPTS, w.prompts_available) or c == candidates[-1]:
             break
-    gen_s = n * (c / dec + p / pre)
+    gen_s = n * p / pre + decode_s(n, c, w.gen_batch, rates)
     train_rows = max(1, n - heldout_rows(n, w.heldout))
     seq = p + c
     train_s = max(work - eval_est(c, n) - gen_s, 0.0)
@@ -159,6 +159,15 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
             overrides[stage][field] = value
     return {"budget_s": budget_s, "margin": margin, "spent_s": spent_s, "usable_s": usable, "stages": stages,
             "total_est_s": total, "overrides": overrides, "rates": asdict(rates)}
+
+
+def decode_s(rows: int, tokens: int, batch: int, rates: Rates) -> float:
+    """Seconds to decode `tokens` new tokens for `rows` rows, `batch` at a time. A decode step costs
+    about the same for any batch up to the probe's (reading the weights dominates), so a batch
+    smaller than the probe's is charged as the probe's; a larger one at the probe's rate (safe)."""
+    batch = max(1, min(batch, rows))
+    waves = math.ceil(rows / batch)
+    return waves * tokens * max(batch, rates.decode_batch) / rates.decode_tok_s
 
 
 def _lengths(c0: int) -> list[int]:
