@@ -120,6 +120,7 @@ def test_budgeted_run_on_tiny_model(tmp_path, tiny_model_dir, prompts_file):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["overrides"]["train"]["warmup_steps"] == 2  # pinned
     assert set(plan["actual_s"]) == {"measure", "generate", "build student", "train", "eval", "total"}
+    assert set(plan["measure_parts_s"]) == {"setup_s", "teacher_load_s", "probes_s"}
     # kept to its plan (wall-clock on a shared CPU is noisy: a gross overrun only, e.g. a stage ignoring the plan)
     assert plan["actual_s"]["total"] <= 3 * max(plan["total_est_s"], minutes * 60)
     assert plan["capture_rows"] == result["capture"]["counts"]["rows"] <= plan["overrides"]["generate"]["max_prompts"]

@@ -138,13 +138,16 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     prompts = dedupe(load_prompts(gen0.prompts))[0]
     teacher_dir = resolve_model_dir(gen0.teacher)  # a first run converts the embedded GGUF: not a load time
     t = time.perf_counter()
+    parts = {"setup_s": t - t_start}
     teacher = HFTeacher.load(gen0.teacher, dtype=gen0.dtype)
-    load_s = time.perf_counter() - t
+    load_s = parts["teacher_load_s"] = time.perf_counter() - t
     ids = [teacher.encode_chat(p.messages) for p in prompts]
     refs = [len(teacher.tokenizer(p.reference, add_special_tokens=False)["input_ids"]) + 1 for p in prompts if p.reference]
     gen_batch = min(gen0.batch_size, 32)
+    t = time.perf_counter()
     rates = measure_rates(teacher, ids, gen_batch, train0.student, teacher_dir, load_s, top_k=gen0.top_k,
                           bf16=train0.bf16)
+    parts["probes_s"] = time.perf_counter() - t
     workload = Workload(
         prompts_available=min(len(prompts), gen0.max_prompts or len(prompts)), prompt_tokens=sum(map(len, ids)) / len(ids),
         reference_tokens=sum(refs) / len(refs) if refs else 0.0, heldout=gen0.heldout,
@@ -153,7 +156,8 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
         gen_prompts=eval0.get("gen_prompts", EvalConfig.gen_prompts), gen_tokens=eval0.get("gen_tokens", EvalConfig.gen_tokens),
         eval_models=3 if data.get("eval_before") else 2, pinned=pinned,
     )
-    plan = {**size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start), "cpu": cpu_info()}
+    plan = {**size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start), "cpu": cpu_info(),
+            "measure_parts_s": parts}
     log(format_plan(plan))
     ov = plan["overrides"]
     stage_data = {

@@ -124,7 +124,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
         n = min(n, w.prompts_available)
         if n >= min(MIN_PROMPTS, w.prompts_available) or c == candidates[-1]:
             break
-    gen_s = n * p / pre + decode_s(n, c, w.gen_batch, rates)
+    gen_batch = math.ceil(n / math.ceil(n / min(w.gen_batch, n)))  # even waves: 87 rows go as 3 x 29, not 32+32+23
+    gen_s = n * p / pre + decode_s(n, c, gen_batch, rates)
     train_rows = max(1, n - heldout_rows(n, w.heldout))
     seq = p + c
     train_s = max(work - eval_est(c, n) - gen_s, 0.0)
@@ -140,7 +141,7 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     warmup = _pin(w, "train.warmup_steps", min(w.warmup_steps, max(1, steps // 10)))
     eval_rows = min(rows, max(1, heldout_rows(n, w.heldout)))
     stages = [
-        {"stage": "generate", "work": f"{n} prompts x {c} new tokens (batch {min(w.gen_batch, n)})", "est_s": gen_s},
+        {"stage": "generate", "work": f"{n} prompts x {c} new tokens (batch {gen_batch})", "est_s": gen_s},
         {"stage": "build student", "work": f"prune/build + {calib} calibration rows, saved as 'before'", "est_s": build_est},
         {"stage": "train", "work": f"{steps} steps x batch {b} (~{steps * b / train_rows:.1f} epochs of {train_rows} rows)",
          "est_s": train_s},
@@ -148,7 +149,7 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     ]
     total = spent_s + sum(s["est_s"] for s in stages)
     overrides = {
-        "generate": {"max_prompts": n, "max_new_tokens": c, "batch_size": min(w.gen_batch, n)},
+        "generate": {"max_prompts": n, "max_new_tokens": c, "batch_size": gen_batch},
         "train": {"max_steps": steps, "batch_size": b, "warmup_steps": warmup, "checkpoint_every": 0,
                   "calibration": calib},
         "eval": {"max_rows": eval_rows, "gen_prompts": g, "gen_tokens": t},
