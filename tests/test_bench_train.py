@@ -72,6 +72,7 @@ def test_bench_train_tiny(tmp_path, tiny_model_dir, tiny_capture):
     assert (tmp_path / "train.png").stat().st_size > 1000
     assert "| potstill | stored top-k |" in (tmp_path / "train.md").read_text()
     assert "live teacher" in markdown_table(res)
+    assert saved["machine"]["cpu_capability"] and isinstance(saved["machine"]["cpu_bf16"], bool)
 
 
 def test_bench_train_cli_rejects_bad_input(tmp_path):
@@ -98,3 +99,15 @@ def test_train_on_step_stops_early(tmp_path, tiny_model_dir, tiny_capture):
     assert all(m["target_tokens"] > 0 for m in seen)
     assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) == 3
     assert (tmp_path / "s" / "model.safetensors").exists()
+
+
+def test_bench_train_caption_names_the_cpu():
+    """The table's caption says which CPU kernels ran (AVX2, AVX512, ...) and whether bf16 is native."""
+    from potstill.bench.train import _caption
+
+    result = {"budget_s": 60.0, "student": {"spec": "prune:depth:0.5"}, "capture": {"teacher": "t"},
+              "settings": {"common": {"loss": "jsd", "batch_size": 4, "bf16_autocast": False}},
+              "machine": {"torch_threads": 1, "cpus": 2, "cpu_capability": "AVX2", "cpu_bf16": False}}
+    assert "(CPU AVX2, no bf16)" in _caption(result)
+    result["machine"].update(cpu_capability="AVX512", cpu_bf16=True)
+    assert "(CPU AVX512, bf16)" in _caption(result)

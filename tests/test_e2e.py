@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_demo_recipe_small(tmp_path):
     run = tmp_path / "demo"
     cmd = [
-        sys.executable, "-m", "potstill.cli", "demo", "--run-dir", str(run),
+        sys.executable, "-m", "potstill.cli", "demo", "--run-dir", str(run), "--minutes", "0",  # the recipe as set
         # sized for a 2-core CPU without bf16: ~900 captured tokens, 16 steps of 4 rows (a few minutes)
         "--set", "generate.max_prompts=24", "--set", "generate.max_new_tokens=32",
         "--set", "generate.heldout=0.25",

@@ -107,31 +107,41 @@ def app():
 @app.command()
 @click.option("--run-dir", default="runs/demo", show_default=True, help="Where the run's artefacts go.")
 @click.option("--set", "overrides", multiple=True, help="Override a recipe field: stage.field=value.")
-def demo(run_dir, overrides):
+@click.option("--minutes", default=10.0, show_default=True, type=float,
+              help="Wall-clock budget: measure this machine, size every stage to fit (fields given with --set are "
+                   "kept); 0 runs the recipe as written.")
+def demo(run_dir, overrides, minutes):
     """Distil the embedded teacher into a half-depth student and print the comparison table."""
     from potstill.pipeline import builtin_recipe
 
-    _run(builtin_recipe("demo"), overrides, run_dir, "potstill demo")
+    _run(builtin_recipe("demo"), overrides, run_dir, "potstill demo", minutes)
 
 
 @app.command()
 @click.argument("recipe", type=click.Path())
 @click.option("--run-dir", default=None, help="Where the run's artefacts go (default: the recipe's run_dir).")
 @click.option("--set", "overrides", multiple=True, help="Override a recipe field: stage.field=value.")
-def run(recipe, run_dir, overrides):
+@click.option("--minutes", default=0.0, show_default=True, type=float,
+              help="Wall-clock budget: measure this machine and size every stage to fit (0: the recipe as written).")
+def run(recipe, run_dir, overrides, minutes):
     """Run every stage of a YAML recipe (generate -> train -> eval)."""
     if not Path(recipe).exists():
         raise PotstillError("no such recipe file", where=recipe)
-    _run(recipe, overrides, run_dir, f"potstill run {recipe}")
+    _run(recipe, overrides, run_dir, f"potstill run {recipe}", minutes)
 
 
-def _run(recipe, overrides, run_dir, title):
+def _run(recipe, overrides, run_dir, title, minutes=0.0):
     from rich.console import Console
 
     from potstill.evaluate import rich_table
-    from potstill.pipeline import run_recipe
+    from potstill.pipeline import run_budgeted, run_recipe
 
-    result = run_recipe(recipe, list(overrides), run_dir)
+    if minutes < 0:
+        raise PotstillError(f"--minutes must be >= 0, not {minutes}")
+    if minutes:
+        result = run_budgeted(recipe, minutes, list(overrides), run_dir)
+    else:
+        result = run_recipe(recipe, list(overrides), run_dir)
     t = result["timings"]
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(rich_table(result["eval"]["rows"], title=title))
@@ -142,7 +152,12 @@ def _run(recipe, overrides, run_dir, title):
         f"training {result['train']['train_tokens_per_s']:.0f} tok/s | "
         f"time: generate {t['generate_s']:.0f}s, train {t['train_s']:.0f}s, eval {t['eval_s']:.0f}s"
     )
-    console.print(f"artefacts: {result['run_dir']} (capture/, student/, eval.json, eval.md, metrics)")
+    if result.get("plan"):
+        from potstill.plan import format_plan
+
+        console.print(format_plan(result["plan"]), markup=False, highlight=False)
+    console.print(f"artefacts: {result['run_dir']} (capture/, student/, eval.json, eval.md, metrics"
+                  + (", plan.json)" if result.get("plan") else ")"))
 
 
 @app.command()

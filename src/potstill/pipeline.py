@@ -105,3 +105,123 @@ def build_and_save_before(cfg: TrainConfig, out: Path, log=print):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, tokenizer, info
+
+
+def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), run_dir: str | None = None,
+                 log=print) -> dict[str, Any]:
+    """`run_recipe` in `minutes` of wall-clock: measure this machine, size the stages (plan.py), keep to it.
+
+    Fields given in `overrides` stay as given; the plan sizes the rest. A previous run's stage
+    outputs in the run directory are replaced (a new plan means a new capture). The plan, each
+    stage's estimate and its actual wall and CPU seconds go to run_dir/plan.json.
+    """
+    import shutil
+
+    from potstill.capture.generate import generate
+    from potstill.capture.prompts import dedupe, load_prompts
+    from potstill.config import parse_override
+    from potstill.evaluate import run_eval
+    from potstill.plan import Deadline, Workload, format_plan, measure_rates, size_plan
+    from potstill.teachers.hf import HFTeacher, resolve_model_dir
+    from potstill.train.loop import train
+    from potstill.utils import cpu_info, quiet_transformers, write_json
+
+    t_start, c_start = time.perf_counter(), time.process_time()
+    budget = minutes * 60.0
+    data = load_recipe(path, overrides)
+    pinned = {".".join(k): v for k, v in (parse_override(o) for o in overrides) if len(k) == 2}
+    run = Path(run_dir or data.get("run_dir") or "runs/run")
+    where = str(path)
+    g = data.get("generate", {})
+    if str(g.get("teacher", "embedded")).startswith(("http://", "https://")) or not g.get("prompts"):
+        raise PotstillError("--minutes needs a local teacher and a prompts file (it measures the teacher)", where=where)
+    for name, marker in (("capture", "manifest.json"), ("student", "provenance.json"), ("student-before", "config.json")):
+        if (run / name / marker).exists():
+            log(f"budgeted run: replacing the previous {run / name}")
+            shutil.rmtree(run / name)
+    run.mkdir(parents=True, exist_ok=True)
+
+    quiet_transformers()
+    gen0 = build(GenerateConfig, {**g, "out": str(run / "capture")}, f"{where}: generate")
+    train0 = build(TrainConfig, {**data.get("train", {}), "capture": gen0.out, "out": str(run / "student"),
+                                 "teacher": gen0.teacher}, f"{where}: train")
+    eval0 = data.get("eval", {})
+    prompts = dedupe(load_prompts(gen0.prompts))[0]
+    teacher_dir = resolve_model_dir(gen0.teacher)  # a first run converts the embedded GGUF: not a load time
+    t = time.perf_counter()
+    parts = {"setup_s": t - t_start}
+    teacher = HFTeacher.load(gen0.teacher, dtype=gen0.dtype)
+    load_s = parts["teacher_load_s"] = time.perf_counter() - t
+    ids = [teacher.encode_chat(p.messages) for p in prompts]
+    refs = [len(teacher.tokenizer(p.reference, add_special_tokens=False)["input_ids"]) + 1 for p in prompts if p.reference]
+    gen_batch = min(gen0.batch_size, 32)
+    t = time.perf_counter()
+    rates = measure_rates(teacher, ids, gen_batch, train0.student, teacher_dir, load_s, top_k=gen0.top_k,
+                          bf16=train0.bf16)
+    parts["probes_s"] = time.perf_counter() - t
+    workload = Workload(
+        prompts_available=min(len(prompts), gen0.max_prompts or len(prompts)), prompt_tokens=sum(map(len, ids)) / len(ids),
+        reference_tokens=sum(refs) / len(refs) if refs else 0.0, heldout=gen0.heldout,
+        max_new_tokens=gen0.max_new_tokens, gen_batch=gen_batch, train_batch=train0.batch_size,
+        warmup_steps=train0.warmup_steps, calibration=train0.calibration,
+        gen_prompts=eval0.get("gen_prompts", EvalConfig.gen_prompts), gen_tokens=eval0.get("gen_tokens", EvalConfig.gen_tokens),
+        eval_models=3 if data.get("eval_before") else 2, pinned=pinned,
+    )
+    plan = {**size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start), "cpu": cpu_info(),
+            "measure_parts_s": parts}
+    log(format_plan(plan))
+    ov = plan["overrides"]
+    stage_data = {
+        "generate": {**data.get("generate", {}), **ov["generate"], "shard_rows": ov["generate"]["batch_size"]},
+        "train": {**data.get("train", {}), **ov["train"]},
+        "eval": {**eval0, **ov["eval"]},
+    }
+    budgeted = {**data, **stage_data}
+    with atomic_path(run / "recipe.budgeted.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(budgeted, sort_keys=False))
+    actual: dict[str, float] = {"measure": time.perf_counter() - t_start}
+    cpu: dict[str, float] = {"measure": time.process_time() - c_start}
+    est = {s["stage"]: s["est_s"] for s in plan["stages"]}
+    record = {**plan, "actual_s": actual, "cpu_s": cpu}
+    write_json(run / "plan.json", record)
+
+    def timed(stage: str, fn):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        actual[stage], cpu[stage] = time.perf_counter() - t, time.process_time() - c
+        write_json(run / "plan.json", record)
+        return out
+
+    gen = build(GenerateConfig, {**stage_data["generate"], "out": str(run / "capture")}, f"{where}: generate")
+    gen_deadline = Deadline(est["generate"])
+    per_row = est["generate"] / max(gen.max_prompts, 1)
+
+    def gen_stop(next_rows: int, done: int) -> bool:
+        return not gen_deadline.fits(next_rows * max(per_row, gen_deadline.elapsed() / max(done, 1)))
+
+    manifest = timed("generate", lambda: generate(gen, teacher=teacher, log=log, should_stop=gen_stop))
+    teacher = None  # its memory back before training
+    train_cfg = build(TrainConfig, {**stage_data["train"], "capture": gen.out, "out": str(run / "student"),
+                                    "teacher": gen.teacher}, f"{where}: train")
+    built = (None, None, None)
+    if data.get("eval_before"):
+        built = timed("build student", lambda: build_and_save_before(train_cfg, run / "student-before", log))
+    # training ends where the plan's training ends, whatever the stages before it took
+    left = budget * (1 - plan["margin"]) - (time.perf_counter() - t_start) - est["eval"]
+    stop = Deadline(min(est["train"], left)).train_stop()
+    summary = timed("train", lambda: train(train_cfg, log=log, model=built[0], tokenizer=built[1],
+                                           student_info=built[2], on_step=stop))
+    before = bool(data.get("eval_before"))
+    students = ([str(run / "student-before")] if before else []) + [train_cfg.out]
+    labels = (["student before"] if before else []) + ["student after"]
+    eval_cfg = build(EvalConfig, {**stage_data["eval"], "capture": gen.out, "students": students, "labels": labels,
+                                  "teacher": gen.teacher, "out": str(run)}, f"{where}: eval")
+    result = timed("eval", lambda: run_eval(eval_cfg, log=log))
+    actual["total"], cpu["total"] = time.perf_counter() - t_start, time.process_time() - c_start
+    record["train_steps_done"] = summary.get("steps")
+    record["capture_rows"] = manifest.get("counts", {}).get("rows")
+    write_json(run / "plan.json", record)
+    timings = {"generate_s": actual["generate"], "train_s": actual["train"] + actual.get("build student", 0.0),
+               "eval_s": actual["eval"]}
+    return {"eval": result, "timings": timings, "capture": manifest, "train": summary, "run_dir": str(run),
+            "plan": record}

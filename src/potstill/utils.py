@@ -89,3 +89,17 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def cpu_info() -> dict:
+    """What the CPU offers torch: its kernel capability (e.g. AVX2, AVX512) and native bf16 (yes/no)."""
+    import torch
+
+    from potstill.lm.loading import cpu_has_bf16
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16": cpu_has_bf16(), "cpus": os.cpu_count()}
+
+
+def cpu_line(info: dict) -> str:
+    """'CPU AVX2, no bf16, 2 cores' for a table's caption."""
+    return f"CPU {info['capability']}, {'bf16' if info['bf16'] else 'no bf16'}, {info['cpus']} cores"

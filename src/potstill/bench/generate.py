@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from potstill.utils import write_json
+from potstill.utils import cpu_info, cpu_line, write_json
 
 
 def _chat_ids(teacher, prompts) -> list[list[int]]:
@@ -139,6 +139,7 @@ def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int =
         "max_prompt_tokens": max_prompt_tokens,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpu": cpu_info(),
         "results": results,
     }
     if out_json:
@@ -148,7 +149,8 @@ def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int =
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"bench generate: {result['model']} ({result['dtype']}), {result['max_new_tokens']} new tokens, "
-             f"batch {result['batch_size']}, top-{result['top_k']} log-probs, {result['threads']} threads",
+             f"batch {result['batch_size']}, top-{result['top_k']} log-probs, {result['threads']} threads"
+             + (f", {cpu_line(result['cpu'])}" if result.get("cpu") else ""),
              f"{'decoder':<40}{'prompts':>8}{'tokens':>8}{'tok/s':>10}{'vs anchor':>11}"]
     for r in result["results"]:
         lines.append(f"{r['decoder']:<40}{r['prompts']:>8}{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['vs_anchor']:>11.2f}")

@@ -31,6 +31,8 @@ from typing import Any
 
 import click
 
+from potstill.utils import cpu_info
+
 GOAL_SPEEDUP = 2.0  # issue #5: potstill >= 2x TRL's tokens/s at equal or lower held-out KL
 NOTE = ("TRL's GKDTrainer runs the teacher live (one forward pass per step, full-vocabulary logits); "
         "potstill trains from the capture's stored top-k (no teacher in memory). Both: same student init, "
@@ -142,7 +144,7 @@ def bench_train(
         "bench": "train",
         "versions": _versions(),
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "device": "cuda" if torch.cuda.is_available()
-                    else "cpu", "note": "timings are distorted by other work on the machine; read the ratios"},
+                    else "cpu", "cpu_capability": cpu_info()["capability"], "cpu_bf16": cpu_info()["bf16"], "note": "timings are distorted by other work on the machine; read the ratios"},
         "capture": {"path": str(capture), "teacher": (cap.manifest.get("teacher") or {}).get("name"),
                     "k": cap.manifest.get("k"), "codec": (cap.manifest.get("codec") or {}).get("name"),
                     "splits": splits},
@@ -231,7 +233,9 @@ def _caption(result: dict) -> str:
     head = (f"{result['budget_s']:.0f}s per arm, {result['student']['spec']} student of {result['capture']['teacher']}, "
             f"{result['settings']['common']['loss']}, batch {result['settings']['common']['batch_size']}, "
             f"bf16 autocast {'on' if result['settings']['common']['bf16_autocast'] else 'off'}, "
-            f"{result['machine']['torch_threads']} thread(s) on a shared {result['machine']['cpus']}-core machine")
+            f"{result['machine']['torch_threads']} thread(s) on a shared {result['machine']['cpus']}-core machine"
+            + (f" (CPU {result['machine']['cpu_capability']}, {'bf16' if result['machine'].get('cpu_bf16') else 'no bf16'})"
+               if result["machine"].get("cpu_capability") else ""))
     if r:
         goal = result["goal"]
         cpu = r.get("cpu_tokens_per_s_potstill_over_trl")

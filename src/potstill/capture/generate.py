@@ -67,8 +67,13 @@ def self_instruct_prompts(teacher, n: int, seed: int, max_new_tokens: int = 64, 
     return prompts[:n]
 
 
-def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
-    """Run a capture. Returns the final manifest."""
+def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> dict[str, Any]:
+    """Run a capture. Returns the final manifest.
+
+    `should_stop(next_rows, rows_done)`, if given, is asked before each window of `shard_rows` rows
+    (never before the first); True ends the capture there, cleanly: the manifest's `prompts` then
+    describe the prompts actually captured (count, sha256) and say how many were planned.
+    """
     from potstill.capture.codec import get_codec
     from potstill.capture.prompts import assign_split, dedupe, load_prompts, prompts_hash
     from potstill.capture.store import CaptureWriter, row_id
@@ -148,11 +153,15 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
             log(f"resuming: {len(done)} rows already in complete shards, {len(todo)} to go")
         # windows of one shard in prompt order; length-sorted batches inside a window waste less on padding
         tokens = 0
+        stopped = False
         t0 = time.perf_counter()
         with progress_bar(len(todo), "generate") as bar:
             task = bar.add_task("generate", total=len(todo), rate="")
             for w in range(0, len(todo), cfg.shard_rows):
                 window = todo[w : w + cfg.shard_rows]
+                if w and should_stop is not None and should_stop(len(window), w):
+                    stopped = True
+                    break
                 encoded = {rid: _encode(teacher, p.messages) for rid, p, _ in window}
                 order = sorted(window, key=lambda t: len(encoded[t[0]] or ()))
                 results: dict[str, Any] = {}
@@ -185,6 +194,12 @@ def generate(cfg: GenerateConfig, teacher=None, log=print) -> dict[str, Any]:
                         bar.update(task, advance=len(chunk), rate=rate)
                 for rid, p, split in window:
                     writer.add(_row(rid, p, split, results[rid]))
+        if stopped:  # the manifest describes what is there: the prompts whose rows were all captured
+            writer.flush()
+            kept = [p for p in prompts if all(row_id(p.messages, sampling, s) in writer.done_ids for s in range(cfg.samples))]
+            writer.manifest["prompts"] = {"source": source, "sha256": prompts_hash(kept), "count": len(kept),
+                                          "planned": len(prompts), "stopped": "time budget"}
+            log(f"generate: stopped at {len(kept)} of {len(prompts)} prompts (its share of the time budget)")
         gen_seconds = time.perf_counter() - t0
     final = writer.manifest
     final_stats = {"generation_seconds": round(gen_seconds, 2), "completion_tokens_per_s": round(tokens / max(gen_seconds, 1e-9), 1)}
