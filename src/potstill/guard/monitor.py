@@ -6,18 +6,23 @@
     throttle(KeyStore("keys.db"), [r.key_id for r in risks if r.flagged], factor=0.1)
 
 Extraction (distillation) traffic differs from ordinary use in several weak ways at once; each
-feature maps to a 0-1 component score and the risk is their weighted sum (`WEIGHTS`), damped for
-keys with little evidence (x (1 - exp(-n/10))). A key is flagged at `risk >= THRESHOLD`.
+feature maps to a 0-1 component score and the risk is sigmoid(INTERCEPT + sum of WEIGHTS x score), a
+logistic regression fitted on labelled simulated traffic (guard/simulate.py; `potstill bench monitor`
+refits and measures it on a held-out seed). A key is flagged at `risk >= THRESHOLD`. The hand-set
+weights used before (`LEGACY_WEIGHTS`, `legacy_risk`) are kept for comparison.
 
 | component | feature | why |
 |---|---|---|
-| logprobs (0.25) | share of requests asking for log-probs | distillation wants soft targets; chat apps rarely ask |
-| coverage (0.25) | topic clusters of the prompts (token-set Jaccard, leader clustering) -> 1 - exp(-clusters/50) | extraction sweeps many topics; an app or a person stays on a few |
-| template (0.15) | share of prompts sharing a prefix+suffix skeleton with another prompt (>= 60 % of words, numbers/quotes/URLs masked) | generated prompts fill slots in a few templates |
-| timing (0.15) | 1 - CV of inter-arrival times (needs >= 10 gaps; scaled by gaps/30) | scripts send steadily (CV << 1); people are bursty (CV > 1) |
-| volume (0.15) | mean of 1 - exp(-requests/300) and 1 - exp(-(requests/hour)/600) | extraction needs many samples, fast |
-| diversity (0.05) | distinct word-bigram ratio of the prompts' content | reported for review; weak alone |
+| logprobs | share of requests asking for log-probs | distillation wants soft targets; chat apps rarely ask |
+| coverage | topic clusters (token-set Jaccard, leader clustering) among RAREFY evenly spaced prompts / their number | breadth per request, not volume: an app or a benchmark comes back to the same topics |
+| novelty | distinct prompts / requests | extraction never asks twice; benchmarks are re-run, app users repeat |
+| template | share of prompts sharing a prefix+suffix skeleton with another prompt (>= 60 % of words, numbers/quotes/URLs masked) | generated prompts fill slots in a few templates |
+| timing | 1 - CV of inter-arrival times (needs >= 10 gaps; scaled by gaps/30) | scripts send steadily (CV << 1); people are bursty (CV > 1) |
+| volume | mean of 1 - exp(-requests/300) and 1 - exp(-(requests/hour)/600) | extraction needs many samples, fast |
+| diversity | distinct word-bigram ratio of the prompts' content | with template: filled slots differ, repeated questions do not |
+| evidence | 1 - exp(-requests/10) | little traffic, little evidence |
 
+Keys spread over many keys are grouped into campaigns by guard/campaigns.py (`score_campaigns`).
 Prompts are the last user message (chat) or the prompt (completions); system prompts are
 ignored, so an app's fixed system prompt does not look like a template.
 """
