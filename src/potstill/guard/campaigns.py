@@ -3,10 +3,10 @@
     groups = score_campaigns("queries.db")   # highest risk first; a key that resembles no other is its own group
 
 A distiller can spread its traffic over many keys so that none looks like much. Keys of one operator
-still share how they ask: the same prompt templates (skeletons that repeat within each key), the same
+still share how they ask: the same prompt templates (word 3-grams in >= max(2, 20 %) of a key's prompts), the same
 sampling parameters, the same log-prob use and similar timing. Two keys are linked when
 
-    sim = 0.45 x Jaccard(repeated skeletons) + 0.2 x [same sampling params] + 0.15 x (1 - |log-prob share
+    sim = 0.45 x Jaccard(template 3-grams) + 0.2 x [same sampling params] + 0.15 x (1 - |log-prob share
           difference|) + 0.1 x Jaccard(content words) + 0.1 x exp(-|log(median gap ratio)|)  >= LINK
 
 and their skeleton Jaccard is at least MIN_SKELETON (no shared template, no link: people who happen to
@@ -57,7 +57,7 @@ def key_signature(rows: list[dict[str, Any]]) -> dict[str, Any]:
     times = sorted(r["ts"] for r in rows)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > a]
     return {
-        "skeletons": frozenset(s for s, c in skel.items() if c >= max(2, 0.2 * len(words))),
+        "skeletons": frozenset(s for s, c in skel.items() if c >= max(2, 0.2 * len(words))),  # recurring 3-grams
         "content": frozenset().union(*content_sets(words)) if words else frozenset(),
         "params": params.most_common(1)[0][0] if params else "{}",
         "logprob_share": sum(bool(r.get("logprobs")) for r in rows) / max(len(rows), 1),

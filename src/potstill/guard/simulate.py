@@ -189,8 +189,11 @@ def _extract(rng: random.Random, key: str, t0: float, kind: str, subjects: list[
 
 
 def simulate(seed: int = 0, counts: dict[str, int] | None = None,
-             campaign_keys: int = 50) -> tuple[list[dict[str, Any]], dict[str, KeyTruth]]:
-    """Rows (sorted by time) and the truth per key. Same seed -> same rows."""
+             campaign_keys: int = 50, campaign_requests: tuple[int, int] = (15, 30)) -> tuple[list[dict[str, Any]], dict[str, KeyTruth]]:
+    """Rows (sorted by time) and the truth per key. Same seed -> same rows.
+
+    `campaign_requests`: (fewest, most) requests per campaign key.
+    """
     rng = random.Random(seed)
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     subjects = _subjects(rng)
@@ -230,7 +233,7 @@ def simulate(seed: int = 0, counts: dict[str, int] | None = None,
         for i in range(campaign_keys):
             key = f"{camp}-k{i}"
             rows += _extract(rng, key, start + rng.uniform(0, 7200), "campaign", subjects, params,
-                             rng.randint(15, 30), (60.0, 300.0), lp_share=rng.uniform(0.3, 1.0), templates=templates)
+                             rng.randint(*campaign_requests), (60.0, 300.0), lp_share=rng.uniform(0.3, 1.0), templates=templates)
             truth[key] = KeyTruth("campaign", 1, camp)
     for r in rows:
         p = r["params"]
