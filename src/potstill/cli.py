@@ -209,6 +209,19 @@ def bench_codec_cmd(capture, positions, vocab, k, out):
     click.echo(f"wrote {out}")
 
 
+@bench.command("monitor")
+@click.option("--train-seed", default=1, show_default=True, help="Simulated traffic the weights are fitted on.")
+@click.option("--test-seed", default=2, show_default=True, help="Held-out simulated traffic they are measured on.")
+@click.option("--fitted", is_flag=True, help="Measure the weights in guard/monitor.py instead of refitting.")
+@click.option("--out", default="runs/bench/monitor.json", show_default=True, help="JSON results (+ .md table).")
+def bench_monitor_cmd(train_seed, test_seed, fitted, out):
+    """Calibrate the extraction monitor on simulated traffic; ROC AUC, precision, recall per key and campaign."""
+    from potstill.bench.monitor import bench_monitor, format_table
+
+    click.echo(format_table(bench_monitor(train_seed, test_seed, out_json=out, fitted=fitted)))
+    click.echo(f"wrote {out}")
+
+
 @bench.command("generate")
 @click.option("--teacher", default="embedded", show_default=True, help="Teacher model.")
 @click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")

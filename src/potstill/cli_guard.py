@@ -206,7 +206,9 @@ def register(app: click.Group) -> None:
     @click.option("--out", default=None, help="Write the ranked report as JSON here.")
     @click.option("--throttle", is_flag=True, help="Lower the limits of flagged keys.")
     @click.option("--factor", default=0.1, show_default=True, help="Multiply flagged keys' limits by this.")
-    def monitor(log_db, keys_db, since_hours, out, throttle, factor):
+    @click.option("--campaigns", is_flag=True, help="Group keys that behave alike and score each group's pooled "
+                  "traffic (--throttle then lowers every key of a flagged group).")
+    def monitor(log_db, keys_db, since_hours, out, throttle, factor, campaigns):
         """Rank API keys by extraction risk from the query log."""
         import time
 
@@ -217,12 +219,23 @@ def register(app: click.Group) -> None:
         if not log_db.startswith(("sqlite:", "postgresql", "mysql")) and not Path(log_db).exists():
             raise PotstillError("no query log here", where=log_db)
         since = time.time() - since_hours * 3600 if since_hours else None
-        risks = mon.score_keys(log_db, since=since)
-        click.echo(mon.format_table(risks))
-        if out:
-            mon.write_report(out, risks, log=log_db)
-        if throttle:
+        if campaigns:
+            from potstill.guard.campaigns import format_campaigns, score_campaigns
+            from potstill.utils import write_json
+
+            groups = score_campaigns(log_db, since=since)
+            click.echo(format_campaigns(groups))
+            if out:
+                write_json(out, {"weights": mon.WEIGHTS, "intercept": mon.INTERCEPT, "threshold": mon.THRESHOLD,
+                                 "log": log_db, "campaigns": [g.to_dict() for g in groups]})
+            flagged = [k for g in groups if g.flagged for k in g.keys]
+        else:
+            risks = mon.score_keys(log_db, since=since)
+            click.echo(mon.format_table(risks))
+            if out:
+                mon.write_report(out, risks, log=log_db)
             flagged = [r.key_id for r in risks if r.flagged]
+        if throttle:
             if flagged:
                 from potstill.guard.querylog import server_config
                 from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM

@@ -6,18 +6,23 @@
     throttle(KeyStore("keys.db"), [r.key_id for r in risks if r.flagged], factor=0.1)
 
 Extraction (distillation) traffic differs from ordinary use in several weak ways at once; each
-feature maps to a 0-1 component score and the risk is their weighted sum (`WEIGHTS`), damped for
-keys with little evidence (x (1 - exp(-n/10))). A key is flagged at `risk >= THRESHOLD`.
+feature maps to a 0-1 component score and the risk is sigmoid(INTERCEPT + sum of WEIGHTS x score), a
+logistic regression fitted on labelled simulated traffic (guard/simulate.py; `potstill bench monitor`
+refits and measures it on a held-out seed). A key is flagged at `risk >= THRESHOLD`. The hand-set
+weights used before (`LEGACY_WEIGHTS`, `legacy_risk`) are kept for comparison.
 
 | component | feature | why |
 |---|---|---|
-| logprobs (0.25) | share of requests asking for log-probs | distillation wants soft targets; chat apps rarely ask |
-| coverage (0.25) | topic clusters of the prompts (token-set Jaccard, leader clustering) -> 1 - exp(-clusters/50) | extraction sweeps many topics; an app or a person stays on a few |
-| template (0.15) | share of prompts sharing a prefix+suffix skeleton with another prompt (>= 60 % of words, numbers/quotes/URLs masked) | generated prompts fill slots in a few templates |
-| timing (0.15) | 1 - CV of inter-arrival times (needs >= 10 gaps; scaled by gaps/30) | scripts send steadily (CV << 1); people are bursty (CV > 1) |
-| volume (0.15) | mean of 1 - exp(-requests/300) and 1 - exp(-(requests/hour)/600) | extraction needs many samples, fast |
-| diversity (0.05) | distinct word-bigram ratio of the prompts' content | reported for review; weak alone |
+| logprobs | share of requests asking for log-probs | distillation wants soft targets; chat apps rarely ask |
+| coverage | topic clusters (token-set Jaccard, leader clustering) among RAREFY evenly spaced prompts / their number | breadth per request, not volume: an app or a benchmark comes back to the same topics |
+| novelty | distinct prompts / requests | extraction never asks twice; benchmarks are re-run, app users repeat |
+| template | share of prompts sharing a prefix+suffix skeleton with another prompt (>= 60 % of words, numbers/quotes/URLs masked) | generated prompts fill slots in a few templates |
+| timing | 1 - CV of inter-arrival times (needs >= 10 gaps; scaled by gaps/30) | scripts send steadily (CV << 1); people are bursty (CV > 1) |
+| volume | mean of 1 - exp(-requests/300) and 1 - exp(-(requests/hour)/600) | extraction needs many samples, fast |
+| diversity | distinct word-bigram ratio of the prompts' content | with template: filled slots differ, repeated questions do not |
+| evidence | 1 - exp(-requests/10) | little traffic, little evidence |
 
+Keys spread over many keys are grouped into campaigns by guard/campaigns.py (`score_campaigns`).
 Prompts are the last user message (chat) or the prompt (completions); system prompts are
 ignored, so an app's fixed system prompt does not look like a template.
 """
@@ -36,16 +41,29 @@ from potstill.guard.querylog import read_log
 from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
 from potstill.utils import write_json
 
+# Logistic-regression coefficients over the component scores, fitted on simulated labelled traffic
+# (guard/simulate.py: seed 1 to fit, seed 2 held out; class-balanced, L2 1e-3, plain gradient descent).
+# Reproduce: `potstill bench monitor --train-seed 1 --test-seed 2 --out runs/bench/monitor.json`
+# (prints these constants; the JSON holds them with the held-out AUC / precision / recall).
 WEIGHTS: dict[str, float] = {
-    "logprobs": 0.25,
-    "coverage": 0.25,
-    "template": 0.15,
-    "timing": 0.15,
-    "volume": 0.15,
-    "diversity": 0.05,
+    "logprobs": 3.129,
+    "coverage": 1.783,
+    "template": 5.25,
+    "timing": 0.619,
+    "volume": 1.458,
+    "diversity": 5.66,
+    "evidence": -0.291,
+    "novelty": 5.248,
 }
-THRESHOLD = 0.55
-"""Flag keys whose risk is at least this."""
+INTERCEPT = -15.795
+THRESHOLD = 0.48
+"""Flag keys whose risk is at least this (the F1-best cut on the fitting seed's keys)."""
+LEGACY_WEIGHTS: dict[str, float] = {
+    "logprobs": 0.25, "coverage": 0.25, "template": 0.15, "timing": 0.15, "volume": 0.15, "diversity": 0.05,
+}
+LEGACY_THRESHOLD = 0.55
+"""The hand-set weights and threshold used before calibration (kept for the bench's before/after)."""
+RAREFY = 50  # coverage counts topic clusters among this many evenly spaced prompts (fewer: all of them)
 
 MAX_PROMPTS = 600  # prompts per key used for the quadratic features (evenly spaced sample)
 _STOPWORDS = frozenset(
@@ -189,16 +207,20 @@ def key_features(rows: list[dict[str, Any]]) -> dict[str, float]:
     n = len(rows)
     span_h = max((max(times) - min(times)) / 3600, 1 / 60) if n else 1 / 60
     with_prompt = [r for r in rows if r.get("prompt") is not None]
-    prompts = _sample([w for w in (prompt_words(r["prompt"]) for r in with_prompt) if w], MAX_PROMPTS)
+    all_words = [w for w in (prompt_words(r["prompt"]) for r in with_prompt) if w]
+    prompts = _sample(all_words, MAX_PROMPTS)
     sets = content_sets(prompts)
     content = [[w for w in p if w in s] for p, s in zip(prompts, sets, strict=True)]
     cv, gaps = timing_cv(times)
+    rare = _sample(sets, RAREFY)
     return {
         "requests": float(n),
         "requests_per_hour": n / span_h,
         "logprob_share": sum(bool(r.get("logprobs")) for r in with_prompt) / len(with_prompt) if with_prompt else 0.0,
         "template_share": template_share(prompts),
         "topic_clusters": float(topic_clusters(sets)),
+        "coverage_rate": topic_clusters(rare) / len(rare) if rare else 0.0,
+        "novelty": len({tuple(w) for w in all_words}) / len(all_words) if all_words else 0.0,
         "distinct_ngram_ratio": distinct_ngram_ratio(content),
         "timing_cv": cv,
         "timing_gaps": float(gaps),
@@ -211,12 +233,48 @@ def component_scores(f: dict[str, float]) -> dict[str, float]:
     timing = 0.0 if math.isnan(cv) or gaps < 10 else max(0.0, 1.0 - cv) * min(1.0, gaps / 30)
     return {
         "logprobs": f["logprob_share"],
-        "coverage": 1 - math.exp(-f["topic_clusters"] / 50),
+        "coverage": f["coverage_rate"],
         "template": f["template_share"],
         "timing": timing,
         "volume": 0.5 * (1 - math.exp(-f["requests"] / 300)) + 0.5 * (1 - math.exp(-f["requests_per_hour"] / 600)),
         "diversity": f["distinct_ngram_ratio"],
+        "evidence": 1 - math.exp(-f["requests"] / 10),
+        "novelty": f["novelty"],
     }
+
+
+def risk_of(scores: dict[str, float], weights: dict[str, float] | None = None, intercept: float | None = None) -> float:
+    """Calibrated risk: sigmoid(intercept + sum of weight x component score)."""
+    weights = WEIGHTS if weights is None else weights
+    z = (INTERCEPT if intercept is None else intercept) + sum(weights.get(k, 0.0) * v for k, v in scores.items())
+    return 1 / (1 + math.exp(-max(-50.0, min(50.0, z))))
+
+
+def legacy_risk(f: dict[str, float]) -> float:
+    """The hand-set score used before calibration (coverage then grew with volume), for comparisons."""
+    s = component_scores(f)
+    s["coverage"] = 1 - math.exp(-f["topic_clusters"] / 50)
+    total = sum(LEGACY_WEIGHTS[k] * s[k] for k in LEGACY_WEIGHTS) / sum(LEGACY_WEIGHTS.values())
+    return s["evidence"] * total
+
+
+def rows_by_key(log_url: str | Path, since: float | None = None, until: float | None = None) -> dict[str, list[dict]]:
+    """The log's rows in [since, until) grouped by key (rows without a key are left out)."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in read_log(log_url, since=since, until=until):
+        if r.get("key_id"):
+            by_key.setdefault(r["key_id"], []).append(r)
+    return by_key
+
+
+def score_rows(key_id: str, rows: list[dict[str, Any]], weights: dict[str, float] | None = None,
+               threshold: float = THRESHOLD, intercept: float | None = None) -> KeyRisk:
+    """One key's (or one pooled group's) risk from its rows."""
+    feats = key_features(rows)
+    scores = component_scores(feats)
+    risk = risk_of(scores, weights, intercept)
+    return KeyRisk(key_id, round(risk, 4), risk >= threshold, len(rows),
+                   {k: round(v, 4) for k, v in scores.items()}, {k: round(v, 4) for k, v in feats.items()})
 
 
 def score_keys(
@@ -226,25 +284,11 @@ def score_keys(
     weights: dict[str, float] | None = None,
     threshold: float = THRESHOLD,
     min_requests: int = 1,
+    intercept: float | None = None,
 ) -> list[KeyRisk]:
     """Risk per key over the log rows in [since, until) (unix seconds), highest risk first."""
-    weights = weights or WEIGHTS
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    for r in read_log(log_url, since=since, until=until):
-        if r.get("key_id"):
-            by_key.setdefault(r["key_id"], []).append(r)
-    risks = []
-    for key_id, rows in by_key.items():
-        if len(rows) < min_requests:
-            continue
-        feats = key_features(rows)
-        scores = component_scores(feats)
-        evidence = 1 - math.exp(-len(rows) / 10)
-        risk = evidence * sum(weights.get(k, 0.0) * v for k, v in scores.items()) / max(sum(weights.values()), 1e-9)
-        risks.append(
-            KeyRisk(key_id, round(risk, 4), risk >= threshold, len(rows),
-                    {k: round(v, 4) for k, v in scores.items()}, {k: round(v, 4) for k, v in feats.items()})
-        )
+    risks = [score_rows(key_id, rows, weights, threshold, intercept)
+             for key_id, rows in rows_by_key(log_url, since, until).items() if len(rows) >= min_requests]
     return sorted(risks, key=lambda r: (-r.risk, r.key_id))
 
 
@@ -263,7 +307,7 @@ def format_table(risks: list[KeyRisk]) -> str:
 
 def write_report(path: str | Path, risks: list[KeyRisk], **meta: Any) -> None:
     """JSON report (written atomically): weights, threshold, meta, and every key's risk."""
-    write_json(path, {"weights": WEIGHTS, "threshold": THRESHOLD, **meta, "keys": [r.to_dict() for r in risks]})
+    write_json(path, {"weights": WEIGHTS, "intercept": INTERCEPT, "threshold": THRESHOLD, **meta, "keys": [r.to_dict() for r in risks]})
 
 
 def throttle(
