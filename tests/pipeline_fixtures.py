@@ -35,3 +35,14 @@ def train_cfg(capture, out, **kw):
                 batch_size=2, warmup_steps=2, lr=1e-2, checkpoint_every=3, bf16="off", calibration=4)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def slow_writes(seconds: float) -> str:
+    """Python source for a child process: every capture row written sleeps first, so that a test's kill -9
+    lands mid-capture whatever the machine's speed."""
+    return (
+        "import time\n"
+        "import potstill.capture.store as _store\n"
+        "_add = _store.CaptureWriter.add\n"
+        f"_store.CaptureWriter.add = lambda self, row: (time.sleep({seconds}), _add(self, row))[1]\n"
+    )

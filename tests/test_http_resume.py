@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.guard_fixtures import live_server, one_torch_thread
+from tests.pipeline_fixtures import slow_writes
 
 pytestmark = pytest.mark.subprocess  # every test here starts the CLI in a child process
 
@@ -23,18 +24,7 @@ TOPICS = ["the sea", "volcanoes", "bread baking", "chess openings", "the moon", 
           "glass making", "river otters", "jazz drums", "winter storms", "paper kites"]
 PROMPTS = [{"instruction": f"Write two sentences about {t}.", "output": "ok"} for t in TOPICS]
 # The CLI with every written row slowed down, so the kill lands mid-capture on any machine's speed.
-SLOW_CLI = """
-import sys, time
-import potstill.capture.store as store
-from potstill.cli import app
-orig = store.CaptureWriter.add
-def slow_add(self, row):
-    time.sleep(0.15)
-    return orig(self, row)
-store.CaptureWriter.add = slow_add
-app(sys.argv[1:])
-"""
-
+SLOW_CLI = slow_writes(0.15) + "import sys\nfrom potstill.cli import app\napp(sys.argv[1:])\n"
 
 def _cmd(server, tokenizer_dir, prompts, out, slow: bool = False) -> list[str]:
     head = [sys.executable, "-c", SLOW_CLI] if slow else [sys.executable, "-m", "potstill.cli"]

@@ -15,7 +15,7 @@ import torch
 
 from potstill.config import EvalConfig, GenerateConfig
 from potstill.errors import PotstillError
-from tests.pipeline_fixtures import PROMPTS, gen_cfg, train_cfg
+from tests.pipeline_fixtures import PROMPTS, gen_cfg, slow_writes, train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +56,13 @@ def test_generate_is_deterministic_per_row(tmp_path, tiny_model_dir, prompts_fil
     assert a == b
 
 
-KILL_SCRIPT = """
-import sys, time
+KILL_SCRIPT = slow_writes(0.05) + """
+import sys
 from potstill.capture.generate import generate
 from potstill.config import GenerateConfig
-import potstill.capture.store as store
-orig = store.CaptureWriter.add
-def slow_add(self, row):
-    time.sleep(0.05)
-    return orig(self, row)
-store.CaptureWriter.add = slow_add
 generate(GenerateConfig(teacher=sys.argv[1], prompts=sys.argv[2], out=sys.argv[3], max_new_tokens=12, top_k=8,
          batch_size=4, heldout=0.25, dtype="float32", shard_rows=4), log=lambda *_: None)
 """
-
 
 @pytest.mark.subprocess
 def test_generate_resumes_after_kill9(tmp_path, tiny_model_dir, prompts_file, capture_dir):
