@@ -163,7 +163,6 @@ class Sandbox:
 
     def run(self, code: str) -> RunResult:
         """Run `code` in a fresh empty directory; returns what happened (never raises for the code's sake)."""
-        lim = self.limits
         base = Path(tempfile.mkdtemp(prefix="potstill-sbx-"))
         work, root = base / "work", base / "root"
         work.mkdir()
