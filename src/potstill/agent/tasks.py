@@ -290,3 +290,8 @@ def _parse(line: str, where: str) -> Task:
         raise PotstillError(f"field 'split' must be one of {', '.join(SPLITS)}", where=where)
     kind = str(obj.get("kind", "custom"))
     return Task(obj["id"], kind, str(obj.get("template", kind)), obj["question"], obj["answer"], checker, split)
+
+
+def tasks_hash(tasks: list[Task]) -> str:
+    """Hash of the task list (recorded in a capture's manifest: a resume must use the same tasks)."""
+    return stable_hash([t.to_dict() for t in tasks])
