@@ -98,3 +98,25 @@ def test_bad_task_file_fails_before_anything_is_written(tmp_path, teacher):
     with pytest.raises(PotstillError, match=f"{bad}:2: field 'question'"):
         agent_generate(cfg, teacher=teacher)
     assert not (tmp_path / "cap").exists()
+
+
+def test_agent_eval_with_and_without_tool(tmp_path, teacher):
+    from potstill.agent.evaluate import AgentEvalConfig, run_agent_eval
+
+    tasks = [dict(t, split="heldout") for t in TASKS[:2]] + [dict(TASKS[2], split="heldout_template")]
+    cfg = AgentEvalConfig(tasks=write_tasks(tmp_path / "tasks.jsonl", tasks), teacher=None, students=["x"],
+                          max_turns=3, max_new_tokens=96, sandbox_cpu_s=1, sandbox_wall_s=3, out=str(tmp_path / "ev"),
+                          unsafe_sandbox=detect_isolation() == "none")
+    result = run_agent_eval(cfg, log=lambda *_: None, models={"scripted": teacher})
+    row = result["rows"][0]
+    tool, plain = row["tool"], row["no_tool"]
+    assert (tool["n"], tool["solved"], tool["pass@1"]) == (3, 1, round(1 / 3, 4))
+    assert tool["pass@1[heldout]"]["solved"] == 1 and tool["pass@1[heldout_template]"]["n"] == 1
+    assert tool["sandbox_errors"] == 1 and tool["tool_calls"] == 3 and tool["well_formed_call_share"] == 1.0
+    lo, hi = tool["pass@1_ci95"]
+    assert 0 < lo < 1 / 3 < hi < 1
+    # without the tool the script's first turn (code) is not an answer: nothing is solved, one turn each
+    assert plain["solved"] == 0 and plain["mean_turns"] == 1 and plain["tool_calls"] == 0
+    table = (tmp_path / "ev" / "table.md").read_text()
+    assert "| scripted | 1/3 = 0.333 |" in table
+    assert (tmp_path / "ev" / "results.json").exists()
