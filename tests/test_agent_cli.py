@@ -24,3 +24,27 @@ def test_unknown_builtin_and_bad_recipe_section(tmp_path):
     recipe.write_text("agent_generate: {samples: 1}\nagent_evl: {}\n")
     res = CliRunner().invoke(app, ["run", str(recipe)])
     assert res.exit_code == 2 and "unknown section 'agent_evl'" in res.stderr
+
+
+def test_recipe_with_a_teacher_that_never_answers_is_all_rejected(tmp_path, tiny_model_dir):
+    """A real (tiny, random) local teacher: every episode ends at max_turns, lands in 'rejected',
+    and the recipe stops before training with a one-line reason."""
+    from potstill.agent.pipeline import run_agent_recipe
+    from potstill.agent.sandbox import detect_isolation
+    from potstill.capture.store import Capture
+    from potstill.errors import PotstillError
+
+    recipe = tmp_path / "agent.yaml"
+    recipe.write_text(
+        f"agent_generate:\n  tasks: builtin:potstill_tools:30\n  teacher: {tiny_model_dir}\n  samples: 1\n"
+        f"  max_tasks: 3\n  max_turns: 2\n  max_new_tokens: 12\n  top_k: 4\n  dtype: float32\n"
+        f"  unsafe_sandbox: {str(detect_isolation() == 'none').lower()}\n")
+    import pytest
+
+    with pytest.raises(PotstillError, match="solved no training task"):
+        run_agent_recipe(recipe, run_dir=str(tmp_path / "run"), log=lambda *_: None)
+    cap = Capture.open(tmp_path / "run" / "agentcap")
+    rows = list(cap.rows())
+    assert len(rows) == 3 and {r["split"] for r in rows} == {"rejected"}
+    assert {r["finish_reason"] for r in rows} <= {"max_turns", "context"}
+    assert cap.manifest["yield"]["all"] == {"episodes": 3, "verified": 0, "yield": 0.0, "tasks": 3, "tasks_solved": 0}
