@@ -15,6 +15,7 @@ episode id and the turn, so a resumed run repeats an interrupted one.
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,9 +30,15 @@ from potstill.teachers.hf import row_seed
 SYSTEM_TOOL = (
     "You can run Python code. To run code, write it in a ```python code block and end the block with ```; "
     "the code runs and you see what it prints, so print() the values you need. Use the output to answer. "
-    "When you know the answer, write a last line of the form 'Final answer: <answer>'."
+    "When you know the answer, write a last line of the form 'Final answer: <answer>'.\n\n"
+    "Example.\nQuestion: What is 123456789 * 987654321?\n"
+    "Answer: I will compute it.\n```python\nprint(123456789 * 987654321)\n```\n"
+    "Output: 121932631112635269\nAnswer: Final answer: 121932631112635269"
 )
-SYSTEM_NO_TOOL = "Answer the question. Write a last line of the form 'Final answer: <answer>'."
+SYSTEM_NO_TOOL = (
+    "Answer the question. Write a last line of the form 'Final answer: <answer>'.\n\n"
+    "Example.\nQuestion: What is 12 * 11?\nAnswer: 12 * 11 = 132.\nFinal answer: 132"
+)
 FENCE_STOP = "\n```\n"
 CODE_RE = re.compile(r"```python[ \t]*\n(.*?)(?:\n```|$)", re.S)
 FINAL_RE = re.compile(r"final answer\s*:\s*(.+)", re.I)
@@ -129,12 +136,13 @@ class EpisodeRunner:
         messages = start_messages(task, self.tool)
         return Episode(eid, task, sample, messages, list(self.teacher.encode_chat(messages)))
 
-    def run(self, episodes: list[Episode]) -> list[Episode]:
+    def run(self, episodes: list[Episode], log=None) -> list[Episode]:
         """Advance every episode to its end; returns them (the same objects)."""
         for turn in range(self.max_turns):
             live = [e for e in episodes if not e.done]
             if not live:
                 break
+            t0 = time.perf_counter()
             outs = self.teacher.complete_ids([e.prompt_ids + e.ids for e in live], self.params,
                                              [row_seed(self.seed, f"{e.id}:{turn}") for e in live],
                                              batch_size=self.batch_size, include_eos=True)
@@ -148,6 +156,10 @@ class EpisodeRunner:
                     self._tool_turn(e, None, None)
                 if not e.done and len(e.prompt_ids) + len(e.ids) >= self.max_tokens:
                     e.end = "context"
+            if log is not None:
+                written = sum(len(c.completion_ids) for c in outs)
+                log(f"  turn {turn + 1}: {len(live)} episodes, {written} tokens written, "
+                    f"{sum(c is not None for c in runs)} code runs, {time.perf_counter() - t0:.0f}s")
         for e in episodes:
             if not e.done:
                 e.end = "max_turns"

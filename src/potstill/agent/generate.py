@@ -131,7 +131,7 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
                 log(f"resuming: {len(done)} episodes already in complete shards, {len(todo)} to go")
             for w in range(0, len(todo), cfg.shard_rows):
                 window = [runner.new(eid, t, s) for eid, t, s in todo[w : w + cfg.shard_rows]]
-                runner.run(window)
+                runner.run(window, log=log)
                 for e in window:
                     writer.add(episode_row(e, teacher.tokenizer, "train" if e.verified else "rejected"))
                     summaries.append(e.summary())
