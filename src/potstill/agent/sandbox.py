@@ -8,7 +8,9 @@ Isolation (checked once by `detect_isolation`, reported in manifests and logs):
   empty work directory read-write at /work and /dev/{null,zero,urandom}, then `chroot --userspec`
   drops to uid/gid 65534 (nobody) and runs `python -I -S`. No /proc, no /etc, no home, no network
   (only a down loopback), and RLIMIT_NPROC counts against nobody (root would be exempt).
-- "bwrap" (bubblewrap): the same layout with bubblewrap's --unshare-all, --uid 65534, --clearenv.
+- "bwrap" (bubblewrap, for a non-root user): the same layout with --unshare-all, --uid 65534,
+  --clearenv; RLIMIT_NPROC then counts the caller's own processes. Not offered to root (its user
+  namespace maps the sandbox to root, which RLIMIT_NPROC exempts).
 - "unsafe": no namespaces, only limits, an empty cwd and a minimal env. Refused unless asked for.
 
 Always: own session/process group (killed with SIGKILL at the end; the PID namespace takes every
@@ -118,18 +120,28 @@ def _runs(cmd: list[str]) -> bool:
 
 
 @lru_cache(maxsize=1)
-def detect_isolation() -> str:
-    """'unshare' or 'bwrap' when a probe of the real sandbox works here, else 'none'."""
+def available_isolations() -> tuple[str, ...]:
+    """The isolations whose probe (a real sandboxed run) works here, best first."""
+    found = []
     probe = Sandbox.__new__(Sandbox)
-    for kind in ("unshare", "bwrap"):
+    # bwrap started by root maps the sandbox's uid to root, which RLIMIT_NPROC exempts: a fork bomb
+    # would be bounded only by time, so root uses unshare (which drops to a real uid 65534)
+    kinds = ("unshare",) if os.getuid() == 0 else ("unshare", "bwrap")
+    for kind in kinds:
         if shutil.which(kind):
             probe.isolation, probe.limits, probe.python = kind, Limits(wall_seconds=20), _base_python()
             try:
                 if probe.run("print(6*7)").output.strip() == "42":
-                    return kind
+                    found.append(kind)
             except OSError:
                 pass
-    return "none"
+    return tuple(found)
+
+
+def detect_isolation() -> str:
+    """'unshare' or 'bwrap' when a probe of the real sandbox works here, else 'none'."""
+    found = available_isolations()
+    return found[0] if found else "none"
 
 
 def _base_python() -> str:
@@ -156,8 +168,14 @@ class Sandbox:
             found = "unsafe"
         self.isolation = found
 
+    @property
+    def nproc_enforced(self) -> bool:
+        """RLIMIT_NPROC binds only a non-root real uid (unshare drops to nobody; bwrap is not used by root)."""
+        return self.isolation == "unshare" or os.getuid() != 0
+
     def describe(self) -> dict[str, Any]:
-        return {"isolation": self.isolation, "limits": asdict(self.limits), "python": self.python}
+        return {"isolation": self.isolation, "limits": asdict(self.limits), "python": self.python,
+                "nproc_enforced": self.nproc_enforced}
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -168,7 +186,7 @@ class Sandbox:
         work.mkdir()
         root.mkdir()
         try:
-            if self.isolation != "unsafe":
+            if self.isolation == "unshare":  # bwrap's user namespace maps the caller to uid 65534
                 os.chown(work, NOBODY, NOBODY)
             os.chmod(base, 0o755)
             cmd, cwd = self._command(work, root)
