@@ -48,3 +48,18 @@ def test_recipe_with_a_teacher_that_never_answers_is_all_rejected(tmp_path, tiny
     assert len(rows) == 3 and {r["split"] for r in rows} == {"rejected"}
     assert {r["finish_reason"] for r in rows} <= {"max_turns", "context"}
     assert cap.manifest["yield"]["all"] == {"episodes": 3, "verified": 0, "yield": 0.0, "tasks": 3, "tasks_solved": 0}
+
+
+def test_shipped_agent_recipe_builds_valid_configs():
+    from pathlib import Path
+
+    from potstill.agent.pipeline import SECTIONS, is_agent_recipe, load_agent_recipe
+    from potstill.config import build
+
+    path = Path(__file__).parents[1] / "recipes" / "agent.yaml"
+    assert is_agent_recipe(path)
+    data = load_agent_recipe(path, ["agent_generate.samples=2"])
+    assert data["agent_generate"]["samples"] == 2
+    for name, cls in SECTIONS.items():
+        extra = {"teacher": "embedded"} if name == "agent_eval" else {}
+        build(cls, {**data.get(name, {}), **extra}, name)
