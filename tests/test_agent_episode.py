@@ -41,7 +41,8 @@ def _cfg(tmp_path, **kw):
                                sandbox_wall_s=3, unsafe_sandbox=detect_isolation() == "none", **kw)
 
 
-def test_episodes_verify_capture_and_train_only_model_tokens(tmp_path, teacher, tiny_tokenizer, monkeypatch):
+def test_episodes_verify_capture_and_train_only_model_tokens(tmp_path, teacher, tiny_tokenizer, tiny_model_dir,
+                                                            monkeypatch):
     monkeypatch.setenv("AGENT_SECRET", "hunter2")
     logs: list[str] = []
     manifest = agent_generate(_cfg(tmp_path), teacher=teacher, log=logs.append)
@@ -83,6 +84,17 @@ def test_episodes_verify_capture_and_train_only_model_tokens(tmp_path, teacher, 
     assert np.array_equal(batch.targets[b0].numpy(), e0.input_ids[e0.prompt_len:][e0.loss_mask])
     assert np.array_equal(batch.input_ids[0, batch.cols[b0] + 1].numpy(), batch.targets[b0].numpy())
     assert batch.topk_ids.shape[0] == batch.n_targets
+
+    # `potstill train` runs on the agent capture (only model-written tokens are targets)
+    from potstill.config import TrainConfig
+    from potstill.train.loop import train
+
+    summary = train(TrainConfig(capture=str(tmp_path / "cap"), out=str(tmp_path / "student"),
+                                teacher=str(tiny_model_dir), student=f"pretrained:{tiny_model_dir}", max_steps=2,
+                                warmup_steps=0, batch_size=1, max_seq_len=1024, checkpoint_every=0),
+                    log=lambda *_: None)
+    assert summary["steps"] == 2 and summary["examples"] == 1
+    assert (tmp_path / "student" / "config.json").exists()
 
     # a rerun resumes: nothing new to do, nothing duplicated
     logs.clear()
