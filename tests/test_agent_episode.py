@@ -132,3 +132,30 @@ def test_agent_eval_with_and_without_tool(tmp_path, teacher):
     table = (tmp_path / "ev" / "table.md").read_text()
     assert "| scripted | 1/3 = 0.333 |" in table
     assert (tmp_path / "ev" / "results.json").exists()
+
+
+def test_interrupted_generate_resumes_without_losing_or_repeating(tmp_path, teacher):
+    """The run dies in its second window (shard_rows=1: one episode per window); the first episode's
+    shard is complete and listed, the rerun does only the rest."""
+    calls = {"n": 0}
+    real = teacher.complete_ids
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # window 1 took two turns; window 2 dies on its first
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    teacher.complete_ids = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            agent_generate(_cfg(tmp_path, shard_rows=1), teacher=teacher, log=lambda *_: None)
+    finally:
+        del teacher.complete_ids
+    cap = Capture.open(tmp_path / "cap", allow_incomplete=True)
+    assert len(cap) == 1 and not cap.manifest["complete"]
+    logs: list[str] = []
+    manifest = agent_generate(_cfg(tmp_path, shard_rows=1), teacher=teacher, log=logs.append)
+    assert any("resuming: 1 episodes already in complete shards, 2 to go" in line for line in logs)
+    rows = list(Capture.open(tmp_path / "cap").rows(columns=["id"]))
+    assert manifest["complete"] and len(rows) == len({r["id"] for r in rows}) == 3
