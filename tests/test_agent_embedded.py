@@ -12,7 +12,7 @@ from potstill.capture.store import Capture
 @pytest.mark.slow
 def test_embedded_teacher_episodes_are_captured(tmp_path):
     cfg = AgentGenerateConfig(tasks="builtin:potstill_tools", teacher="embedded", samples=1, max_tasks=3,
-                              kinds=["arithmetic"], max_turns=2, max_new_tokens=96, top_k=8, dtype="float32",
+                              kinds=["arithmetic"], max_turns=2, max_new_tokens=64, top_k=8, dtype="float32",
                               out=str(tmp_path / "cap"), unsafe_sandbox=detect_isolation() == "none")
     manifest = agent_generate(cfg, log=lambda *_: None)
     rows = list(Capture.open(tmp_path / "cap").rows())

@@ -183,3 +183,10 @@ def test_unsafe_mode_shows_what_isolation_prevents(tmp_path):
     assert sb.isolation == "unsafe"
     r = sb.run(f"print(open({str(secret)!r}).read())")
     assert r.ok and "TOP-SECRET" in r.output
+
+
+def test_many_files_cannot_fill_the_disk(sandbox):
+    r = sandbox.run("c = b'0' * 4 * 2**20\nfor i in range(1000):\n    with open(f'f{i}', 'wb') as f:\n"
+                    "        f.write(c)\nprint('wrote 4 GB')")
+    assert r.status == "error" and "No space left on device" in r.output and "wrote" not in r.output, r
+    _still_works(sandbox)

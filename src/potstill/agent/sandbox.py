@@ -4,8 +4,9 @@ Isolation (checked once by `detect_isolation`, reported in manifests and logs):
 
 - "unshare" (util-linux, needs CAP_SYS_ADMIN, e.g. root): new network, mount and PID namespaces. A
   tiny shell bootstrap mounts a tmpfs as the new root, bind-mounts read-only only what the Python
-  interpreter needs (/lib, /lib64, /usr/lib, /usr/lib64 and the interpreter's own prefix), the
-  empty work directory read-write at /work and /dev/{null,zero,urandom}, then `chroot --userspec`
+  interpreter needs (/lib, /lib64, /usr/lib, /usr/lib64 and the interpreter's own prefix), an
+  empty size-limited tmpfs at /work (many files under the file-size limit cannot fill the disk)
+  and /dev/{null,zero,urandom}, then `chroot --userspec`
   drops to uid/gid 65534 (nobody) and runs `python -I -S`. No /proc, no /etc, no home, no network
   (only a down loopback), and RLIMIT_NPROC counts against nobody (root would be exempt).
 - "bwrap" (bubblewrap, for a non-root user): the same layout with --unshare-all, --uid 65534,
@@ -53,10 +54,11 @@ for d in /lib /lib64 /usr/lib /usr/lib64 "$PY_PREFIX"; do
     src=$(readlink -f "$d"); mkdir -p "$R$d" && mount --bind -o ro "$src" "$R$d" || fail "$d"
   fi
 done
-mkdir -p "$R/work" "$R/dev" && mount --bind "$W" "$R/work" || fail work
+mkdir -p "$R/work" "$R/dev" || fail mkdir
+mount -t tmpfs -o "size=$WORK_BYTES,nr_inodes=4096,mode=700,uid=65534,gid=65534" none "$R/work" || fail work
 for n in null zero urandom; do touch "$R/dev/$n" && mount --bind "/dev/$n" "$R/dev/$n" || fail "/dev/$n"; done
 mount -o remount,ro "$R" || fail remount
-unset PY_PREFIX
+unset PY_PREFIX WORK_BYTES
 chroot --userspec=65534:65534 --groups= "$R" "$@"
 exit $?
 """
@@ -73,6 +75,7 @@ class Limits:
     open_files: int = 64
     wall_seconds: float = 10.0
     output_bytes: int = 8192
+    work_bytes: int = 64 * 2**20  # the work dir is a tmpfs of this size (isolated runs): no disk filling
 
 
 @dataclass
@@ -190,7 +193,7 @@ class Sandbox:
                 os.chown(work, NOBODY, NOBODY)
             os.chmod(base, 0o755)
             cmd, cwd = self._command(work, root)
-            env = {**ENV_ALLOW, "PY_PREFIX": str(Path(self.python).parents[1])}
+            env = {**ENV_ALLOW, "PY_PREFIX": str(Path(self.python).parents[1]), "WORK_BYTES": str(self.limits.work_bytes)}
             if self.isolation == "unsafe":
                 env.update(HOME=str(work), TMPDIR=str(work))
             t0 = time.perf_counter()
