@@ -195,6 +195,9 @@ class EpisodeRunner:
         written = self.tok.decode(ids, skip_special_tokens=True)
         text = c.text
         code, answer = parse_turn(text)
+        if not self.tool:  # without the tool a code block is only text: the answer line counts wherever it is
+            final = FINAL_RE.search(text)
+            code, answer = None, final.group(1).strip() if final else None
         if c.finish_reason == "stop" and not ended_eos and code is not None:  # cut at the closing fence
             content = text + "\n```"
             if content.startswith(written) and len(content) > len(written):
