@@ -28,9 +28,9 @@ demo: $(BIN)/.potstill-base
 	$(BIN)/potstill demo
 
 test: setup
-	@command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v bwrap >/dev/null \
-	  || (apt-get update -qq && apt-get install -y -qq chromium postgresql bubblewrap >/dev/null) \
-	  || echo "note: chromium/postgresql/bubblewrap missing; their tests skip (fail under CI)"
+	@command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || (apt-get update -qq && apt-get install -y -qq chromium postgresql >/dev/null) \
+	  || echo "note: chromium/postgresql missing; their tests skip (fail under CI)"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # the fast tier for the edit loop: no `slow` tests, no child processes (CI runs everything: `make test`)

@@ -127,6 +127,17 @@ def run(recipe, run_dir, overrides, minutes):
     """Run every stage of a YAML recipe (generate -> train -> eval)."""
     if not Path(recipe).exists():
         raise PotstillError("no such recipe file", where=recipe)
+    from potstill.agent.pipeline import is_agent_recipe
+
+    if is_agent_recipe(recipe):  # agent_generate -> train -> agent_eval (agent/pipeline.py)
+        from potstill.agent.pipeline import run_agent_recipe
+        from potstill.cli_agent import show
+
+        result = run_agent_recipe(recipe, list(overrides), run_dir)
+        show(result["eval"], f"potstill run {recipe}")
+        click.echo(f"artefacts: {result['run_dir']} (agentcap/, student/, eval/results.json, eval/table.md); "
+                   f"time: {', '.join(f'{k} {v:.0f}s' for k, v in result['timings'].items())}")
+        return
     _run(recipe, overrides, run_dir, f"potstill run {recipe}", minutes)
 
 
@@ -257,7 +268,7 @@ def bench_watermark_cmd(args):
 
 
 # verbs that live in their own modules, each with a `register(app)`
-for _module in ("cli_guard", "cli_report", "cli_tasks", "cli_study"):
+for _module in ("cli_guard", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 

@@ -43,7 +43,8 @@ SHARD_RE = re.compile(r"^shard-\d{5}\.parquet$")
 # Manifest keys the writer owns; every other key defines the run and must match on resume.
 WRITER_KEYS = frozenset(
     {"potstill_version", "created", "updated", "complete", "shards", "counts", "bytes_on_disk",
-     "bytes_per_completion_token", "topk_bytes_per_completion_token", "timings"}
+     "bytes_per_completion_token", "topk_bytes_per_completion_token", "timings",
+     "yield", "episodes_this_run"}  # the last two: agent captures (potstill.agent.generate)
 )
 BASE_COLUMNS = ("id", "prompt", "reference", "split", "prompt_ids", "completion_ids",
                 "completion_text", "finish_reason", "sampled_logprob")
@@ -80,14 +81,18 @@ class CaptureWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, manifest: dict[str, Any], codec: Codec,
-                 shard_rows: int = 256, compression_level: int = 15):
+                 shard_rows: int = 256, compression_level: int = 15, extra_fields: list[pa.Field] | None = None):
         if shard_rows < 1:
             raise PotstillError(f"shard_rows must be >= 1, got {shard_rows}")
         self.directory = Path(directory)
         self.codec = codec
         self.shard_rows = shard_rows
         self.compression_level = compression_level
+        # extra list columns (e.g. an agent capture's per-token role_mask), named in the manifest
+        self.extra_fields = list(extra_fields or [])
         self.schema = capture_schema(codec)
+        for f in self.extra_fields:
+            self.schema = self.schema.append(f)
         # Dictionary pages pay off only for few distinct values (splits, finish reasons, uint8 codes);
         # on token ids and floats they cost 5-40% (measured).
         self._dictionary_columns = ["split", "finish_reason"] + [
@@ -107,6 +112,8 @@ class CaptureWriter:
         run = json.loads(json.dumps(manifest, default=str))  # JSON-normalised: what we will read back
         run = {k: v for k, v in run.items() if k not in WRITER_KEYS}
         run.update(format_version=FORMAT_VERSION, codec={"name": self.codec.name, "params": self.codec.params})
+        if self.extra_fields:
+            run["extra_columns"] = [f.name for f in self.extra_fields]
         path = self.directory / MANIFEST
         if path.exists():
             old = read_manifest(self.directory)
@@ -169,6 +176,11 @@ class CaptureWriter:
             out["sampled_logprob"] = np.asarray(row["sampled_logprob"], dtype=np.float32).reshape(-1)
             if len(out["sampled_logprob"]) != t:
                 raise ValueError(f"row {out['id']}: sampled_logprob has {len(out['sampled_logprob'])} values for {t} tokens")
+        for f in self.extra_fields:
+            value = row.get(f.name)
+            out[f.name] = None if value is None else np.asarray(value).reshape(-1)
+            if value is not None and len(out[f.name]) != t:
+                raise ValueError(f"row {out['id']}: {f.name} has {len(out[f.name])} values for {t} tokens")
         columns = self.codec.columns
         if columns and row.get("topk_ids") is not None and row.get("topk_logprobs") is not None:
             ids, lps = np.asarray(row["topk_ids"]), np.asarray(row["topk_logprobs"])
@@ -320,13 +332,14 @@ class Capture:
     def rows(self, split: str | None = None, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Rows as dicts: token ids as int64 arrays, `prompt` as messages, `topk` as a decoded TopK.
 
-        `columns` picks fields among BASE_COLUMNS and "topk" (default: all of them).
+        `columns` picks fields among BASE_COLUMNS, the manifest's `extra_columns` and "topk" (default: all).
         """
-        wanted = list(columns) if columns is not None else [*BASE_COLUMNS, "topk"]
-        unknown = set(wanted) - {*BASE_COLUMNS, "topk"}
+        extra = list(self.manifest.get("extra_columns", []))
+        wanted = list(columns) if columns is not None else [*BASE_COLUMNS, *extra, "topk"]
+        unknown = set(wanted) - {*BASE_COLUMNS, *extra, "topk"}
         if unknown:
             raise ValueError(f"unknown capture column(s) {sorted(unknown)}")
-        read = [c for c in BASE_COLUMNS if c in wanted]
+        read = [c for c in (*BASE_COLUMNS, *extra) if c in wanted]
         if split is not None and "split" not in read:
             read.append("split")
         codec_cols = self.codec.columns if "topk" in wanted else []

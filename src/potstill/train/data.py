@@ -1,7 +1,7 @@
 """Capture rows -> training examples -> padded batches with the teacher's top-k per completion token.
 
 An example is prompt_ids + completion_ids (truncated to max_seq_len). Only completion tokens are
-learned: the student's logits at position p-1 are compared with the teacher's top-k for the token
+learned (and of those, where a capture stores a `role_mask`, only the model-written ones): the student's logits at position p-1 are compared with the teacher's top-k for the token
 at position p. Batches carry those positions flattened, so the loss sees [N, V] logits and [N, k]
 teacher entries, and the prompt never enters the loss.
 """
@@ -21,6 +21,7 @@ class Example:
     topk_ids: np.ndarray | None  # [T, k] int64 for the kept completion tokens
     topk_logprobs: np.ndarray | None  # [T, k] float32
     tail_logprob: np.ndarray | None  # [T] float32
+    loss_mask: np.ndarray | None = None  # [T] bool: which completion tokens are learned (None: all)
 
 
 @dataclass
@@ -49,6 +50,7 @@ def examples_from_capture(capture, split: str | None = "train", max_seq_len: int
             continue
         keep = min(len(completion), max_seq_len - len(prompt))
         topk = row.get("topk")
+        mask = row.get("role_mask")  # agent captures: 1 = written by the model, 0 = tool output / template
         out.append(
             Example(
                 input_ids=np.concatenate([prompt, completion[:keep]]),
@@ -56,6 +58,7 @@ def examples_from_capture(capture, split: str | None = "train", max_seq_len: int
                 topk_ids=None if topk is None else topk.ids[:keep],
                 topk_logprobs=None if topk is None else topk.logprobs[:keep],
                 tail_logprob=None if topk is None else topk.tail_logprob[:keep],
+                loss_mask=None if mask is None else np.asarray(mask[:keep], dtype=bool),
             )
         )
     return out
@@ -71,16 +74,16 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         length = len(e.input_ids)
         input_ids[b, :length] = torch.from_numpy(e.input_ids)
         mask[b, :length] = 1
-        t = length - e.prompt_len
-        rows.append(torch.full((t,), b, dtype=torch.long))
-        cols.append(torch.arange(e.prompt_len - 1, length - 1))
-        targets.append(torch.from_numpy(e.input_ids[e.prompt_len :]))
+        learned = np.arange(length - e.prompt_len) if e.loss_mask is None else np.flatnonzero(e.loss_mask)
+        rows.append(torch.full((len(learned),), b, dtype=torch.long))
+        cols.append(torch.from_numpy(e.prompt_len - 1 + learned))
+        targets.append(torch.from_numpy(e.input_ids[e.prompt_len + learned]))
     has_topk = all(e.topk_ids is not None for e in examples)
     if has_topk:
         k = max(e.topk_ids.shape[1] for e in examples)
-        ids = np.concatenate([_pad_k(e.topk_ids, k, 0) for e in examples])
-        lps = np.concatenate([_pad_k(e.topk_logprobs, k, -np.inf) for e in examples])
-        tails = np.concatenate([e.tail_logprob for e in examples])
+        ids = np.concatenate([_pad_k(_learned(e, e.topk_ids), k, 0) for e in examples])
+        lps = np.concatenate([_pad_k(_learned(e, e.topk_logprobs), k, -np.inf) for e in examples])
+        tails = np.concatenate([_learned(e, e.tail_logprob) for e in examples])
     return Batch(
         input_ids=input_ids,
         attention_mask=mask,
@@ -91,6 +94,10 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         topk_logprobs=torch.from_numpy(lps.astype(np.float32)) if has_topk else None,
         tail_logprob=torch.from_numpy(tails.astype(np.float32)) if has_topk else None,
     )
+
+
+def _learned(e: Example, a: np.ndarray) -> np.ndarray:
+    return a if e.loss_mask is None else a[e.loss_mask]
 
 
 def _pad_k(a: np.ndarray, k: int, fill) -> np.ndarray:

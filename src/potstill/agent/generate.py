@@ -1,0 +1,177 @@
+"""`potstill agent generate`: tasks -> teacher episodes with the sandboxed tool -> a capture.
+
+One capture row per trajectory (store.py's Parquet + manifest, plus a per-token `role_mask`
+column). Only episodes whose final answer passes the task's checker enter split "train";
+the others go to split "rejected" (kept for analysis). Episodes come from the tasks' "train"
+split only; held-out tasks (by instance and by template) are for `potstill agent eval`.
+The manifest records the sandbox's isolation and limits and the yield per task kind.
+Resumable like `potstill generate`: windows of `shard_rows` episodes, ids already in complete
+shards are skipped after a kill -9.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from potstill.config import opt
+from potstill.errors import PotstillError
+
+
+@dataclass
+class AgentGenerateConfig:
+    tasks: str = opt("builtin:potstill_tools", "Tasks: 'builtin:potstill_tools[:N]' or a JSONL task file.")
+    teacher: str = opt("embedded", "Local teacher: 'embedded', a model dir or a .gguf file.")
+    out: str = opt("runs/agentcap", "Capture directory (created; an existing one is resumed).")
+    samples: int = opt(4, "Episodes per task (self-consistency; verified ones are kept).")
+    max_turns: int = opt(4, "Most assistant turns per episode.")
+    max_new_tokens: int = opt(192, "Most tokens per assistant turn.")
+    max_tokens: int = opt(2048, "Most tokens per episode (prompt + trajectory).")
+    max_tasks: int | None = opt(None, "Use at most this many tasks (of the train split).")
+    kinds: list[str] = opt([], "Only tasks of these kinds (arithmetic, dates, units, strings, lists, primes, statistics).")
+    temperature: float = opt(0.7, "Sampling temperature (0 = greedy).")
+    top_p: float = opt(0.95, "Nucleus sampling mass.")
+    top_k: int = opt(20, "Top log-probs kept per model-written token.")
+    codec: str = opt("mass", "Top-k codec: 'mass' or 'f16'.")
+    batch_size: int = opt(32, "Episodes decoded together.")
+    seed: int = opt(0, "Seed for the tasks, sampling and episodes.")
+    dtype: str = opt("auto", "Teacher dtype: auto, float32, bfloat16.")
+    shard_rows: int = opt(64, "Episodes per Parquet shard (a killed run resumes at shard granularity).")
+    sandbox_cpu_s: int = opt(5, "Sandbox: CPU seconds per code run.")
+    sandbox_wall_s: float = opt(10.0, "Sandbox: wall-clock seconds per code run.")
+    sandbox_memory_mb: int = opt(512, "Sandbox: address-space limit per code run (MiB).")
+    unsafe_sandbox: bool = opt(False, "Run model code without namespace isolation where none is available (unsafe).")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.max_turns < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise PotstillError("agent generate: samples, max_turns, max_new_tokens and batch_size must be >= 1")
+        if self.top_k < 0:
+            raise PotstillError("agent generate: top_k must be >= 0")
+
+
+def make_sandbox(cfg):
+    from potstill.agent.sandbox import Limits, Sandbox
+
+    limits = Limits(cpu_seconds=cfg.sandbox_cpu_s, wall_seconds=cfg.sandbox_wall_s,
+                    memory_bytes=cfg.sandbox_memory_mb * 2**20)
+    return Sandbox(limits, allow_unsafe=cfg.unsafe_sandbox)
+
+
+def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None) -> list:
+    out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)]
+    if not out:
+        raise PotstillError(f"no tasks in split(s) {', '.join(splits)}" + (f" of kinds {kinds}" if kinds else ""))
+    return out[:limit] if limit else out
+
+
+def yield_table(summaries: list[dict]) -> dict[str, Any]:
+    """Verified / episodes and tasks with >= 1 verified episode, per task kind and in total."""
+    per: dict[str, dict[str, Any]] = defaultdict(lambda: {"episodes": 0, "verified": 0, "tasks": set(), "solved": set()})
+    for s in summaries:
+        for key in (s["kind"], "all"):
+            p = per[key]
+            p["episodes"] += 1
+            p["verified"] += int(s["verified"])
+            p["tasks"].add(s["task"])
+            if s["verified"]:
+                p["solved"].add(s["task"])
+    return {k: {"episodes": v["episodes"], "verified": v["verified"],
+                "yield": round(v["verified"] / v["episodes"], 4) if v["episodes"] else None,
+                "tasks": len(v["tasks"]), "tasks_solved": len(v["solved"])} for k, v in sorted(per.items())}
+
+
+def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[str, Any]:
+    """Run the episodes and write the capture. Returns the final manifest."""
+    import pyarrow as pa
+
+    from potstill.agent.episode import EpisodeRunner, episode_row, start_messages
+    from potstill.agent.tasks import load_tasks, tasks_hash
+    from potstill.capture.codec import get_codec
+    from potstill.capture.store import CaptureWriter, row_id
+    from potstill.teachers.base import SamplingParams
+    from potstill.utils import quiet_transformers
+
+    tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks)  # bad input first
+    sandbox = make_sandbox(cfg)
+    log(f"sandbox: isolation={sandbox.isolation}")
+    quiet_transformers()
+    if teacher is None:
+        from potstill.teachers.hf import HFTeacher
+
+        teacher = HFTeacher.load(cfg.teacher, dtype=cfg.dtype)
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            top_logprobs=cfg.top_k, seed=cfg.seed)
+    identity = teacher.identity()
+    codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=cfg.top_k)
+    sampling = {**params.to_dict(), "max_turns": cfg.max_turns, "max_tokens": cfg.max_tokens, "tool": "python"}
+    manifest = {
+        "kind": "agent",
+        "teacher": identity,
+        "sampling": sampling,
+        "k": cfg.top_k,
+        "samples_per_prompt": cfg.samples,
+        "prompts": {"source": cfg.tasks, "sha256": tasks_hash(tasks), "count": len(tasks), "kinds": cfg.kinds},
+        "split": {"seed": cfg.seed, "rule": "verified -> train, others -> rejected; tasks of split 'train' only"},
+        "sandbox": sandbox.describe(),
+        "eos_in_completion": True,
+    }
+    runner = EpisodeRunner(teacher, sandbox, params, max_turns=cfg.max_turns, max_tokens=cfg.max_tokens,
+                           seed=cfg.seed, batch_size=cfg.batch_size)
+    role_field = pa.field("role_mask", pa.list_(pa.uint8()))
+    summaries: list[dict] = []
+    t0 = time.perf_counter()
+    try:
+        with CaptureWriter(cfg.out, manifest, codec, shard_rows=cfg.shard_rows, extra_fields=[role_field]) as writer:
+            todo = [(row_id(start_messages(t), sampling, s), t, s) for t in tasks for s in range(cfg.samples)]
+            done = writer.done_ids
+            todo = [j for j in todo if j[0] not in done]
+            if done:
+                log(f"resuming: {len(done)} episodes already in complete shards, {len(todo)} to go")
+            for w in range(0, len(todo), cfg.shard_rows):
+                window = [runner.new(eid, t, s) for eid, t, s in todo[w : w + cfg.shard_rows]]
+                runner.run(window, log=log)
+                for e in window:
+                    writer.add(episode_row(e, teacher.tokenizer, "train" if e.verified else "rejected"))
+                    summaries.append(e.summary())
+                ok = sum(s["verified"] for s in summaries)
+                log(f"episodes {w + len(window)}/{len(todo)}: {ok} verified ({time.perf_counter() - t0:.0f}s)")
+            writer.manifest["yield"] = yield_table(_all_summaries(writer, summaries, tasks))
+            writer.manifest["episodes_this_run"] = _means(summaries)
+    finally:
+        runner.close()
+    final = writer.manifest
+    y = final["yield"].get("all", {})
+    log(f"agent capture: {y.get('verified')} verified of {y.get('episodes')} episodes "
+        f"({y.get('tasks_solved')} of {y.get('tasks')} tasks solved) in {cfg.out}")
+    return final
+
+
+def _all_summaries(writer, this_run: list[dict], tasks: list) -> list[dict]:
+    """Summaries of every row in the capture (earlier runs included), from the stored columns."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    by_q = {t.question: t for t in tasks}
+    out = []
+    for s in writer.manifest["shards"]:
+        table = pq.read_table(writer.directory / s["file"], columns=["id", "prompt", "split"])
+        for rid, prompt, split in zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "split")), strict=True):
+            t = by_q.get(json.loads(prompt)[1]["content"])
+            if t is not None:
+                out.append({"id": rid, "task": t.id, "kind": t.kind, "verified": split == "train"})
+    stored = {o["id"] for o in out}
+    return out + [s for s in this_run if s["id"] not in stored]
+
+
+def _means(summaries: list[dict]) -> dict[str, Any]:
+    n = len(summaries)
+    if not n:
+        return {"episodes": 0}
+    calls = sum(s["tool_calls"] for s in summaries)
+    return {"episodes": n, "mean_turns": round(sum(s["turns"] for s in summaries) / n, 3),
+            "tool_calls": calls, "well_formed_call_share": round(sum(s["well_formed_calls"] for s in summaries) / calls, 4)
+            if calls else None, "sandbox_errors": sum(s["sandbox_errors"] for s in summaries),
+            "mean_tokens": round(sum(s["tokens"] for s in summaries) / n, 1)}

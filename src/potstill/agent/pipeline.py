@@ -1,0 +1,96 @@
+"""Agent recipes: agent generate -> train -> agent eval in one run directory (`potstill run recipes/agent.yaml`).
+
+A recipe with an `agent_generate` section is an agent recipe: sections `agent_generate`
+(agent/generate.py), `train` (config.TrainConfig) and `agent_eval` (agent/evaluate.py); paths
+between stages come from `run_dir`: agentcap/, student/, student-before/ (with `eval_before`), eval/.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from potstill.agent.evaluate import AgentEvalConfig, run_agent_eval
+from potstill.agent.generate import AgentGenerateConfig, agent_generate
+from potstill.config import TrainConfig, build, parse_override
+from potstill.errors import PotstillError
+from potstill.utils import atomic_path
+
+SECTIONS = {"agent_generate": AgentGenerateConfig, "train": TrainConfig, "agent_eval": AgentEvalConfig}
+
+
+def is_agent_recipe(path: str | Path) -> bool:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "agent_generate" in data
+
+
+def load_agent_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise PotstillError(f"cannot read recipe: {e.strerror}", where=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise PotstillError(f"invalid YAML: {getattr(e, 'problem', e)}",
+                            where=f"{path}{f':{mark.line + 1}' if mark else ''}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    bad = sorted(set(data) - {"run_dir", "name", "eval_before", *SECTIONS})
+    if bad:
+        raise PotstillError(f"unknown section {bad[0]!r} (known: {', '.join(sorted(SECTIONS))})", where=str(path))
+    return data
+
+
+def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None = None,
+                     log=print) -> dict[str, Any]:
+    """Run the three stages; returns {"eval": agent eval result, "capture": manifest, "timings": ...}."""
+    from potstill.pipeline import build_and_save_before
+    from potstill.train.loop import train
+
+    data = load_agent_recipe(path, overrides)
+    run = Path(run_dir or data.get("run_dir") or "runs/agent")
+    run.mkdir(parents=True, exist_ok=True)
+    where = str(path)
+    gen = build(AgentGenerateConfig, {**data.get("agent_generate", {}), "out": str(run / "agentcap")},
+                f"{where}: agent_generate")
+    train_cfg = build(TrainConfig, {**data.get("train", {}), "capture": gen.out, "out": str(run / "student"),
+                                    "teacher": gen.teacher}, f"{where}: train")
+    students, labels = [train_cfg.out], ["student after"]
+    if data.get("eval_before"):
+        students.insert(0, str(run / "student-before"))
+        labels.insert(0, "student before")
+    eval_cfg = build(AgentEvalConfig, {**data.get("agent_eval", {}), "students": students, "labels": labels,
+                                       "teacher": gen.teacher, "tasks": gen.tasks, "seed": gen.seed,
+                                       "unsafe_sandbox": gen.unsafe_sandbox, "out": str(run / "eval")},
+                     f"{where}: agent_eval")
+    with atomic_path(run / "recipe.resolved.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump({"run_dir": str(run), "eval_before": bool(data.get("eval_before")),
+                                       "agent_generate": gen.__dict__, "train": train_cfg.__dict__,
+                                       "agent_eval": eval_cfg.__dict__}, sort_keys=False))
+    timings = {}
+    t = time.perf_counter()
+    manifest = agent_generate(gen, log=log)
+    timings["generate_s"] = time.perf_counter() - t
+    if not manifest.get("counts", {}).get("splits", {}).get("train", {}).get("rows"):
+        raise PotstillError("the teacher solved no training task: no verified trajectory to learn from "
+                            "(try more --samples, another temperature, or easier task kinds)", where=gen.out)
+    t = time.perf_counter()
+    model = tokenizer = info = None
+    if data.get("eval_before"):
+        model, tokenizer, info = build_and_save_before(train_cfg, run / "student-before", log)
+    summary = train(train_cfg, log=log, model=model, tokenizer=tokenizer, student_info=info)
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = run_agent_eval(eval_cfg, log=log)
+    timings["eval_s"] = time.perf_counter() - t
+    return {"eval": result, "capture": manifest, "train": summary, "timings": timings, "run_dir": str(run)}
