@@ -128,7 +128,9 @@ def test_schemathesis_finds_no_server_errors(teacher, tmp_path):
               "negative_data_rejection,unsupported_method,missing_required_header,ignored_auth")
     # not checked: positive_data_acceptance -- schema-valid requests are still refused by the
     # server's runtime caps (max_tokens cap, context length, n=1, rate limits) with a 400/429.
-    with live_server(teacher, tmp_path, max_tokens_cap=32, default_rpm=None, default_tpm=None) as srv:
+    # docs=True: the schema is off by default (an owner publishes it on purpose); the fuzzer needs it
+    with live_server(teacher, tmp_path, max_tokens_cap=32, default_rpm=None, default_tpm=None, docs=True,
+                     max_concurrent_per_key=None) as srv:
         _, secret = srv.keys.create("fuzz")
         proc = subprocess.run(
             [st, "run", srv.url + "/openapi.json", "--max-examples", "30", "--checks", checks, "--workers", "1",
