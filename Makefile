@@ -31,7 +31,7 @@ test: setup
 	@command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	  || (apt-get update -qq && apt-get install -y -qq chromium postgresql >/dev/null) \
 	  || echo "note: chromium/postgresql missing; their tests skip (fail under CI)"
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25 tests
 
 # the fast tier for the edit loop: no `slow` tests, no child processes (CI runs everything: `make test`)
 test-fast: setup
