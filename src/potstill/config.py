@@ -274,8 +274,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(value)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read a YAML recipe {run_dir, generate, train, eval} and apply stage.field=value overrides."""
+def load_recipe(path: str | Path, overrides: list[str] = (), stages: dict[str, type] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe {run_dir, generate, train, eval} (or the given `stages`: section -> config class)
+    and apply stage.field=value overrides; unknown sections and fields are refused."""
+    stages = STAGES if stages is None else stages
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -293,11 +295,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    allowed = {"run_dir", "name", "eval_before", *STAGES}
+    allowed = {"run_dir", "name", "eval_before", *stages}
     bad = sorted(set(data) - allowed)
     if bad:
         raise PotstillError(f"unknown section {bad[0]!r} (known: {', '.join(sorted(allowed))})", where=str(path))
-    for stage, cls in STAGES.items():
+    for stage, cls in stages.items():
         section = data.get(stage) or {}
         if not isinstance(section, dict):
             raise PotstillError(f"section {stage!r} must be a mapping", where=str(path))

@@ -15,7 +15,7 @@ import yaml
 
 from potstill.agent.evaluate import AgentEvalConfig, run_agent_eval
 from potstill.agent.generate import AgentGenerateConfig, agent_generate
-from potstill.config import TrainConfig, build, parse_override
+from potstill.config import TrainConfig, build, load_recipe
 from potstill.errors import PotstillError
 from potstill.utils import atomic_path
 
@@ -31,24 +31,7 @@ def is_agent_recipe(path: str | Path) -> bool:
 
 
 def load_agent_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise PotstillError(f"cannot read recipe: {e.strerror}", where=str(path)) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise PotstillError(f"invalid YAML: {getattr(e, 'problem', e)}",
-                            where=f"{path}{f':{mark.line + 1}' if mark else ''}") from None
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    bad = sorted(set(data) - {"run_dir", "name", "eval_before", *SECTIONS})
-    if bad:
-        raise PotstillError(f"unknown section {bad[0]!r} (known: {', '.join(sorted(SECTIONS))})", where=str(path))
-    return data
+    return load_recipe(path, overrides, SECTIONS)
 
 
 def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None = None,
