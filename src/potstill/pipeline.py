@@ -67,22 +67,33 @@ def run_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None 
 
     from potstill.capture.generate import generate
     from potstill.evaluate import run_eval
+
+    return run_stages(lambda: generate(gen, log=log), train_cfg, lambda: run_eval(eval_cfg, log=log), run,
+                      bool(data.get("eval_before")), log)
+
+
+def run_stages(generate_stage, train_cfg: TrainConfig, eval_stage, run: Path, eval_before: bool, log=print,
+               check_capture=None) -> dict[str, Any]:
+    """generate -> (student-before) -> train -> eval, timed; `check_capture(manifest)` may refuse to train.
+    Shared by `run_recipe` and the agent recipe (agent/pipeline.py)."""
     from potstill.train.loop import train
 
     timings = {}
     t = time.perf_counter()
-    manifest = generate(gen, log=log)
+    manifest = generate_stage()
     timings["generate_s"] = time.perf_counter() - t
+    if check_capture is not None:
+        check_capture(manifest)
 
     t = time.perf_counter()
     model = tokenizer = info = None
-    if data.get("eval_before"):
+    if eval_before:
         model, tokenizer, info = build_and_save_before(train_cfg, run / "student-before", log)
     summary = train(train_cfg, log=log, model=model, tokenizer=tokenizer, student_info=info)
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    result = run_eval(eval_cfg, log=log)
+    result = eval_stage()
     timings["eval_s"] = time.perf_counter() - t
     return {"eval": result, "timings": timings, "capture": manifest, "train": summary, "run_dir": str(run)}
 

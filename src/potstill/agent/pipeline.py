@@ -7,7 +7,6 @@ between stages come from `run_dir`: agentcap/, student/, student-before/ (with `
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ def load_agent_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, 
 def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None = None,
                      log=print) -> dict[str, Any]:
     """Run the three stages; returns {"eval": agent eval result, "capture": manifest, "timings": ...}."""
-    from potstill.pipeline import build_and_save_before
-    from potstill.train.loop import train
+    from potstill.pipeline import run_stages
 
     data = load_agent_recipe(path, overrides)
     run = Path(run_dir or data.get("run_dir") or "runs/agent")
@@ -60,20 +58,10 @@ def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str |
         tmp.write_text(yaml.safe_dump({"run_dir": str(run), "eval_before": bool(data.get("eval_before")),
                                        "agent_generate": gen.__dict__, "train": train_cfg.__dict__,
                                        "agent_eval": eval_cfg.__dict__}, sort_keys=False))
-    timings = {}
-    t = time.perf_counter()
-    manifest = agent_generate(gen, log=log)
-    timings["generate_s"] = time.perf_counter() - t
-    if not manifest.get("counts", {}).get("splits", {}).get("train", {}).get("rows"):
-        raise PotstillError("the teacher solved no training task: no verified trajectory to learn from "
-                            "(try more --samples, another temperature, or easier task kinds)", where=gen.out)
-    t = time.perf_counter()
-    model = tokenizer = info = None
-    if data.get("eval_before"):
-        model, tokenizer, info = build_and_save_before(train_cfg, run / "student-before", log)
-    summary = train(train_cfg, log=log, model=model, tokenizer=tokenizer, student_info=info)
-    timings["train_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = run_agent_eval(eval_cfg, log=log)
-    timings["eval_s"] = time.perf_counter() - t
-    return {"eval": result, "capture": manifest, "train": summary, "timings": timings, "run_dir": str(run)}
+    def check_capture(manifest: dict) -> None:
+        if not manifest.get("counts", {}).get("splits", {}).get("train", {}).get("rows"):
+            raise PotstillError("the teacher solved no training task: no verified trajectory to learn from "
+                                "(try more --samples, another temperature, or easier task kinds)", where=gen.out)
+
+    return run_stages(lambda: agent_generate(gen, log=log), train_cfg, lambda: run_agent_eval(eval_cfg, log=log),
+                      run, bool(data.get("eval_before")), log, check_capture)
