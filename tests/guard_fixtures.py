@@ -71,6 +71,7 @@ def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", se
     import uvicorn
 
     from potstill.guard.keys import KeyStore
+    from potstill.guard.middleware import uvicorn_options
     from potstill.guard.serve import ServeConfig, create_app
 
     cfg = ServeConfig(
@@ -84,7 +85,7 @@ def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", se
     app = create_app(teacher, cfg, keys=keys, limiter=limiter)
     server = uvicorn.Server(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, lifespan="on", backlog=2048,
-                      **(server_kwargs or {}))
+                      **{**uvicorn_options(), **(server_kwargs or {})})
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

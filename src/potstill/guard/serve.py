@@ -48,7 +48,7 @@ from potstill.guard.app import (
 )
 from potstill.guard.batcher import Batcher, Job
 from potstill.guard.keys import KeyStore
-from potstill.guard.middleware import GuardMiddleware
+from potstill.guard.middleware import GuardMiddleware, uvicorn_options
 from potstill.guard.openai_api import (
     ERROR_SCHEMA,
     RESPONSES,
@@ -212,4 +212,5 @@ def serve(model_spec: str | None, cfg: ServeConfig) -> None:
 
         teacher = HFTeacher.load(model_spec, dtype="auto")  # bf16 where the CPU has it
         app = create_app(teacher, cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30,
+                **uvicorn_options())
