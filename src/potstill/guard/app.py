@@ -141,6 +141,16 @@ def parse_body(model: type[RequestBase]):
     return parse
 
 
+def request_row(req: RequestBase, chat: bool) -> dict[str, Any]:
+    """What the query log keeps of a parsed completion request: prompt, model, params, log-prob use."""
+    if chat:
+        return {"prompt": [m.model_dump(exclude_none=True) for m in req.messages], "model": req.model,
+                "params": req.model_dump(exclude={"messages"}, exclude_none=True),
+                "logprobs": bool(req.logprobs), "top_logprobs": req.top_logprobs}
+    return {"prompt": req.prompt, "model": req.model, "params": req.model_dump(exclude={"prompt"}, exclude_none=True),
+            "logprobs": req.logprobs is not None, "top_logprobs": req.logprobs}
+
+
 def body_schema(model: type[RequestBase]) -> dict[str, Any]:
     """`openapi_extra` of a route whose body `parse_body` reads."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}

@@ -19,12 +19,15 @@ socket's.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import ipaddress
 import json
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import anyio
 
 from potstill.guard.openai_api import APIError
 from potstill.guard.querylog import QueryLog
@@ -125,7 +128,10 @@ class GuardMiddleware:
             await APIError(500, "internal server error", "server_error").response()(scope, receive, send_logged)
         finally:
             for cleanup in state.pop("cleanup", ()):
-                cleanup()
+                done = cleanup()
+                if inspect.isawaitable(done):  # e.g. the gateway closing its upstream stream
+                    with anyio.CancelScope(shield=True):
+                        await done
             row.setdefault("status", 499)
             if row["status"] >= 400 and row.get("prompt") is not None:
                 row["prompt"] = bounded_prompt(row["prompt"])

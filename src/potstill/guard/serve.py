@@ -45,6 +45,7 @@ from potstill.guard.app import (
     body_schema,
     open_stores,
     parse_body,
+    request_row,
 )
 from potstill.guard.batcher import Batcher, Job
 from potstill.guard.keys import KeyStore
@@ -145,11 +146,8 @@ def add_chat_route(app: FastAPI, svc: Service, keyed: list) -> None:
 
     @app.post("/v1/chat/completions", dependencies=keyed, responses=RESPONSES, openapi_extra=body_schema(ChatRequest))
     async def chat_completions(request: Request, req: ChatRequest = Depends(parse_body(ChatRequest))):
-        row = request.state.qlog
+        request.state.qlog.update(request_row(req, chat=True))
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
-        row.update(prompt=[m.model_dump(exclude_none=True) for m in req.messages], model=req.model,
-                   params=req.model_dump(exclude={"messages"}, exclude_none=True),
-                   logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -172,10 +170,8 @@ def add_completions_route(app: FastAPI, svc: Service, keyed: list) -> None:
     @app.post("/v1/completions", dependencies=keyed, responses=RESPONSES,
               openapi_extra=body_schema(CompletionRequest))
     async def completions(request: Request, req: CompletionRequest = Depends(parse_body(CompletionRequest))):
-        row = request.state.qlog
+        request.state.qlog.update(request_row(req, chat=False))
         top_k = req.logprobs or 0
-        row.update(prompt=req.prompt, model=req.model, params=req.model_dump(exclude={"prompt"}, exclude_none=True),
-                   logprobs=req.logprobs is not None, top_logprobs=req.logprobs)
         svc.check(req, top_k, req.max_tokens)
         prompt = req.prompt
         if prompt and isinstance(prompt[0], (str, list)) and not isinstance(prompt, str):
