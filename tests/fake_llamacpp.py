@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeLlamaCpp(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # a burst of gateway connections is not refused by the listen backlog
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
