@@ -99,24 +99,28 @@ def test_per_key_limits_override_defaults_and_changes_apply_at_once(make):
         lim2.acquire("k", tokens=1, rpm=10)
 
 
-def test_thread_safe_exact_admissions(make):
-    lim = make(rpm=500, tpm=None, clock=Clock())
+def admitted_by_threads(lim, threads: int = 10, each: int = 100) -> int:
+    """Requests admitted when `threads` threads each try `each` acquisitions of one key at once."""
     ok = []
 
     def worker():
-        for _ in range(100):
+        for _ in range(each):
             try:
                 lim.acquire("k", tokens=1)
                 ok.append(1)
             except RateLimited:
                 pass
 
-    threads = [threading.Thread(target=worker) for _ in range(10)]
-    for t in threads:
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join()
-    assert len(ok) == 500
+    return len(ok)
+
+
+def test_thread_safe_exact_admissions(make):
+    assert admitted_by_threads(make(rpm=500, tpm=None, clock=Clock())) == 500
 
 
 def test_unlimited(make):

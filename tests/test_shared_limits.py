@@ -12,7 +12,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -21,10 +20,10 @@ import httpx
 import pytest
 
 from potstill.guard.keys import KeyStore
-from potstill.guard.ratelimit import RateLimited
 from tests.fake_llamacpp import fake_llamacpp
 from tests.guard_fixtures import free_port
 from tests.pg_fixtures import postgres_server
+from tests.test_ratelimit import admitted_by_threads
 
 LOG_KEY = "7a3c1e9b5d2f4068a1c3e5f7092b4d6f8e0a2c4e6f8091b3d5f7092b4c6e8a2c"
 RPM = 30
@@ -136,20 +135,7 @@ def test_shared_limiter_on_postgres_is_exact_under_threads(pg):
 
     engine = make_engine(pg)
     lim = SharedRateLimiter(engine, rpm=300, tpm=None, clock=lambda: 1000.0)  # frozen: no refill
-    ok = []
-
-    def worker():
-        for _ in range(60):
-            try:
-                lim.acquire("k", tokens=1)
-                ok.append(1)
-            except RateLimited:
-                pass
-
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    engine.dispose()
-    assert len(ok) == 300
+    try:
+        assert admitted_by_threads(lim, threads=8, each=60) == 300
+    finally:
+        engine.dispose()

@@ -57,7 +57,7 @@ from potstill.guard.openai_api import (
 )
 from potstill.guard.querylog import QueryLog
 from potstill.guard.serve_config import ServeConfig
-from potstill.guard.service import Admission, Ticket, check_caps
+from potstill.guard.service import Admission, Ticket, check_caps, wait_or_leave
 from potstill.guard.upstream import (
     StreamMeter,
     Upstream,
@@ -138,7 +138,7 @@ async def forward(gate: Admission, upstream: Upstream, request: Request, req: Re
         max_tokens = cfg.max_tokens_cap if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, cfg.max_tokens_cap)
         body["max_tokens"] = max_tokens
     estimate = prompt_estimate(req, chat)
-    ticket = gate.charge(request, estimate + max_tokens)
+    ticket = await gate.charge(request, estimate + max_tokens)
     ticket.started, ticket.text = True, ""
     deadline = time.monotonic() + cfg.request_timeout_s
     path = "/chat/completions" if chat else "/completions"
@@ -165,16 +165,11 @@ async def _whole(ticket: Ticket, upstream: Upstream, request: Request, path: str
                  estimate: int, deadline: float) -> Any:
     """A non-streamed answer: wait for the upstream (or the client leaving, or the deadline), settle, pass on."""
     call = asyncio.ensure_future(upstream.post_json(path, body))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({call, gone}, timeout=max(0.0, deadline - time.monotonic()),
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if call not in done:  # the client left or the deadline passed: the prompt was sent, nothing delivered
+    outcome = await wait_or_leave(request, call, max(0.0, deadline - time.monotonic()))
+    if outcome != "done":  # the client left or the deadline passed: the prompt was sent, nothing delivered
         call.cancel()
         ticket.prompt_tokens = estimate
-        if gone in done:
+        if outcome == "gone":
             ticket.close("client_closed")
             return Response(status_code=499)
         ticket.close("deadline_exceeded")
@@ -253,7 +248,3 @@ async def _relay(ticket: Ticket, resp, chat: bool, client_usage: bool, estimate:
         ticket.row.setdefault("tokens_in", ticket.prompt_tokens)
         ticket.close("client_closed")
 
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -152,14 +152,14 @@ def add_chat_route(app: FastAPI, svc: Service, keyed: list) -> None:
             raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         svc.check(req, top_k, max_tokens)
-        ticket = svc.charge(request, max_tokens or cfg.max_tokens_cap)
+        ticket = await svc.charge(request, max_tokens or cfg.max_tokens_cap)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
             prompt_ids = await anyio.to_thread.run_sync(teacher.encode_chat, messages)
         except Exception as err:
             raise APIError(400, f"Could not apply the chat template: {type(err).__name__}: {str(err)[:200]}",
                            param="messages") from None
-        svc.admit(ticket, req, prompt_ids, max_tokens, top_k)
+        await svc.admit(ticket, req, prompt_ids, max_tokens, top_k)
         return await respond(svc, request, req, ticket, chat=True, prompt_text="")
 
 
@@ -180,7 +180,7 @@ def add_completions_route(app: FastAPI, svc: Service, keyed: list) -> None:
             prompt = prompt[0]
         if not isinstance(prompt, str) and any(t >= svc.vocab for t in prompt):
             raise APIError(400, f"prompt token ids must be < {svc.vocab}.", param="prompt")
-        ticket = svc.charge(request, req.max_tokens or min(16, cfg.max_tokens_cap))
+        ticket = await svc.charge(request, req.max_tokens or min(16, cfg.max_tokens_cap))
         if isinstance(prompt, str):
             prompt_text = prompt
             try:
@@ -190,7 +190,7 @@ def add_completions_route(app: FastAPI, svc: Service, keyed: list) -> None:
         else:
             prompt_ids = list(prompt)
             prompt_text = teacher.tokenizer.decode(prompt_ids)
-        svc.admit(ticket, req, prompt_ids, req.max_tokens, top_k)
+        await svc.admit(ticket, req, prompt_ids, req.max_tokens, top_k)
         return await respond(svc, request, req, ticket, chat=False, prompt_text=prompt_text)
 
 

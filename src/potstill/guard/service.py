@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -106,6 +107,7 @@ class Admission:
         self.cfg, self.limiter = cfg, limiter
         self.inflight: dict[str, int] = {}  # key id -> requests in flight
         self.open: set[Ticket] = set()  # admitted requests not yet answered
+        self.charging = 0  # requests waiting for the limiter
 
     def release(self, key_id: str) -> None:
         n = self.inflight.get(key_id, 0) - 1
@@ -114,7 +116,7 @@ class Admission:
         else:
             self.inflight.pop(key_id, None)
 
-    def charge(self, request: Request, max_tokens: int) -> Ticket:
+    async def charge(self, request: Request, max_tokens: int) -> Ticket:
         """Concurrency, queue and rate limits, before any tokenising: a Ticket, or 429/503."""
         if not request.app.state.querylog.health()["ok"]:  # fail closed: no model work that cannot be logged
             raise APIError(503, "The query log is unavailable; try again later.", type="server_error",
@@ -127,18 +129,31 @@ class Admission:
         if self.queued() >= self.cfg.max_pending:
             raise APIError(503, "The server is at capacity; retry shortly.", type="server_error",
                            code="server_overloaded", headers={"Retry-After": "1"})
+        self.inflight[key.key_id] = self.inflight.get(key.key_id, 0) + 1  # held while the limiter decides
+        self.charging += 1
         try:
-            reservation = self.limiter.acquire(key.key_id, max_tokens + 1, key.rpm, key.tpm)
-        except RateLimited as err:
-            raise _rate_error(err) from None
-        self.inflight[key.key_id] = self.inflight.get(key.key_id, 0) + 1
+            reservation = await self.limit(self.limiter.acquire, key.key_id, max_tokens + 1, key.rpm, key.tpm)
+        except BaseException:
+            self.release(key.key_id)
+            raise
+        finally:
+            self.charging -= 1
         ticket = Ticket(self, request, reservation, max_tokens)
         self.open.add(ticket)
         return ticket
 
+    async def limit(self, fn, *args):
+        """Call the limiter: in a worker thread when it waits on a database (the event loop never blocks)."""
+        try:
+            if getattr(self.limiter, "blocking", False):
+                return await anyio.to_thread.run_sync(fn, *args)
+            return fn(*args)
+        except RateLimited as err:
+            raise _rate_error(err) from None
+
     def queued(self) -> int:
         """Admitted requests still waiting (the gateway: all in flight upstream)."""
-        return len(self.open)
+        return len(self.open) + self.charging
 
 
 class Service(Admission):
@@ -171,9 +186,9 @@ class Service(Admission):
 
     def queued(self) -> int:
         """Admitted requests not yet decoding (tokenising, or waiting for a batch)."""
-        return sum(t.job is None or not t.job.started for t in self.open)
+        return sum(t.job is None or not t.job.started for t in self.open) + self.charging
 
-    def admit(self, ticket: Ticket, req: RequestBase, prompt_ids: list[int], max_tokens: int | None, top_k: int) -> Job:
+    async def admit(self, ticket: Ticket, req: RequestBase, prompt_ids: list[int], max_tokens: int | None, top_k: int) -> Job:
         """After tokenising: context length (400), the prompt's tokens charged (429); the Job."""
         if not prompt_ids:
             prompt_ids = [self.start_id]
@@ -191,10 +206,7 @@ class Service(Admission):
                 code="context_length_exceeded",
             )
         ticket.row["tokens_in"] = len(prompt_ids)
-        try:
-            self.limiter.resize(ticket.reservation, len(prompt_ids) + max_tokens)
-        except RateLimited as err:
-            raise _rate_error(err) from None
+        await self.limit(self.limiter.resize, ticket.reservation, len(prompt_ids) + max_tokens)
         ticket.prompt_tokens = len(prompt_ids)
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_p = 1.0 if req.top_p is None else max(float(req.top_p), 1e-9)
@@ -214,6 +226,16 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def wait_or_leave(request: Request, work: asyncio.Future, timeout: float) -> str:
+    """Wait for `work`, the client leaving or `timeout` seconds: "done", "gone" or "timeout"."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    return "done" if work in done else "gone" if gone in done else "timeout"
+
+
 def _deadline_error() -> APIError:
     return APIError(504, "The request ran past this server's deadline (request_timeout_s); retry with fewer "
                          "max_tokens.", type="server_error", code="deadline_exceeded")
@@ -228,15 +250,10 @@ async def respond(svc: Service, request: Request, req: RequestBase, ticket: Tick
             "model": svc.name, "system_fingerprint": None}
     await svc.batcher.submit(job)
     if not req.stream:
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({job.future, gone}, timeout=svc.remaining(job),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
+        outcome = await wait_or_leave(request, job.future, svc.remaining(job))
         if not job.future.done():  # the client left, or the deadline passed: stop decoding, charge what ran
             ticket.used = job.decoded
-            if gone in done:
+            if outcome == "gone":
                 ticket.close("client_closed")
                 return Response(status_code=499)
             ticket.close("deadline_exceeded")

@@ -72,6 +72,9 @@ _SQL = {
 class SharedRateLimiter:
     """Per-key request and token buckets in a SQL database. A limit of None means unlimited."""
 
+    blocking = True
+    """Calls wait on the database: the server makes them from a worker thread."""
+
     def __init__(self, engine: Engine, rpm: int | None = None, tpm: int | None = None,
                  clock: Callable[[], float] = time.time):
         self.engine, self.default_rpm, self.default_tpm, self.clock = engine, rpm, tpm, clock
