@@ -195,49 +195,27 @@ async def _relay(ticket: Ticket, resp, chat: bool, client_usage: bool, estimate:
     meter = StreamMeter(chat)
     ticket.prompt_tokens = estimate
     error: APIError | None = None
-    ended = False
     lines = resp.aiter_lines()
     try:
-        while True:
-            try:
-                line = await asyncio.wait_for(lines.__anext__(), max(0.0, deadline - time.monotonic()))
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                error = timed_out()
-                break
-            except Exception as err:  # httpx: read timeout, connection cut, ...
-                error = transport_error(err)
-                break
-            if not line.startswith("data:"):
-                continue  # blank separators, comments, `event:`/`id:` fields
-            data = line[5:].strip()
-            if data == "[DONE]":
-                ended = True
-                break
-            try:
-                obj = json.loads(data)
-                if not isinstance(obj, dict):
-                    raise ValueError("not an object")
-                if "error" in obj:
-                    error = APIError(502, str(obj["error"])[:500], type="server_error", code="upstream_error")
+        try:
+            while True:
+                line = await _next_line(lines, deadline)
+                if line is None:
+                    raise bad_response("the stream ended before [DONE]")
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, `event:`/`id:` fields
+                data = line[5:].strip()
+                if data == "[DONE]":
                     break
-                meter.add(obj)
-            except APIError as err:
-                error = err
-                break
-            except ValueError:
-                error = bad_response("a stream event that is not JSON")
-                break
-            ticket.used, ticket.text = meter.tokens, meter.text
-            if obj.get("choices") == [] and not client_usage:
-                continue  # the usage event the gateway asked for itself
-            yield f"data: {data}\n\n"
-        if not ended and error is None:
-            error = bad_response("the stream ended before [DONE]")
-        if error is not None:
-            yield error.sse()
-        elif meter.usage is not None:  # reached the end: the upstream's own count
+                obj = _event(data, meter)
+                ticket.used, ticket.text = meter.tokens, meter.text
+                if obj.get("choices") == [] and not client_usage:
+                    continue  # the usage event the gateway asked for itself
+                yield f"data: {data}\n\n"
+        except APIError as err:
+            error = err
+            yield err.sse()
+        if error is None and meter.usage is not None:  # reached the end: the upstream's own count
             ticket.prompt_tokens, ticket.used = meter.usage
         ticket.row["tokens_in"] = ticket.prompt_tokens
         yield SSE_DONE
@@ -248,3 +226,28 @@ async def _relay(ticket: Ticket, resp, chat: bool, client_usage: bool, estimate:
         ticket.row.setdefault("tokens_in", ticket.prompt_tokens)
         ticket.close("client_closed")
 
+
+async def _next_line(lines, deadline: float) -> str | None:
+    """The upstream's next line (None at its end); 504 past the deadline, 502/503/504 when the read fails."""
+    try:
+        return await asyncio.wait_for(lines.__anext__(), max(0.0, deadline - time.monotonic()))
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise timed_out() from None
+    except Exception as err:  # httpx: read timeout, connection cut, ...
+        raise transport_error(err) from None
+
+
+def _event(data: str, meter: StreamMeter) -> dict[str, Any]:
+    """One upstream event, metered; 502 for one that is not a JSON chunk, or the upstream's error event."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise bad_response("a stream event that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise bad_response("a stream event that is not a JSON object")
+    if "error" in obj:
+        raise APIError(502, str(obj["error"])[:500], type="server_error", code="upstream_error")
+    meter.add(obj)
+    return obj
