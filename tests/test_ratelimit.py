@@ -146,3 +146,15 @@ def test_resize_charges_the_prompt_after_tokenising(make):
     lim.resize(res, 250)  # shrinking refunds the difference
     lim.settle(res, 250)
     assert lim.level("k") == 750
+
+
+def test_settling_more_than_reserved_charges_the_excess(make):
+    """The gateway settles to the upstream's usage, which may exceed its estimate: the excess is charged (debt)."""
+    clock = Clock()
+    lim = make(rpm=None, tpm=600, clock=clock)
+    res = lim.acquire("k", tokens=500)
+    lim.settle(res, used_tokens=700)  # 200 more than reserved
+    assert lim.level("k") == -100
+    with pytest.raises(RateLimited) as err:
+        lim.acquire("k", tokens=1)
+    assert err.value.retry_after == 11  # 101 tokens at 10/s
