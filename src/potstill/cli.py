@@ -274,7 +274,7 @@ def bench_watermark_cmd(args):
 
 
 # verbs that live in their own modules, each with a `register(app)`
-for _module in ("cli_guard", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
+for _module in ("cli_guard", "cli_case", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 
