@@ -67,7 +67,8 @@ def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", se
                 **cfg_kwargs):
     """Serve `teacher` with uvicorn in a thread; yields a LiveServer; stops (and flushes the log) on exit.
 
-    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig`."""
+    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig` (keys_url and
+    querylog_url default to SQLite files in `tmp`)."""
     from potstill.guard.serve import create_app
 
     with _running(lambda cfg, keys: create_app(teacher, cfg, keys=keys, limiter=limiter), tmp, log_level,
@@ -93,13 +94,8 @@ def _running(build, tmp: Path, log_level: str, server_kwargs: dict | None, cfg_k
     from potstill.guard.middleware import uvicorn_options
     from potstill.guard.serve import ServeConfig
 
-    cfg = ServeConfig(
-        host="127.0.0.1",
-        port=free_port(),
-        keys_url=str(tmp / "keys.db"),
-        querylog_url=str(tmp / "queries.db"),
-        **cfg_kwargs,
-    )
+    cfg = ServeConfig(**{"host": "127.0.0.1", "port": free_port(), "keys_url": str(tmp / "keys.db"),
+                         "querylog_url": str(tmp / "queries.db"), **cfg_kwargs})
     keys = KeyStore(cfg.keys_url)
     app = build(cfg, keys)
     server = uvicorn.Server(
