@@ -128,6 +128,7 @@ def test_two_processes_share_one_limit_postgres(pg, tmp_path):
     _check_shared(m)
 
 
+@pytest.mark.subprocess  # the PostgreSQL server is a child process
 def test_shared_limiter_on_postgres_is_exact_under_threads(pg):
     """Many threads (one connection each) racing for one key's bucket on PostgreSQL: exactly the limit."""
     from potstill.guard.db import make_engine
