@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from potstill.config import HttpConfig
 from potstill.errors import PotstillError
 from potstill.teachers.base import Completion, SamplingParams
 from potstill.teachers.http_dialects import ResponseMapper, TokenMapper, parse_response
@@ -42,6 +43,7 @@ __all__ = ["ENDPOINTS", "RETRY_AFTER_MAX", "HTTPTeacher", "TokenMapper", "parse_
            "retry_after_seconds", "retryable"]
 
 log = logging.getLogger(__name__)
+_D = HttpConfig()  # the options' one home: HTTPTeacher's defaults are its defaults
 
 
 class HTTPTeacher:
@@ -51,18 +53,18 @@ class HTTPTeacher:
         self,
         base_url: str,
         model: str | None = None,
-        api_key_env: str | None = "OPENAI_API_KEY",
+        api_key_env: str | None = _D.http_api_key_env,
         tokenizer=None,
-        endpoint: str = "chat",
-        concurrency: int = 8,
-        max_retries: int = 6,
-        timeout: float = 120,
-        rate_limit_rps: float | None = None,
+        endpoint: str = _D.http_endpoint,
+        concurrency: int = _D.http_concurrency,
+        max_retries: int = _D.http_max_retries,
+        timeout: float = _D.http_timeout,
+        rate_limit_rps: float | None = _D.http_rate_limit_rps,
         cache_dir: str | os.PathLike | None = None,
-        max_top_logprobs: int = 20,
-        backoff_base: float = 0.5,
-        backoff_max: float = 60.0,
-        extra_body: dict[str, Any] | None = None,
+        max_top_logprobs: int = _D.http_max_top_logprobs,
+        backoff_base: float = _D.http_backoff_base,
+        backoff_max: float = _D.http_backoff_max,
+        extra_body: dict[str, Any] | None = _D.http_extra_body,
     ):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
