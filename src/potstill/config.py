@@ -26,6 +26,25 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def derive(source: type, name: str, default: Any = dataclasses.MISSING, note: str = "") -> Any:
+    """A field declared in `source` (e.g. GenerateConfig.max_new_tokens), reused by another config.
+
+    Its help is the source's (+ `note`); its default is the source's unless `default` states this
+    config's own choice, recorded in the field's metadata (`derived_from`, `overrides`) so a test can
+    tell a stated override from a second, drifting declaration.
+    """
+    src = next((f for f in fields(source) if f.name == name), None)
+    if src is None:
+        raise TypeError(f"{source.__name__} has no field {name!r}")
+    own = src.default if src.default is not dataclasses.MISSING else src.default_factory()  # type: ignore[misc]
+    value = own if default is dataclasses.MISSING else default
+    helptext = src.metadata.get("help", "") + (f" {note}" if note else "")
+    metadata = {"help": helptext, "derived_from": (source, name), "overrides": value != own}
+    if isinstance(value, list | dict):
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return field(default=value, metadata=metadata)
+
+
 @dataclass
 class HttpConfig:
     """An HTTP teacher's options (teachers/http.py), declared once: `potstill generate --http-…` and a

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from potstill.bench.config import BenchGenerateConfig
 from potstill.utils import cpu_info, cpu_line, write_json
 
 
@@ -83,8 +84,11 @@ def _count(row: list[int], eos: list[int]) -> int:
     return len(row)
 
 
-def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int = 32, k: int = 20,
-                   naive_prompts: int = 8, out_json: str | None = None, log=print,
+_D = BenchGenerateConfig()  # the settings' one home
+
+
+def bench_generate(teacher, prompts, max_new_tokens: int = _D.max_new_tokens, batch_size: int = _D.batch_size,
+                   k: int = _D.k, naive_prompts: int = _D.naive_prompts, out_json: str | None = None, log=print,
                    max_prompt_tokens: int | None = 512) -> dict[str, Any]:
     """Run the decoders on the same prompts; returns (and writes) tokens/s and ratios.
 

@@ -137,3 +137,12 @@ def format_campaigns(campaigns: list[Campaign]) -> str:
         lines.append(f"{c.campaign_id[:34]:<34} {c.risk:>5.2f} {'YES' if c.flagged else '':>4} {c.n_requests:>6} "
                      f"{len(c.keys):>4} {max(c.key_risks.values()):>7.2f}")
     return "\n".join(lines)
+
+
+def write_campaign_report(path: str | Path, campaigns: list[Campaign], **meta: Any) -> None:
+    """JSON report (written atomically): the monitor's weights and threshold, meta, and every group."""
+    from potstill.guard.monitor import INTERCEPT, WEIGHTS
+    from potstill.utils import write_json
+
+    write_json(path, {"weights": WEIGHTS, "intercept": INTERCEPT, "threshold": THRESHOLD, **meta,
+                      "campaigns": [c.to_dict() for c in campaigns]})

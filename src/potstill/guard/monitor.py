@@ -328,3 +328,16 @@ def throttle(
         keystore.set_limits(key_id, *new)
         out[key_id] = new
     return out
+
+
+def throttle_flagged(keystore, log_url: str | Path, key_ids: list[str], factor: float = 0.1
+                     ) -> tuple[dict[str, tuple[int | None, int | None]], str | None]:
+    """`throttle`, keys without their own limits starting from the serving server's defaults (recorded in
+    the log at start-up). Returns the new limits, and a note when the log holds no server config."""
+    from potstill.guard.querylog import server_config
+
+    served = server_config(log_url)
+    note = None if served else (f"note: no server config in the log; keys without limits start from "
+                                f"rpm={DEFAULT_RPM} tpm={DEFAULT_TPM}")
+    limits = {k: served.get(k) for k in ("default_rpm", "default_tpm")} if served else {}
+    return throttle(keystore, key_ids, factor, **limits), note

@@ -17,6 +17,26 @@ from pathlib import Path
 from potstill.errors import PotstillError
 
 
+def read_texts(source: str, jsonl_field: str | None = None) -> str | list[str]:
+    """The text of `source` (a file, or '-' for stdin); with `jsonl_field`, that field of each JSONL line."""
+    import sys
+
+    from potstill.utils import jsonl_objects
+
+    try:
+        raw = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as e:
+        raise PotstillError(f"cannot read: {e.strerror}", where=source) from None
+    if not jsonl_field:
+        return raw
+    texts = []
+    for n, obj in jsonl_objects(raw, source):
+        if not isinstance(obj, dict) or jsonl_field not in obj:
+            raise PotstillError(f"no field {jsonl_field!r} in a JSON object", where=f"{source}:{n}")
+        texts.append(str(obj[jsonl_field]))
+    return texts
+
+
 def read_generations(path: Path) -> list[str]:
     from potstill.capture.prompts import jsonl_records
 

@@ -1,0 +1,25 @@
+"""Settings of the benchmarks whose modules import torch, declared apart so `potstill --help` stays light.
+
+Decoding settings are GenerateConfig's (same defaults unless a field states the bench's own choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from potstill.config import GenerateConfig, derive, opt
+
+
+@dataclass
+class BenchGenerateConfig:
+    """`potstill bench generate`: completion tokens/s of naive and batched model.generate against potstill's engine."""
+
+    teacher: str = derive(GenerateConfig, "teacher", note="A local one: the bench decodes it in-process.")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks")
+    n: int = opt(0, "Prompts for the batched decoders (0: all).")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 64)
+    batch_size: int = derive(GenerateConfig, "batch_size", note="Also model.generate's batch.")
+    k: int = derive(GenerateConfig, "top_k", note="Top log-probs per token for the decoders that return them.")
+    naive_prompts: int = opt(8, "Prompts for the one-at-a-time model.generate anchor.")
+    dtype: str = derive(GenerateConfig, "dtype")
+    out: str = opt("runs/bench/generate.json", "JSON results.")
