@@ -161,9 +161,10 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
+    from potstill.present import markdown_table as md_table
+
     head, body = table_rows(result)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines = [md_table(head, body)]
     iso = result["sandbox"]["isolation"]
     return (f"# potstill agent eval\n\n{result['n_tasks']} tasks from {result['tasks']} ({', '.join(result['splits'])}),"
             f" greedy, one episode per task; sandbox isolation: {iso}.\n\n" + "\n".join(lines) + "\n")

@@ -267,20 +267,17 @@ def _caption(result: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
-    return "\n".join([f"**potstill bench train**: {_caption(result)}", "", *lines, "", f"Note: {result['note']}"])
+    from potstill import present
+
+    table = present.markdown_table(HEADER, _rows(result))
+    return "\n".join([f"**potstill bench train**: {_caption(result)}", "", table, "", f"Note: {result['note']}"])
 
 
 def rich_table(result: dict):
-    from rich.table import Table
+    from potstill import present
 
-    table = Table(title="potstill bench train", caption=_caption(result) + "\n" + result["note"])
-    for h in HEADER:
-        table.add_column(h, justify="left" if h in ("arm", "teacher signal") else "right")
-    for row in _rows(result):
-        table.add_row(*row)
-    return table
+    return present.rich_table(HEADER, _rows(result), title="potstill bench train",
+                              caption=_caption(result) + "\n" + result["note"], align="ll" + "r" * (len(HEADER) - 2))
 
 
 def plot(result: dict, path: Path) -> None:

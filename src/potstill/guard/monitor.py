@@ -293,16 +293,13 @@ def score_keys(
 
 
 def format_table(risks: list[KeyRisk]) -> str:
-    """A fixed-width table, one line per key."""
+    """A plain-text table, one line per key (under a header and a rule)."""
+    from potstill.present import text_table
+
     cols = list(WEIGHTS)
-    head = f"{'key':<14} {'risk':>5} {'flag':>4} {'reqs':>6} " + " ".join(f"{c[:8]:>8}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for r in risks:
-        lines.append(
-            f"{r.key_id[:14]:<14} {r.risk:>5.2f} {'YES' if r.flagged else '':>4} {r.n_requests:>6} "
-            + " ".join(f"{r.scores.get(c, 0.0):>8.2f}" for c in cols)
-        )
-    return "\n".join(lines)
+    rows = [[r.key_id[:14], f"{r.risk:.2f}", "YES" if r.flagged else "", r.n_requests,
+             *(f"{r.scores.get(c, 0.0):.2f}" for c in cols)] for r in risks]
+    return text_table(["key", "risk", "flag", "reqs", *(c[:8] for c in cols)], rows)
 
 
 def write_report(path: str | Path, risks: list[KeyRisk], **meta: Any) -> None:
