@@ -70,7 +70,7 @@ def register(app: click.Group) -> None:
     @click.option("--max-batch-size", default=None, type=int,
                   help="Most requests decoded together [default: ServeConfig.max_batch_size].")
     @click.option("--docs/--no-docs", default=None,
-                  help="Serve /docs, /redoc and /openapi.json (off by default: they describe the API to anyone).")
+                  help="Serve /docs, /redoc and /openapi.json (they describe the API to anyone) [default: ServeConfig.docs].")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
     @watermark_options
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name, **wm_flags):
