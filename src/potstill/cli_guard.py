@@ -146,7 +146,7 @@ def register(app: click.Group) -> None:
 
         from potstill.guard.suspect import read_texts
         from potstill.guard.watermark import detect_text
-        from potstill.teachers.hf import resolve_model_dir
+        from potstill.lm.loading import resolve_model_dir
 
         texts = read_texts(text_file, jsonl_field)
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer))
