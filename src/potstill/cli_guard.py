@@ -41,12 +41,17 @@ WATERMARK_FLAGS = {"gamma": "--gamma", "delta": "--delta", "context_width": "--c
                    "self_hash": "--self-hash/--no-self-hash"}
 
 
+def split_watermark_flags(flags: dict) -> dict:
+    """The watermark options, popped from a command's `flags` (what is left is the command's own)."""
+    return {name: flags.pop(name) for name in ("watermark_key_env", "watermark_key_file", *WATERMARK_FLAGS)}
+
+
 def watermark_config(flags: dict, required: bool):
     """The WatermarkConfig the watermark flags in `flags` describe (popped from it); secret read by the library."""
     from potstill.guard.watermark_config import load_watermark
 
-    params = {name: flags.pop(name) for name in WATERMARK_FLAGS}
-    return load_watermark(flags.pop("watermark_key_env"), flags.pop("watermark_key_file"), required, **params)
+    wm = split_watermark_flags(flags)
+    return load_watermark(wm.pop("watermark_key_env"), wm.pop("watermark_key_file"), required, **wm)
 
 
 def _given(**values):
@@ -56,6 +61,8 @@ def _given(**values):
 
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
+    from potstill.cli import config_options, make_config
+    from potstill.guard.suspect import DetectConfig
 
     @app.command()
     @click.argument("model", default="embedded")
@@ -153,25 +160,21 @@ def register(app: click.Group) -> None:
         click.echo(json.dumps(detect_text(texts, tok, cfg).to_dict(), indent=2))
 
     @app.command()
-    @click.option("--suspect", required=True, help="Suspect model directory (open weights) or a JSONL/text file of its generations.")
-    @click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts/texts to score the suspect on (open-weights mode).")
-    @click.option("--tokenizer", default="embedded", show_default=True, help="Tokenizer for text-only mode.")
-    @click.option("--log-db", default=None, help="Score on the answers we served (query log): the distiller's contexts.")
-    @click.option("--key-id", default=None, help="With --log-db: only this API key's traffic.")
-    @click.option("--max-tokens", default=20000, show_default=True, help="Stop after this many scored (context, token) pairs.")
-    @click.option("--out", default=None, help="Write the result as JSON here.")
+    @config_options(DetectConfig)
     @watermark_options
-    def detect(suspect, prompts, tokenizer, log_db, key_id, max_tokens, out, **wm_flags):
+    def detect(config_file, **flags):
         """Was SUSPECT distilled from our watermarked outputs? Exact p-value and tokens scored."""
         from potstill.guard.suspect import run_detect
         from potstill.utils import quiet_transformers, write_json
 
-        cfg = watermark_config(wm_flags, required=True)
+        wm_flags = split_watermark_flags(flags)
+        cfg = make_config(DetectConfig, "detect", config_file, flags)
+        wm = watermark_config(wm_flags, required=True)
         quiet_transformers()
-        result = run_detect(suspect, cfg, prompts=prompts, tokenizer=tokenizer, max_tokens=max_tokens,
-                            log_db=log_db, key_id=key_id)
-        if out:
-            write_json(out, result.to_dict())
+        result = run_detect(cfg.suspect, wm, prompts=cfg.prompts, tokenizer=cfg.tokenizer, max_tokens=cfg.max_tokens,
+                            log_db=cfg.log_db, key_id=cfg.key_id)
+        if cfg.out:
+            write_json(cfg.out, result.to_dict())
         click.echo(result.summary())
 
     @app.command()

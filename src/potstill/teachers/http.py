@@ -26,7 +26,8 @@ import httpx
 
 from potstill.config import HttpConfig
 from potstill.errors import PotstillError
-from potstill.teachers.base import Completion, SamplingParams
+from potstill.lm.tokens import row_seed, tokenizer_hash
+from potstill.lm.types import Completion, SamplingParams
 from potstill.teachers.http_dialects import ResponseMapper, TokenMapper, parse_response
 from potstill.teachers.http_transport import (
     ENDPOINTS,
@@ -138,8 +139,6 @@ class HTTPTeacher:
         tok = self.tokenizer
         tok_sha = tmpl_sha = None
         if tok is not None:
-            from potstill.teachers.hf import tokenizer_hash
-
             tok_sha = tokenizer_hash(tok)
             tmpl_sha = sha256_text(getattr(tok, "chat_template", None) or "")
         return {
@@ -257,8 +256,6 @@ class HTTPTeacher:
         if not prompts:
             return []
         if seeds is None:
-            from potstill.teachers.hf import row_seed
-
             seeds = [row_seed(params.seed, i) & 0x7FFFFFFF for i in range(len(prompts))]  # fits every server's seed type
         if len(seeds) != len(prompts):
             raise PotstillError(f"{len(seeds)} seeds for {len(prompts)} prompts")

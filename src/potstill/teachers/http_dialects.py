@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from potstill.teachers.base import Completion
+from potstill.lm.types import Completion
 from potstill.utils import bytes_to_unicode
 
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
