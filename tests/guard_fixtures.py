@@ -67,19 +67,15 @@ def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", se
                 **cfg_kwargs):
     """Serve `teacher` with uvicorn in a thread; yields a LiveServer; stops (and flushes the log) on exit.
 
-    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig`."""
+    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig` (keys_url and
+    querylog_url default to SQLite files in `tmp`)."""
     import uvicorn
 
     from potstill.guard.keys import KeyStore
     from potstill.guard.serve import ServeConfig, create_app
 
-    cfg = ServeConfig(
-        host="127.0.0.1",
-        port=free_port(),
-        keys_url=str(tmp / "keys.db"),
-        querylog_url=str(tmp / "queries.db"),
-        **cfg_kwargs,
-    )
+    cfg = ServeConfig(**{"host": "127.0.0.1", "port": free_port(), "keys_url": str(tmp / "keys.db"),
+                         "querylog_url": str(tmp / "queries.db"), **cfg_kwargs})
     keys = KeyStore(cfg.keys_url)
     app = create_app(teacher, cfg, keys=keys, limiter=limiter)
     server = uvicorn.Server(
