@@ -121,7 +121,7 @@ def _derived_configs():
     """Every command whose flags are derived from a config dataclass (config_options), by command path."""
     from potstill.agent.evaluate import AgentEvalConfig
     from potstill.agent.generate import AgentGenerateConfig
-    from potstill.bench.config import BenchGenerateConfig
+    from potstill.bench.config import BenchGenerateConfig, BenchServeConfig
     from potstill.bench.train import BenchTrainConfig
     from potstill.evaluate.report_config import ReportConfig
     from potstill.guard.case import CaseConfig
@@ -132,6 +132,7 @@ def _derived_configs():
     return {("generate",): GenerateConfig, ("train",): TrainConfig, ("eval",): EvalConfig,
             ("report",): ReportConfig, ("study", "transfer"): TransferConfig, ("study", "collapse"): CollapseConfig,
             ("bench", "train"): BenchTrainConfig, ("bench", "generate"): BenchGenerateConfig,
+            ("bench", "serve"): BenchServeConfig,
             ("agent", "generate"): AgentGenerateConfig, ("agent", "eval"): AgentEvalConfig, ("case",): CaseConfig,
             ("detect",): DetectConfig}
 

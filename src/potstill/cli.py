@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from potstill.bench.config import BenchGenerateConfig
+from potstill.bench.config import BenchGenerateConfig, BenchServeConfig
 from potstill.bench.train import BenchTrainConfig
 from potstill.config import EvalConfig, GenerateConfig, TrainConfig, build
 from potstill.errors import PotstillError
@@ -259,27 +259,20 @@ def bench_generate_cmd(config_file, **flags):
 
 
 @bench.command("serve")
-@click.option("--teacher", default="embedded", show_default=True, help="Model served and decoded locally.")
-@click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")
-@click.option("--n", default=64, show_default=True, help="Prompts (one request each).")
-@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens per completion.")
-@click.option("--batch-size", default=32, show_default=True, help="Rows decoded together, locally and by the server.")
-@click.option("--clients", default=64, show_default=True, help="Concurrent HTTP clients, each request its own seed.")
-@click.option("--rounds", default=2, show_default=True, help="Alternating local/served rounds (medians reported).")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
-@click.option("--out", default="runs/bench/serve.json", show_default=True, help="JSON results.")
-def bench_serve_cmd(teacher, prompts, n, max_new_tokens, batch_size, clients, rounds, dtype, out):
+@config_options(BenchServeConfig)
+def bench_serve_cmd(config_file, **flags):
     """Completion tokens/s served over HTTP to concurrent clients with distinct seeds vs the local engine."""
     from potstill.bench.serve import bench_serve, format_table
     from potstill.capture.prompts import load_prompts
     from potstill.teachers.hf import HFTeacher
     from potstill.utils import quiet_transformers
 
+    cfg = make_config(BenchServeConfig, "bench_serve", config_file, flags)
     quiet_transformers()
-    result = bench_serve(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[:n], max_new_tokens, batch_size,
-                         clients, rounds, out_json=out)
+    result = bench_serve(HFTeacher.load(cfg.teacher, dtype=cfg.dtype), load_prompts(cfg.prompts)[: cfg.n],
+                         cfg.max_new_tokens, cfg.batch_size, cfg.clients, cfg.rounds, out_json=cfg.out)
     click.echo(format_table(result))
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {cfg.out}")
 
 
 @bench.command("watermark", context_settings={"ignore_unknown_options": True, "help_option_names": []})

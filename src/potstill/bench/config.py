@@ -23,3 +23,18 @@ class BenchGenerateConfig:
     naive_prompts: int = opt(8, "Prompts for the one-at-a-time model.generate anchor.")
     dtype: str = derive(GenerateConfig, "dtype")
     out: str = opt("runs/bench/generate.json", "JSON results.")
+
+
+@dataclass
+class BenchServeConfig:
+    """`potstill bench serve`: completion tokens/s served over HTTP to concurrent clients vs the local engine."""
+
+    teacher: str = derive(GenerateConfig, "teacher", note="A local one: served and decoded in-process.")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks")
+    n: int = opt(64, "Prompts (one request each).")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 64)
+    batch_size: int = derive(GenerateConfig, "batch_size", 32, "Here: locally and by the server (its max_batch_size).")
+    clients: int = opt(64, "Concurrent HTTP clients, each request its own seed.")
+    rounds: int = opt(2, "Alternating local/served rounds (medians reported).")
+    dtype: str = derive(GenerateConfig, "dtype")
+    out: str = opt("runs/bench/serve.json", "JSON results.")
