@@ -42,12 +42,12 @@ def tiny_capture(tmp_path_factory, tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_bench_train_tiny(tmp_path, tiny_model_dir, tiny_capture):
-    from potstill.bench.train import bench_train, markdown_table
+    from potstill.bench.train import BenchTrainConfig, bench_train, markdown_table
 
     out = tmp_path / "train.json"
-    res = bench_train(capture=str(tiny_capture), teacher=str(tiny_model_dir), student="prune:depth:0.5",
-                      seconds=3600.0, max_steps=STEPS, eval_every=0.5, lr=1e-3, warmup_steps=2, batch_size=4,
-                      out_json=out,
+    res = bench_train(BenchTrainConfig(capture=str(tiny_capture), teacher=str(tiny_model_dir), student="prune:depth:0.5",
+                                       seconds=3600.0, max_steps=STEPS, eval_every=0.5, lr=1e-3, warmup_steps=2,
+                                       batch_size=4, out=str(out)),
                       log=lambda *_: None)
     saved = json.loads(out.read_text())
     assert saved["bench"] == "train" and set(saved["arms"]) == {"potstill", "trl"}

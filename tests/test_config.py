@@ -109,24 +109,49 @@ def _commands(group, path=()):
             yield (*path, name), cmd
 
 
-def test_cli_defaults_are_the_configs():
-    """One default per setting: a flag mapped to a config field takes the field's default and help."""
+def _field_default(f):
     import dataclasses
 
-    from potstill.cli import app
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _derived_configs():
+    """Every command whose flags are derived from a config dataclass (config_options), by command path."""
+    from potstill.agent.evaluate import AgentEvalConfig
+    from potstill.agent.generate import AgentGenerateConfig
+    from potstill.bench.config import BenchGenerateConfig, BenchServeConfig
+    from potstill.bench.train import BenchTrainConfig
     from potstill.evaluate.report_config import ReportConfig
-    from potstill.guard.serve import ServeConfig
-    from potstill.guard.watermark import WatermarkConfig
+    from potstill.guard.case import CaseConfig
+    from potstill.guard.suspect import DetectConfig
     from potstill.studies.collapse import CollapseConfig
     from potstill.studies.transfer import TransferConfig
 
-    derived = {("generate",): GenerateConfig, ("train",): TrainConfig, ("eval",): EvalConfig,
-               ("report",): ReportConfig, ("study", "transfer"): TransferConfig, ("study", "collapse"): CollapseConfig}
-    # flag -> (config, field) where the CLI declares the option itself; serve --max-batch-size: issue 13, other branch
-    declared = {"gamma": (WatermarkConfig, "gamma"), "delta": (WatermarkConfig, "delta"),
-                "context_width": (WatermarkConfig, "context_width"), "self_hash": (WatermarkConfig, "self_hash"),
-                "host": (ServeConfig, "host"), "port": (ServeConfig, "port"),
-                "max_tokens_cap": (ServeConfig, "max_tokens_cap")}
+    return {("generate",): GenerateConfig, ("train",): TrainConfig, ("eval",): EvalConfig,
+            ("report",): ReportConfig, ("study", "transfer"): TransferConfig, ("study", "collapse"): CollapseConfig,
+            ("bench", "train"): BenchTrainConfig, ("bench", "generate"): BenchGenerateConfig,
+            ("bench", "serve"): BenchServeConfig,
+            ("agent", "generate"): AgentGenerateConfig, ("agent", "eval"): AgentEvalConfig, ("case",): CaseConfig,
+            ("detect",): DetectConfig}
+
+
+def test_cli_defaults_are_the_configs():
+    """One default per setting: every flag of every command that maps to a config field takes the field's
+    default (or None: the config decides) and, where derived, the field's help."""
+    import dataclasses
+
+    from potstill.cli import app
+    from potstill.guard.serve import ServeConfig
+    from potstill.guard.watermark import WatermarkConfig
+
+    derived = _derived_configs()
+    # commands that declare options themselves: (config, {flag: field}); a flag named like a field maps to it
+    declared = {("serve",): (ServeConfig, {"rpm": "default_rpm", "tpm": "default_tpm", "name": "model_name",
+                                           "keys_db": "keys_url", "log_db": "querylog_url"}),
+                ("bench", "codec"): (GenerateConfig, {"k": "top_k"})}
+    watermark = {f.name: f for f in dataclasses.fields(WatermarkConfig)}
     checked = 0
     for path, cmd in _commands(app):
         params = {p.name: p for p in cmd.params}
@@ -137,14 +162,56 @@ def test_cli_defaults_are_the_configs():
                 assert p.default in (None, ()), (path, f.name, p.default)  # omitted flag -> the dataclass default
                 assert p.help.startswith(f.metadata["help"]), (path, f.name)
                 checked += 1
-        for name, (config, field_name) in declared.items():
-            if name in params:
-                f = next(f for f in dataclasses.fields(config) if f.name == field_name)
-                assert params[name].default == f.default, (path, name, params[name].default, f.default)
-                if config is WatermarkConfig:
-                    assert params[name].help == f.metadata["help"], (path, name)
+        config, renamed = declared.get(path, (None, {}))
+        fields = {f.name: f for f in dataclasses.fields(config)} if config else {}
+        for name, p in params.items():
+            f = None if name in NOT_THE_SAME_SETTING else fields.get(renamed.get(name, name))
+            if f is not None and p.default is not None:
+                assert p.default == _field_default(f), (path, name, p.default, _field_default(f))
                 checked += 1
-    assert checked > 100
+            if name in watermark and name != "key":  # --gamma, --delta, --context-width, --self-hash
+                assert p.default == watermark[name].default and p.help == watermark[name].metadata["help"], (path, name)
+                checked += 1
+    assert checked > 200
+
+
+# a field named like a stage setting but meaning something else (the reason is the exemption)
+NOT_THE_SAME_SETTING = {
+    "out": "every artefact has its own place",
+    "capture": "None here means 'make one'; TrainConfig's capture is the input directory",
+    "tasks": "agent task files, not EvalConfig's multiple-choice task files",
+    "CaseConfig.samples": "sample requests shown in the case, not completions per prompt",
+    "DetectConfig.tokenizer": "the suspect's generations' tokenizer, not the map of an HTTP teacher's tokens",
+}
+
+
+def test_config_fields_are_declared_once():
+    """A config that reuses a stage setting (same name, or derive(...) under another name) derives it from
+    GenerateConfig/TrainConfig/EvalConfig: same help, and the same default unless it states its own."""
+    import dataclasses
+
+    from potstill.config import derive
+
+    stage_fields = {f.name for c in (GenerateConfig, TrainConfig, EvalConfig) for f in dataclasses.fields(c)}
+    overrides = 0
+    for cls in set(_derived_configs().values()) - {GenerateConfig, TrainConfig, EvalConfig}:
+        for f in dataclasses.fields(cls):
+            origin = f.metadata.get("derived_from")
+            if origin is None:
+                exempt = f.name in NOT_THE_SAME_SETTING or f"{cls.__name__}.{f.name}" in NOT_THE_SAME_SETTING
+                assert f.name not in stage_fields or exempt, (
+                    f"{cls.__name__}.{f.name} re-declares a stage setting: use config.derive")
+                continue
+            source, name = origin
+            src = next(g for g in dataclasses.fields(source) if g.name == name)
+            assert f.metadata["help"].startswith(src.metadata["help"]), (cls.__name__, f.name)
+            same = _field_default(f) == _field_default(src)
+            assert same != f.metadata["overrides"], (cls.__name__, f.name)  # a changed default is a stated one
+            overrides += not same
+    assert overrides >= 10  # the studies' and benches' own (smaller, faster) choices, each stated
+    # and derive() refuses a field that does not exist
+    with pytest.raises(TypeError):
+        derive(TrainConfig, "no_such_field")
 
 
 def test_run_with_bad_value_is_one_line_exit_2(tmp_path):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from potstill.bench.config import BenchGenerateConfig, BenchServeConfig
+from potstill.bench.train import BenchTrainConfig
 from potstill.config import EvalConfig, GenerateConfig, TrainConfig, build
 from potstill.errors import PotstillError
 
@@ -240,50 +242,37 @@ def bench_monitor_cmd(train_seed, test_seed, fitted, out):
 
 
 @bench.command("generate")
-@click.option("--teacher", default="embedded", show_default=True, help="Teacher model.")
-@click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")
-@click.option("--n", default=0, show_default=True, help="Prompts for the batched decoders (0: all).")
-@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens per completion.")
-@click.option("--batch-size", default=64, show_default=True, help="Batch size for batched decoders.")
-@click.option("--k", default=20, show_default=True, help="Top log-probs per token.")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
-@click.option("--out", default="runs/bench/generate.json", show_default=True, help="JSON results.")
-def bench_generate_cmd(teacher, prompts, n, max_new_tokens, batch_size, k, dtype, out):
+@config_options(BenchGenerateConfig)
+def bench_generate_cmd(config_file, **flags):
     """Completion tokens/s: naive and batched model.generate against potstill's engine."""
     from potstill.bench.generate import bench_generate, format_table
     from potstill.capture.prompts import load_prompts
     from potstill.teachers.hf import HFTeacher
     from potstill.utils import quiet_transformers
 
+    cfg = make_config(BenchGenerateConfig, "bench_generate", config_file, flags)
     quiet_transformers()
-    result = bench_generate(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[: n or None], max_new_tokens,
-                            batch_size, k, out_json=out)
+    result = bench_generate(HFTeacher.load(cfg.teacher, dtype=cfg.dtype), load_prompts(cfg.prompts)[: cfg.n or None],
+                            cfg.max_new_tokens, cfg.batch_size, cfg.k, naive_prompts=cfg.naive_prompts, out_json=cfg.out)
     click.echo(format_table(result))
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {cfg.out}")
 
 
 @bench.command("serve")
-@click.option("--teacher", default="embedded", show_default=True, help="Model served and decoded locally.")
-@click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")
-@click.option("--n", default=64, show_default=True, help="Prompts (one request each).")
-@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens per completion.")
-@click.option("--batch-size", default=32, show_default=True, help="Rows decoded together, locally and by the server.")
-@click.option("--clients", default=64, show_default=True, help="Concurrent HTTP clients, each request its own seed.")
-@click.option("--rounds", default=2, show_default=True, help="Alternating local/served rounds (medians reported).")
-@click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
-@click.option("--out", default="runs/bench/serve.json", show_default=True, help="JSON results.")
-def bench_serve_cmd(teacher, prompts, n, max_new_tokens, batch_size, clients, rounds, dtype, out):
+@config_options(BenchServeConfig)
+def bench_serve_cmd(config_file, **flags):
     """Completion tokens/s served over HTTP to concurrent clients with distinct seeds vs the local engine."""
     from potstill.bench.serve import bench_serve, format_table
     from potstill.capture.prompts import load_prompts
     from potstill.teachers.hf import HFTeacher
     from potstill.utils import quiet_transformers
 
+    cfg = make_config(BenchServeConfig, "bench_serve", config_file, flags)
     quiet_transformers()
-    result = bench_serve(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[:n], max_new_tokens, batch_size,
-                         clients, rounds, out_json=out)
+    result = bench_serve(HFTeacher.load(cfg.teacher, dtype=cfg.dtype), load_prompts(cfg.prompts)[: cfg.n],
+                         cfg.max_new_tokens, cfg.batch_size, cfg.clients, cfg.rounds, out_json=cfg.out)
     click.echo(format_table(result))
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {cfg.out}")
 
 
 @bench.command("watermark", context_settings={"ignore_unknown_options": True, "help_option_names": []})
@@ -302,13 +291,22 @@ for _module in ("cli_guard", "cli_case", "cli_report", "cli_tasks", "cli_study",
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 
-def _register_bench_train() -> None:
-    from potstill.bench.train import register
+@bench.command("train")
+@config_options(BenchTrainConfig)
+def bench_train_cmd(config_file, **flags):
+    """Training tokens/s, peak memory and held-out KL: potstill's trainer vs TRL's GKDTrainer."""
+    import time
 
-    register(bench)
+    from rich.console import Console
 
+    from potstill.bench.train import bench_train, rich_table
 
-_register_bench_train()
+    cfg = make_config(BenchTrainConfig, "bench_train", config_file, flags)
+    t0 = time.perf_counter()
+    result = bench_train(cfg, log=lambda msg: click.echo(msg, err=True))
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(result))
+    click.echo(f"wrote {cfg.out}, {result['artefacts']['markdown']}, {result['artefacts']['plot']} "
+               f"({time.perf_counter() - t0:.0f}s in all)")
 
 
 def main() -> None:  # pragma: no cover

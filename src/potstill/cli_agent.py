@@ -46,14 +46,10 @@ def register(app: click.Group) -> None:
 
 def show(result: dict, title: str) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from potstill.agent.evaluate import table_rows
+    from potstill.present import rich_table
 
     head, body = table_rows(result)
-    table = Table(title=title)
-    for h in head:
-        table.add_column(h)
-    for row in body:
-        table.add_row(*row)
+    table = rich_table(head, body, title=title, align="l" * len(head))
     Console(width=None if sys.stdout.isatty() else 200).print(table)

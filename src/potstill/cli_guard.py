@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -19,48 +17,46 @@ from potstill.errors import PotstillError
 
 def watermark_options(fn):
     """--watermark-key-env/--watermark-key-file plus the scheme's parameters (defaults and help: WatermarkConfig)."""
-    from potstill.guard.watermark_config import WatermarkConfig
+    from potstill.guard.watermark_config import WATERMARK_KEY_ENV, WatermarkConfig
 
     default = {f.name: f for f in dataclasses.fields(WatermarkConfig)}
 
     def param(name: str, flag: str):
         f = default[name]
-        return click.option(flag, default=f.default, show_default=True, help=f.metadata["help"])
+        return click.option(flag, name, default=f.default, show_default=True, help=f.metadata["help"])
 
     opts = [
-        click.option("--watermark-key-env", default="POTSTILL_WATERMARK_KEY", show_default=True,
+        click.option("--watermark-key-env", default=WATERMARK_KEY_ENV, show_default=True,
                      help="Environment variable holding the watermark secret."),
         click.option("--watermark-key-file", type=click.Path(), default=None,
                      help="File holding the watermark secret (instead of the env var)."),
-        param("gamma", "--gamma"),
-        param("delta", "--delta"),
-        param("context_width", "--context-width"),
-        param("self_hash", "--self-hash/--no-self-hash"),
+        *(param(name, flag) for name, flag in WATERMARK_FLAGS.items()),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def watermark_config(key_env, key_file, gamma, delta, context_width, self_hash, required: bool):
-    from potstill.guard.watermark_config import WatermarkConfig
+WATERMARK_FLAGS = {"gamma": "--gamma", "delta": "--delta", "context_width": "--context-width",
+                   "self_hash": "--self-hash/--no-self-hash"}
 
-    key = None
-    if key_file:
-        try:
-            key = Path(key_file).read_text().strip()
-        except OSError as e:
-            raise PotstillError(f"cannot read watermark key: {e.strerror}", where=key_file) from None
-    elif os.environ.get(key_env):
-        key = os.environ[key_env].strip()
-    if not key:
-        if required:
-            raise PotstillError(f"no watermark key: set ${key_env} or pass --watermark-key-file")
-        return None
-    try:
-        return WatermarkConfig(key=key, gamma=gamma, delta=delta, context_width=context_width, self_hash=self_hash)
-    except ValueError as e:
-        raise PotstillError(f"watermark: {e}") from None
+
+def split_watermark_flags(flags: dict) -> dict:
+    """The watermark options, popped from a command's `flags` (what is left is the command's own)."""
+    return {name: flags.pop(name) for name in ("watermark_key_env", "watermark_key_file", *WATERMARK_FLAGS)}
+
+
+def watermark_config(flags: dict, required: bool):
+    """The WatermarkConfig the watermark flags in `flags` describe (popped from it); secret read by the library."""
+    from potstill.guard.watermark_config import load_watermark
+
+    wm = split_watermark_flags(flags)
+    return load_watermark(wm.pop("watermark_key_env"), wm.pop("watermark_key_file"), required, **wm)
+
+
+def _given(**values):
+    """The options given on the command line (None: the config's own default decides)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 SERVE_DERIVED = {  # ServeConfig field -> flag; default and help come from the field (flag omitted -> its default)
@@ -96,25 +92,27 @@ def serve_options(fn):
 
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
+    from potstill.cli import config_options, make_config
+    from potstill.guard.suspect import DetectConfig
 
     @app.command()
     @click.argument("model", default="embedded")
-    @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-    @click.option("--port", default=8000, show_default=True, help="TCP port.")
+    @click.option("--host", default=None, help="Interface to bind [default: ServeConfig.host, loopback].")
+    @click.option("--port", default=None, type=int, help="TCP port [default: ServeConfig.port].")
     @click.option("--keys-db", default=None, help="API-key store (SQLite path or SQLAlchemy URL).")
     @click.option("--log-db", default=None, help="Query log (SQLite path or SQLAlchemy URL, e.g. PostgreSQL).")
-    @click.option("--rpm", default=None, type=int, help="Default requests/minute per key.")
-    @click.option("--tpm", default=None, type=int, help="Default tokens/minute per key.")
-    @click.option("--max-tokens-cap", default=1024, show_default=True, help="Largest max_tokens a request may ask.")
+    @click.option("--rpm", default=None, type=int, help="Default requests/minute per key [default: ServeConfig.default_rpm].")
+    @click.option("--tpm", default=None, type=int, help="Default tokens/minute per key [default: ServeConfig.default_tpm].")
+    @click.option("--max-tokens-cap", default=None, type=int,
+                  help="Largest max_tokens a request may ask [default: ServeConfig.max_tokens_cap].")
     @click.option("--max-batch-size", default=None, type=int,
-                  help="Most requests decoded together [default: ServeConfig.max_batch_size, 32].")
-    @click.option("--docs/--no-docs", default=False, show_default=True,
-                  help="Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone).")
+                  help="Most requests decoded together [default: ServeConfig.max_batch_size].")
+    @click.option("--docs/--no-docs", default=None,
+                  help="Serve /docs, /redoc and /openapi.json (they describe the API to anyone) [default: ServeConfig.docs].")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
     @serve_options
     @watermark_options
-    def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name,
-              watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, **derived):
+    def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name, **flags):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
 
         With --upstream URL no model is loaded: the same guard runs in front of that OpenAI-compatible
@@ -126,15 +124,15 @@ def register(app: click.Group) -> None:
         from potstill.guard.serve import serve as run_serve
         from potstill.utils import quiet_transformers
 
-        wm = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, False)
-        kw = {k: (list(v) if isinstance(v, tuple) else v)
-              for k, v in {"default_rpm": rpm, "default_tpm": tpm, "max_batch_size": max_batch_size, **derived}.items()
-              if v is not None and v != ()}
-        cfg = ServeConfig(host=host, port=port, keys_url=keys_db, querylog_url=log_db, watermark=wm,
-                          max_tokens_cap=max_tokens_cap, model_name=name, docs=docs, **kw)
+        derived = {k: flags.pop(k) for k in list(flags) if k in SERVE_DERIVED}
+        wm = watermark_config(flags, required=False)
+        kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in derived.items() if v is not None and v != ()}
+        cfg = ServeConfig(keys_url=keys_db, querylog_url=log_db, watermark=wm, model_name=name,
+                          **_given(host=host, port=port, default_rpm=rpm, default_tpm=tpm, docs=docs,
+                                   max_tokens_cap=max_tokens_cap, max_batch_size=max_batch_size), **kw)
         quiet_transformers()
         what = f"gateway to {cfg.upstream}" if cfg.upstream else model
-        click.echo(f"serving {what} on http://{host}:{port}/v1 (watermark {'on' if wm else 'off'})", err=True)
+        click.echo(f"serving {what} on http://{cfg.host}:{cfg.port}/v1 (watermark {'on' if wm else 'off'})", err=True)
         run_serve(model, cfg)
 
     @app.group()
@@ -142,10 +140,10 @@ def register(app: click.Group) -> None:
         """Create, list and revoke API keys (stored hashed)."""
 
     def _store(db):
+        from potstill.guard.db import home_db
         from potstill.guard.keys import KeyStore
-        from potstill.utils import potstill_home
 
-        return KeyStore(db or str(potstill_home() / "guard" / "keys.db"))
+        return KeyStore(db or home_db("keys.db"))
 
     @keys.command("create")
     @click.argument("name")
@@ -185,54 +183,35 @@ def register(app: click.Group) -> None:
     @click.option("--tokenizer", default="embedded", show_default=True, help="Model (dir or 'embedded') whose tokenizer produced the text.")
     @click.option("--jsonl-field", default=None, help="Treat TEXT_FILE as JSONL and score this field of each line.")
     @watermark_options
-    def watermark_detect(text_file, tokenizer, jsonl_field, watermark_key_env, watermark_key_file, gamma, delta,
-                         context_width, self_hash):
+    def watermark_detect(text_file, tokenizer, jsonl_field, **wm_flags):
         """Green count, z-score and exact p-value of a text (file or stdin)."""
-        cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
+        cfg = watermark_config(wm_flags, required=True)
         from transformers import AutoTokenizer
 
+        from potstill.guard.suspect import read_texts
         from potstill.guard.watermark import detect_text
         from potstill.lm.loading import resolve_model_dir
 
-        try:
-            raw = sys.stdin.read() if text_file == "-" else Path(text_file).read_text()
-        except OSError as e:
-            raise PotstillError(f"cannot read: {e.strerror}", where=text_file) from None
-        texts: str | list[str] = raw
-        if jsonl_field:
-            texts = []
-            for n, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(str(json.loads(line)[jsonl_field]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PotstillError(f"no field {jsonl_field!r} in a JSON object", where=f"{text_file}:{n}") from None
+        texts = read_texts(text_file, jsonl_field)
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer))
-        score = detect_text(texts, tok, cfg)
-        click.echo(json.dumps(score.to_dict(), indent=2))
+        click.echo(json.dumps(detect_text(texts, tok, cfg).to_dict(), indent=2))
 
     @app.command()
-    @click.option("--suspect", required=True, help="Suspect model directory (open weights) or a JSONL/text file of its generations.")
-    @click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts/texts to score the suspect on (open-weights mode).")
-    @click.option("--tokenizer", default="embedded", show_default=True, help="Tokenizer for text-only mode.")
-    @click.option("--log-db", default=None, help="Score on the answers we served (query log): the distiller's contexts.")
-    @click.option("--key-id", default=None, help="With --log-db: only this API key's traffic.")
-    @click.option("--max-tokens", default=20000, show_default=True, help="Stop after this many scored (context, token) pairs.")
-    @click.option("--out", default=None, help="Write the result as JSON here.")
+    @config_options(DetectConfig)
     @watermark_options
-    def detect(suspect, prompts, tokenizer, log_db, key_id, max_tokens, out, watermark_key_env, watermark_key_file,
-               gamma, delta, context_width, self_hash):
+    def detect(config_file, **flags):
         """Was SUSPECT distilled from our watermarked outputs? Exact p-value and tokens scored."""
         from potstill.guard.suspect import run_detect
         from potstill.utils import quiet_transformers, write_json
 
-        cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
+        wm_flags = split_watermark_flags(flags)
+        cfg = make_config(DetectConfig, "detect", config_file, flags)
+        wm = watermark_config(wm_flags, required=True)
         quiet_transformers()
-        result = run_detect(suspect, cfg, prompts=prompts, tokenizer=tokenizer, max_tokens=max_tokens,
-                            log_db=log_db, key_id=key_id)
-        if out:
-            write_json(out, result.to_dict())
+        result = run_detect(cfg.suspect, wm, prompts=cfg.prompts, tokenizer=cfg.tokenizer, max_tokens=cfg.max_tokens,
+                            log_db=cfg.log_db, key_id=cfg.key_id)
+        if cfg.out:
+            write_json(cfg.out, result.to_dict())
         click.echo(result.summary())
 
     @app.command()
@@ -249,21 +228,17 @@ def register(app: click.Group) -> None:
         import time
 
         from potstill.guard import monitor as mon
-        from potstill.utils import potstill_home
+        from potstill.guard.db import existing_db
 
-        log_db = log_db or str(potstill_home() / "guard" / "queries.db")
-        if not log_db.startswith(("sqlite:", "postgresql", "mysql")) and not Path(log_db).exists():
-            raise PotstillError("no query log here", where=log_db)
+        log_db = existing_db(log_db)
         since = time.time() - since_hours * 3600 if since_hours else None
         if campaigns:
-            from potstill.guard.campaigns import format_campaigns, score_campaigns
-            from potstill.utils import write_json
+            from potstill.guard.campaigns import format_campaigns, score_campaigns, write_campaign_report
 
             groups = score_campaigns(log_db, since=since)
             click.echo(format_campaigns(groups))
             if out:
-                write_json(out, {"weights": mon.WEIGHTS, "intercept": mon.INTERCEPT, "threshold": mon.THRESHOLD,
-                                 "log": log_db, "campaigns": [g.to_dict() for g in groups]})
+                write_campaign_report(out, groups, log=log_db)
             flagged = [k for g in groups if g.flagged for k in g.keys]
         else:
             risks = mon.score_keys(log_db, since=since)
@@ -271,19 +246,12 @@ def register(app: click.Group) -> None:
             if out:
                 mon.write_report(out, risks, log=log_db)
             flagged = [r.key_id for r in risks if r.flagged]
-        if throttle:
-            if flagged:
-                from potstill.guard.querylog import server_config
-                from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
-
-                served = server_config(log_db)  # keys on server defaults start from the server's own
-                if served is None:
-                    click.echo(f"note: no server config in the log; keys without limits start from "
-                               f"rpm={DEFAULT_RPM} tpm={DEFAULT_TPM}", err=True)
-                limits = {k: served.get(k) for k in ("default_rpm", "default_tpm")} if served else {}
-                new = mon.throttle(_store(keys_db), flagged, factor, **limits)
-                for k, (rpm, tpm) in new.items():
-                    click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
+        if throttle and flagged:
+            new, note = mon.throttle_flagged(_store(keys_db), log_db, flagged, factor)
+            if note:
+                click.echo(note, err=True)
+            for k, (rpm, tpm) in new.items():
+                click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
 
     @app.group("log")
     def log_group():
@@ -300,12 +268,11 @@ def register(app: click.Group) -> None:
 
         Exit code 0: intact; 1: tampered; 2: bad input (no log, no key).
         """
+        from potstill.guard.db import existing_db
         from potstill.guard.logchain import load_log_key, verify
-        from potstill.utils import potstill_home, write_json
+        from potstill.utils import write_json
 
-        log_db = log_db or str(potstill_home() / "guard" / "queries.db")
-        if "://" not in log_db and not Path(log_db).exists():
-            raise PotstillError("no query log here", where=log_db)
+        log_db = existing_db(log_db)
         report = verify(log_db, load_log_key(key_file=log_key_file, create=False))
         if out:
             write_json(out, report.to_dict())

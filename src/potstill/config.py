@@ -26,8 +26,79 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def derive(source: type, name: str, default: Any = dataclasses.MISSING, note: str = "") -> Any:
+    """A field declared in `source` (e.g. GenerateConfig.max_new_tokens), reused by another config.
+
+    Its help is the source's (+ `note`); its default is the source's unless `default` states this
+    config's own choice, recorded in the field's metadata (`derived_from`, `overrides`) so a test can
+    tell a stated override from a second, drifting declaration.
+    """
+    src = next((f for f in fields(source) if f.name == name), None)
+    if src is None:
+        raise TypeError(f"{source.__name__} has no field {name!r}")
+    own = src.default if src.default is not dataclasses.MISSING else src.default_factory()  # type: ignore[misc]
+    value = own if default is dataclasses.MISSING else default
+    helptext = src.metadata.get("help", "") + (f" {note}" if note else "")
+    metadata = {"help": helptext, "derived_from": (source, name), "overrides": value != own}
+    if isinstance(value, list | dict):
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return field(default=value, metadata=metadata)
+
+
 @dataclass
-class GenerateConfig:
+class HttpConfig:
+    """An HTTP teacher's options (teachers/http.py), declared once: `potstill generate --http-…` and a
+    recipe's `generate:` section reach them; HTTPTeacher's own defaults are these."""
+
+    http_endpoint: str = opt("chat", "HTTP teacher endpoint: 'chat' (/chat/completions) or 'completions'.")
+    http_api_key_env: str | None = opt(
+        "OPENAI_API_KEY", "Environment variable holding the HTTP teacher's API key (sent as a Bearer token; '' = none)."
+    )
+    http_concurrency: int = opt(8, "HTTP requests in flight at once (for the whole teacher).")
+    http_rate_limit_rps: float | None = opt(None, "Pace HTTP requests to at most this many per second (client side).")
+    http_max_retries: int = opt(6, "Retries of an HTTP request on 429/408/5xx/timeouts (backoff, Retry-After honoured).")
+    http_timeout: float = opt(120.0, "Seconds before one HTTP request times out (then it is retried).")
+    http_backoff_base: float = opt(0.5, "First retry waits up to this many seconds (doubling, full jitter).")
+    http_backoff_max: float = opt(60.0, "Longest backoff between HTTP retries, in seconds.")
+    http_max_top_logprobs: int = opt(20, "Most top log-probs asked of the server per token (servers cap it, often at 20).")
+    http_cache: bool = opt(False, "Cache successful HTTP responses on disk: an identical request is not sent twice.")
+    http_cache_dir: str = opt("runs/http_cache", "Directory of the HTTP response cache (with --http-cache).")
+    http_extra_body: dict[str, Any] | None = opt(
+        None, "JSON object merged into every HTTP request body (e.g. '{\"n_probs\": 20}' for old llama.cpp)."
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.http_extra_body, str):
+            import json
+
+            try:
+                self.http_extra_body = json.loads(self.http_extra_body)
+            except ValueError as e:
+                raise PotstillError(f"http_extra_body: not JSON ({e})") from None
+        if self.http_extra_body is not None and not isinstance(self.http_extra_body, dict):
+            raise PotstillError(f"http_extra_body: expected a JSON object, got {self.http_extra_body!r}")
+        if self.http_endpoint not in ("chat", "completions"):
+            raise PotstillError(f"http_endpoint must be 'chat' or 'completions', not {self.http_endpoint!r}")
+
+    def http_teacher_kwargs(self) -> dict[str, Any]:
+        """The HTTPTeacher keyword arguments these options stand for."""
+        return {
+            "endpoint": self.http_endpoint,
+            "api_key_env": self.http_api_key_env or None,
+            "concurrency": self.http_concurrency,
+            "rate_limit_rps": self.http_rate_limit_rps,
+            "max_retries": self.http_max_retries,
+            "timeout": self.http_timeout,
+            "backoff_base": self.http_backoff_base,
+            "backoff_max": self.http_backoff_max,
+            "max_top_logprobs": self.http_max_top_logprobs,
+            "cache_dir": self.http_cache_dir if self.http_cache else None,
+            "extra_body": self.http_extra_body,
+        }
+
+
+@dataclass
+class GenerateConfig(HttpConfig):
     teacher: str = opt("embedded", "Teacher: 'embedded', a model dir, a .gguf file or an http(s)://…/v1 URL.")
     model: str | None = opt(None, "Model name to request from an HTTP teacher.")
     tokenizer: str | None = opt(None, "Tokenizer (model dir) that maps an HTTP teacher's tokens to ids.")
@@ -55,6 +126,7 @@ class GenerateConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.prompts and not self.self_instruct:
             raise PotstillError("generate: give --prompts FILE or --self-instruct N")
         if self.top_k < 0 or self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:

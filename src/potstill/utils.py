@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def potstill_home() -> Path:
@@ -103,3 +104,17 @@ def cpu_info() -> dict:
 def cpu_line(info: dict) -> str:
     """'CPU AVX2, no bf16, 2 cores' for a table's caption."""
     return f"CPU {info['capability']}, {'bf16' if info['bf16'] else 'no bf16'}, {info['cpus']} cores"
+
+
+def jsonl_objects(text: str, name: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of JSONL `text`; a PotstillError naming `name:line` if not JSON."""
+    from potstill.errors import PotstillError
+
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PotstillError(f"invalid JSON ({e.msg} at column {e.colno})", where=f"{name}:{n}") from None
+        yield n, record

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.agent.generate import AgentGenerateConfig
+from potstill.config import EvalConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.utils import atomic_path, write_json
 
@@ -24,23 +25,23 @@ MODES = ("tool", "no_tool")
 
 @dataclass
 class AgentEvalConfig:
-    tasks: str = opt("builtin:potstill_tools", "Tasks: 'builtin:potstill_tools[:N]' or a JSONL task file.")
-    teacher: str | None = opt("embedded", "Teacher to measure too ('' or none to skip).")
-    students: list[str] = opt([], "Student model directories.")
-    labels: list[str] = opt([], "Names for the students in the table (default: directory names).")
+    tasks: str = derive(AgentGenerateConfig, "tasks")
+    teacher: str | None = derive(EvalConfig, "teacher", note="'' or none to skip it.")
+    students: list[str] = derive(EvalConfig, "students")
+    labels: list[str] = derive(EvalConfig, "labels")
     splits: list[str] = opt(["heldout", "heldout_template"], "Task splits to evaluate on.")
     max_tasks: int = opt(60, "At most this many tasks per split (0 = all).")
-    max_turns: int = opt(4, "Most assistant turns per episode with the tool.")
-    max_new_tokens: int = opt(192, "Most tokens per assistant turn.")
-    max_tokens: int = opt(2048, "Most tokens per episode.")
-    batch_size: int = opt(32, "Episodes decoded together.")
-    seed: int = opt(0, "Seed of the task set.")
-    dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16.")
+    max_turns: int = derive(AgentGenerateConfig, "max_turns")
+    max_new_tokens: int = derive(AgentGenerateConfig, "max_new_tokens")
+    max_tokens: int = derive(AgentGenerateConfig, "max_tokens")
+    batch_size: int = derive(AgentGenerateConfig, "batch_size")
+    seed: int = derive(AgentGenerateConfig, "seed", note="Here only the task set's.")
+    dtype: str = derive(AgentGenerateConfig, "dtype", note="Every model evaluated.")
     out: str = opt("runs/agent-eval", "Output directory: results.json, table.md.")
-    sandbox_cpu_s: int = opt(5, "Sandbox: CPU seconds per code run.")
-    sandbox_wall_s: float = opt(10.0, "Sandbox: wall-clock seconds per code run.")
-    sandbox_memory_mb: int = opt(512, "Sandbox: address-space limit per code run (MiB).")
-    unsafe_sandbox: bool = opt(False, "Run model code without namespace isolation where none is available (unsafe).")
+    sandbox_cpu_s: int = derive(AgentGenerateConfig, "sandbox_cpu_s")
+    sandbox_wall_s: float = derive(AgentGenerateConfig, "sandbox_wall_s")
+    sandbox_memory_mb: int = derive(AgentGenerateConfig, "sandbox_memory_mb")
+    unsafe_sandbox: bool = derive(AgentGenerateConfig, "unsafe_sandbox")
 
     def __post_init__(self) -> None:
         if self.teacher in ("", "none"):
@@ -160,9 +161,10 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
+    from potstill.present import markdown_table as md_table
+
     head, body = table_rows(result)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines = [md_table(head, body)]
     iso = result["sandbox"]["isolation"]
     return (f"# potstill agent eval\n\n{result['n_tasks']} tasks from {result['tasks']} ({', '.join(result['splits'])}),"
             f" greedy, one episode per task; sandbox isolation: {iso}.\n\n" + "\n".join(lines) + "\n")

@@ -16,29 +16,29 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import GenerateConfig, derive, opt
 from potstill.errors import PotstillError
 
 
 @dataclass
 class AgentGenerateConfig:
     tasks: str = opt("builtin:potstill_tools", "Tasks: 'builtin:potstill_tools[:N]' or a JSONL task file.")
-    teacher: str = opt("embedded", "Local teacher: 'embedded', a model dir or a .gguf file.")
+    teacher: str = derive(GenerateConfig, "teacher", note="Agent episodes need a local one (no URL).")
     out: str = opt("runs/agentcap", "Capture directory (created; an existing one is resumed).")
-    samples: int = opt(4, "Episodes per task (self-consistency; verified ones are kept).")
+    samples: int = derive(GenerateConfig, "samples", 4, "Here: episodes per task (self-consistency; verified ones are kept).")
     max_turns: int = opt(4, "Most assistant turns per episode.")
-    max_new_tokens: int = opt(192, "Most tokens per assistant turn.")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 192, "Here: per assistant turn.")
     max_tokens: int = opt(2048, "Most tokens per episode (prompt + trajectory).")
     max_tasks: int | None = opt(None, "Use at most this many tasks (of the train split).")
     kinds: list[str] = opt([], "Only tasks of these kinds (arithmetic, dates, units, strings, lists, primes, statistics).")
-    temperature: float = opt(0.7, "Sampling temperature (0 = greedy).")
-    top_p: float = opt(0.95, "Nucleus sampling mass.")
-    top_k: int = opt(20, "Top log-probs kept per model-written token.")
-    codec: str = opt("mass", "Top-k codec: 'mass' or 'f16'.")
-    batch_size: int = opt(32, "Episodes decoded together.")
-    seed: int = opt(0, "Seed for the tasks, sampling and episodes.")
-    dtype: str = opt("auto", "Teacher dtype: auto, float32, bfloat16.")
-    shard_rows: int = opt(64, "Episodes per Parquet shard (a killed run resumes at shard granularity).")
+    temperature: float = derive(GenerateConfig, "temperature", 0.7)
+    top_p: float = derive(GenerateConfig, "top_p", 0.95)
+    top_k: int = derive(GenerateConfig, "top_k", note="Only model-written tokens have them.")
+    codec: str = derive(GenerateConfig, "codec")
+    batch_size: int = derive(GenerateConfig, "batch_size", 32, "Here: episodes decoded together.")
+    seed: int = derive(GenerateConfig, "seed", note="Also the tasks and episodes.")
+    dtype: str = derive(GenerateConfig, "dtype")
+    shard_rows: int = derive(GenerateConfig, "shard_rows", 64, "Here: episodes per shard.")
     sandbox_cpu_s: int = opt(5, "Sandbox: CPU seconds per code run.")
     sandbox_wall_s: float = opt(10.0, "Sandbox: wall-clock seconds per code run.")
     sandbox_memory_mb: int = opt(512, "Sandbox: address-space limit per code run (MiB).")

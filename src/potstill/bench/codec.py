@@ -148,17 +148,17 @@ def bench_codec(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table of a bench_codec result."""
+    """A plain-text table of a bench_codec result, with its heading and a note."""
     head = (f"codec bench: {result['n_positions']} positions ({result['source']}), vocab {result['vocab']}, "
             f"k {result['k']}; top-1 p50 {result['distribution']['top1_prob_quantiles']['p50']}")
     cols = ("codec", "top-k B/tok", "all B/tok", "vs f32", "kept/tok", "max dropped", "mean KL", "max KL",
             "enc tok/s", "dec tok/s")
-    lines = [head, "  ".join(f"{c:>11}" for c in cols)]
-    for name, r in result["codecs"].items():
-        cells = (name, f"{r['topk_bytes_per_token']:.2f}", f"{r['bytes_per_token']:.2f}", f"{r.get('size_vs_f32', 1):.3f}",
-                 f"{r['mean_kept']:.1f}", f"{r.get('max_dropped_mass', 0.0):.2%}", f"{r['mean_kl']:.2e}", f"{r['max_kl']:.2e}",
-                 f"{r['encode_tokens_per_s']:.3g}", f"{r['decode_tokens_per_s']:.3g}")
-        lines.append("  ".join(f"{c:>11}" for c in cells))
+    from potstill.present import text_table
+
+    rows = [(name, f"{r['topk_bytes_per_token']:.2f}", f"{r['bytes_per_token']:.2f}", f"{r.get('size_vs_f32', 1):.3f}",
+             f"{r['mean_kept']:.1f}", f"{r.get('max_dropped_mass', 0.0):.2%}", f"{r['mean_kl']:.2e}", f"{r['max_kl']:.2e}",
+             f"{r['encode_tokens_per_s']:.3g}", f"{r['decode_tokens_per_s']:.3g}") for name, r in result["codecs"].items()]
+    lines = [head, text_table(cols, rows)]
     lines.append(f"KL over the full top-{result['k']} + rest partition for every codec (a dropped entry gets an even "
                  "share of the stored tail); max dropped = the largest top-k mass a codec did not store")
     return "\n".join(lines)

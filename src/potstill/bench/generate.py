@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from potstill.bench.config import BenchGenerateConfig
+from potstill.present import text_table
 from potstill.utils import cpu_info, cpu_line, write_json
 
 
@@ -83,8 +85,11 @@ def _count(row: list[int], eos: list[int]) -> int:
     return len(row)
 
 
-def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int = 32, k: int = 20,
-                   naive_prompts: int = 8, out_json: str | None = None, log=print,
+_D = BenchGenerateConfig()  # the settings' one home
+
+
+def bench_generate(teacher, prompts, max_new_tokens: int = _D.max_new_tokens, batch_size: int = _D.batch_size,
+                   k: int = _D.k, naive_prompts: int = _D.naive_prompts, out_json: str | None = None, log=print,
                    max_prompt_tokens: int | None = 512) -> dict[str, Any]:
     """Run the decoders on the same prompts; returns (and writes) tokens/s and ratios.
 
@@ -150,8 +155,7 @@ def bench_generate(teacher, prompts, max_new_tokens: int = 64, batch_size: int =
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"bench generate: {result['model']} ({result['dtype']}), {result['max_new_tokens']} new tokens, "
              f"batch {result['batch_size']}, top-{result['top_k']} log-probs, {result['threads']} threads"
-             + (f", {cpu_line(result['cpu'])}" if result.get("cpu") else ""),
-             f"{'decoder':<40}{'prompts':>8}{'tokens':>8}{'tok/s':>10}{'vs anchor':>11}"]
-    for r in result["results"]:
-        lines.append(f"{r['decoder']:<40}{r['prompts']:>8}{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['vs_anchor']:>11.2f}")
-    return "\n".join(lines)
+             + (f", {cpu_line(result['cpu'])}" if result.get("cpu") else "")]
+    rows = [[r["decoder"], r["prompts"], r["tokens"], f"{r['tokens_per_s']:.1f}", f"{r['vs_anchor']:.2f}"]
+            for r in result["results"]]
+    return "\n".join([*lines, text_table(["decoder", "prompts", "tokens", "tok/s", "vs anchor"], rows)])

@@ -25,6 +25,7 @@ from potstill import __version__
 from potstill.guard import monitor as mon
 from potstill.guard.campaigns import group_keys, score_groups
 from potstill.guard.simulate import simulate, write_log
+from potstill.present import markdown_table
 from potstill.utils import atomic_path, write_json
 
 COMPONENTS = ["logprobs", "coverage", "template", "timing", "volume", "diversity", "evidence", "novelty"]
@@ -169,16 +170,17 @@ def format_table(r: dict[str, Any]) -> str:
     lines = [f"train seed {r['train_seed']}, held-out seed {r['test_seed']}; keys: "
              + ", ".join(f"{k} {v}" for k, v in r["n_keys"].items())
              + f"; campaign units: {r['n_units']['extraction']} extraction, {r['n_units']['benign']} benign; "
-             f"groups found {r['groups_found']}, mixed {r['mixed_groups']}", "",
-             "| unit | score | threshold | ROC AUC | precision | recall | tp/fp/fn |", "|---|---|---|---|---|---|---|"]
+             f"groups found {r['groups_found']}, mixed {r['mixed_groups']}", ""]
+    units = []
     for name in ("key_before", "key_after", "campaign_before", "campaign_after"):
         m = r[name]
         unit, when = name.split("_")
-        lines.append(f"| {unit} | {'hand-set' if when == 'before' else 'fitted'} | {m['threshold']:.3f} | "
-                     f"{m['auc']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['tp']}/{m['fp']}/{m['fn']} |")
-    lines += ["", "| kind | n keys | flagged before | flagged after (key) | flagged after (campaign) |",
-              "|---|---|---|---|---|"]
-    for kd, v in r["recall_by_kind"].items():
-        lines.append(f"| {kd} | {r['n_keys'][kd]} | {v['before']:.2f} | {v['after']:.2f} | {v['after_campaign']:.2f} |")
+        units.append([unit, "hand-set" if when == "before" else "fitted", f"{m['threshold']:.3f}", f"{m['auc']:.3f}",
+                      f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['tp']}/{m['fp']}/{m['fn']}"])
+    lines.append(markdown_table(["unit", "score", "threshold", "ROC AUC", "precision", "recall", "tp/fp/fn"], units))
+    kinds = [[kd, r["n_keys"][kd], f"{v['before']:.2f}", f"{v['after']:.2f}", f"{v['after_campaign']:.2f}"]
+             for kd, v in r["recall_by_kind"].items()]
+    lines += ["", markdown_table(["kind", "n keys", "flagged before", "flagged after (key)", "flagged after (campaign)"],
+                                 kinds)]
     lines += ["", "WEIGHTS = " + repr(r["weights"]), f"INTERCEPT = {r['intercept']}", f"THRESHOLD = {r['threshold']}"]
     return "\n".join(lines)

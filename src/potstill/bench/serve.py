@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from potstill.bench.config import BenchServeConfig
 from potstill.lm.types import SamplingParams
+from potstill.present import markdown_table
 from potstill.utils import cpu_info, cpu_line, write_json
 
 SEED0 = 1000
@@ -100,8 +102,12 @@ def served_run(srv: _Server, messages: list[list[dict]], max_new_tokens: int, cl
     return tokens, time.perf_counter() - t0
 
 
-def bench_serve(teacher, prompts, max_new_tokens: int = 64, batch_size: int = 32, clients: int = 64, rounds: int = 2,
-                out_json: str | None = None, log=print) -> dict[str, Any]:
+_D = BenchServeConfig()  # the settings' one home
+
+
+def bench_serve(teacher, prompts, max_new_tokens: int = _D.max_new_tokens, batch_size: int = _D.batch_size,
+                clients: int = _D.clients, rounds: int = _D.rounds, out_json: str | None = None,
+                log=print) -> dict[str, Any]:
     import torch
 
     messages = [p.messages for p in prompts]
@@ -134,10 +140,9 @@ def bench_serve(teacher, prompts, max_new_tokens: int = 64, batch_size: int = 32
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"serve vs local engine: {result['model']}, {result['prompts']} prompts x {result['max_new_tokens']} "
              f"tokens, {result['clients']} clients with distinct seeds, batch {result['batch_size']}, "
-             f"{result['rounds']} rounds (median), {cpu_line(result['cpu'])}",
-             "| path | completion tok/s (median) | per round |", "|---|---:|---|"]
-    for r in result["results"]:
-        lines.append(f"| {r['path']} | {r['tokens_per_s']:.1f} | "
-                     + ", ".join(f"{x['tokens_per_s']:.1f}" for x in r["runs"]) + " |")
+             f"{result['rounds']} rounds (median), {cpu_line(result['cpu'])}"]
+    rows = [[r["path"], f"{r['tokens_per_s']:.1f}", ", ".join(f"{x['tokens_per_s']:.1f}" for x in r["runs"])]
+            for r in result["results"]]
+    lines.append(markdown_table(["path", "completion tok/s (median)", "per round"], rows, align="lrl"))
     lines.append(f"served / local = {result['served_vs_local']:.2f}")
     return "\n".join(lines)

@@ -25,12 +25,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-
+from potstill.config import GenerateConfig, TrainConfig, derive, opt
+from potstill.errors import PotstillError
 from potstill.utils import cpu_info
 
 GOAL_SPEEDUP = 2.0  # issue #5: potstill >= 2x TRL's tokens/s at equal or lower held-out KL
@@ -86,47 +86,67 @@ def run_arm(arm: str, spec: dict, work: Path, log) -> dict:
     return result
 
 
-def bench_train(
-    capture: str | None = None,
-    teacher: str = "embedded",
-    student: str = "prune:depth:0.5",
-    seconds: float = 120.0,
-    beta: float = 0.5,
-    lr: float = 3e-4,
-    warmup_steps: int = 10,
-    max_steps: int = 100_000,
-    batch_size: int = 8,
-    max_seq_len: int = 512,
-    bf16: str = "auto",
-    trl_gradient_checkpointing: bool = False,
-    threads: int = 1,
-    eval_every: float | None = None,
-    seed: int = 0,
-    out_json: str | os.PathLike = "runs/bench/train.json",
-    arms: tuple[str, ...] = ("potstill", "trl"),
-    capture_prompts: int = 64,
-    capture_tokens: int = 64,
-    capture_heldout: float = 0.2,
-    log=print,
-) -> dict[str, Any]:
+ARMS = ("potstill", "trl")
+
+
+@dataclass
+class BenchTrainConfig:
+    """`potstill bench train`: training settings are TrainConfig's (same defaults unless stated here)."""
+
+    capture: str | None = opt(None, "Capture to train on (default: make one from the teacher, seed tasks).")
+    teacher: str = derive(TrainConfig, "teacher", note="Both arms: the student init; TRL's live teacher.")
+    student: str = derive(TrainConfig, "student", note="Built once for both arms.")
+    seconds: float = opt(120.0, "Wall-clock training budget per arm.")
+    beta: float = derive(TrainConfig, "beta", note="The loss is generalised JSD (TRL's default beta 0.5).")
+    lr: float = derive(TrainConfig, "lr", note="Both arms.")
+    warmup_steps: int = derive(TrainConfig, "warmup_steps", note="Both arms.")
+    max_steps: int = derive(TrainConfig, "max_steps", 100_000, "Here only the cosine schedule's length: the budget ends first.")
+    batch_size: int = derive(TrainConfig, "batch_size", note="Both arms.")
+    max_seq_len: int = derive(TrainConfig, "max_seq_len", note="Both arms.")
+    bf16: str = derive(TrainConfig, "bf16", note="Both arms.")
+    trl_gradient_checkpointing: bool = opt(False, "TRL's SFT default is on; off matches potstill (no recomputation).")
+    threads: int = opt(1, "torch threads per arm.")
+    eval_every: float | None = opt(None, "Seconds between held-out KL points (default budget/6).")
+    arms: list[str] = opt(list(ARMS), "Arms to run, in order (potstill, trl; comma-separated or repeated).")
+    seed: int = derive(TrainConfig, "seed", note="Both arms.")
+    out: str = opt("runs/bench/train.json", "JSON results (.md and .png beside).")
+    capture_prompts: int = opt(64, "Prompts of the capture made when --capture is not given.")
+    capture_tokens: int = derive(GenerateConfig, "max_new_tokens", 64, "The capture made when --capture is not given.")
+    capture_heldout: float = derive(GenerateConfig, "heldout", 0.2, "The capture made when --capture is not given.")
+
+    def __post_init__(self) -> None:
+        self.arms = [a.strip() for item in self.arms for a in str(item).split(",") if a.strip()]
+        if not self.arms or set(self.arms) - set(ARMS):
+            raise PotstillError(f"--arms: expected potstill and/or trl, got {','.join(self.arms)!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise PotstillError(f"--bf16: expected auto, on or off, got {self.bf16!r}")
+        if self.seconds <= 0 or self.batch_size < 1 or not 0.0 <= self.beta <= 1.0:
+            raise PotstillError("--seconds > 0, --batch-size >= 1 and 0 <= --beta <= 1")
+
+
+def bench_train(cfg: BenchTrainConfig, log=print) -> dict[str, Any]:
     """Run both arms and write JSON, markdown table and PNG (paths in the result's `artefacts`)."""
+    if cfg.capture is not None and not (Path(cfg.capture) / "manifest.json").exists():
+        raise PotstillError("not a capture directory (no manifest.json)", where=cfg.capture)
     import torch
 
     from potstill.capture.store import Capture
-    from potstill.errors import PotstillError
     from potstill.train.loop import autocast_enabled
 
+    capture, teacher, student, seconds, beta, lr = cfg.capture, cfg.teacher, cfg.student, cfg.seconds, cfg.beta, cfg.lr
+    warmup_steps, max_steps, batch_size, max_seq_len = cfg.warmup_steps, cfg.max_steps, cfg.batch_size, cfg.max_seq_len
+    threads, seed, out_json = cfg.threads, cfg.seed, cfg.out
     out_json = Path(out_json)
     if capture is None:
-        capture = make_capture(teacher, out_json.parent / "train-capture", capture_prompts, capture_tokens,
-                               capture_heldout, log)
+        capture = make_capture(teacher, out_json.parent / "train-capture", cfg.capture_prompts, cfg.capture_tokens,
+                               cfg.capture_heldout, log)
     cap = Capture.open(capture)
     if cap.text_only:
         raise PotstillError("bench train needs a capture with top-k log-probs, not a text-only one", where=capture)
     splits = cap.manifest.get("counts", {}).get("splits", {})
     if not splits.get("heldout", {}).get("rows"):
         raise PotstillError("bench train needs a held-out split (capture made with --heldout > 0)", where=capture)
-    bf16_on = autocast_enabled(bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16_on = autocast_enabled(cfg.bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory(prefix="potstill-bench-train-") as tmp:
         work = Path(tmp)
         log(f"building the student init ({student}) once for both arms")
@@ -134,12 +154,12 @@ def bench_train(
         spec = {
             "capture": str(capture), "teacher_dir": init["teacher_dir"], "init_dir": str(work / "init"),
             "student": student, "work": str(work), "seconds": float(seconds),
-            "eval_every": float(eval_every or max(seconds / 6, 1.0)), "eval_batch_size": 8, "beta": beta,
+            "eval_every": float(cfg.eval_every or max(seconds / 6, 1.0)), "eval_batch_size": 8, "beta": beta,
             "lr": lr, "warmup_steps": warmup_steps, "max_steps": max_steps, "batch_size": batch_size,
             "max_seq_len": max_seq_len, "bf16": "on" if bf16_on else "off", "trl_bf16": bf16_on,
-            "trl_gradient_checkpointing": trl_gradient_checkpointing, "threads": threads, "seed": seed,
+            "trl_gradient_checkpointing": cfg.trl_gradient_checkpointing, "threads": threads, "seed": seed,
         }
-        results = {arm: run_arm(arm, spec, work, log) for arm in arms}
+        results = {arm: run_arm(arm, spec, work, log) for arm in cfg.arms}
     result = {
         "bench": "train",
         "versions": _versions(),
@@ -247,20 +267,17 @@ def _caption(result: dict) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(result)]
-    return "\n".join([f"**potstill bench train**: {_caption(result)}", "", *lines, "", f"Note: {result['note']}"])
+    from potstill import present
+
+    table = present.markdown_table(HEADER, _rows(result))
+    return "\n".join([f"**potstill bench train**: {_caption(result)}", "", table, "", f"Note: {result['note']}"])
 
 
 def rich_table(result: dict):
-    from rich.table import Table
+    from potstill import present
 
-    table = Table(title="potstill bench train", caption=_caption(result) + "\n" + result["note"])
-    for h in HEADER:
-        table.add_column(h, justify="left" if h in ("arm", "teacher signal") else "right")
-    for row in _rows(result):
-        table.add_row(*row)
-    return table
+    return present.rich_table(HEADER, _rows(result), title="potstill bench train",
+                              caption=_caption(result) + "\n" + result["note"], align="ll" + "r" * (len(HEADER) - 2))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -292,51 +309,3 @@ def plot(result: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-
-
-@click.command("train")
-@click.option("--capture", default=None, help="Capture to train on (default: make one from the teacher, seed tasks).")
-@click.option("--teacher", default="embedded", show_default=True, help="Teacher (student init and TRL's live teacher).")
-@click.option("--student", default="prune:depth:0.5", show_default=True, help="Student spec, built once for both arms.")
-@click.option("--seconds", default=120.0, show_default=True, help="Wall-clock training budget per arm.")
-@click.option("--beta", default=0.5, show_default=True, help="Generalised JSD beta (TRL's default 0.5).")
-@click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate, both arms.")
-@click.option("--warmup-steps", default=10, show_default=True, help="Linear warm-up steps, both arms.")
-@click.option("--max-steps", default=100_000, show_default=True, help="Cosine schedule length (the budget ends first).")
-@click.option("--batch-size", default=8, show_default=True, help="Sequences per step, both arms.")
-@click.option("--max-seq-len", default=512, show_default=True, help="Max prompt+completion tokens, both arms.")
-@click.option("--bf16", default="auto", show_default=True, help="bf16 autocast for both: auto, on, off.")
-@click.option("--trl-gradient-checkpointing/--no-trl-gradient-checkpointing", default=False, show_default=True,
-              help="TRL's SFT default is on; off matches potstill (no recomputation).")
-@click.option("--threads", default=1, show_default=True, help="torch threads per arm.")
-@click.option("--eval-every", default=None, type=float, help="Seconds between held-out KL points (default budget/6).")
-@click.option("--arms", default="potstill,trl", show_default=True, help="Arms to run, in order.")
-@click.option("--seed", default=0, show_default=True, help="Seed for both arms.")
-@click.option("--out", default="runs/bench/train.json", show_default=True, help="JSON results (.md and .png beside).")
-def bench_train_cmd(capture, teacher, student, seconds, beta, lr, warmup_steps, max_steps, batch_size, max_seq_len,
-                    bf16, trl_gradient_checkpointing, threads, eval_every, arms, seed, out):
-    """Training tokens/s, peak memory and held-out KL: potstill's trainer vs TRL's GKDTrainer."""
-    from rich.console import Console
-
-    from potstill.errors import PotstillError
-
-    names = tuple(a.strip() for a in arms.split(",") if a.strip())
-    if not names or set(names) - {"potstill", "trl"}:
-        raise PotstillError(f"--arms: expected potstill and/or trl, got {arms!r}")
-    if bf16 not in ("auto", "on", "off"):
-        raise PotstillError(f"--bf16: expected auto, on or off, got {bf16!r}")
-    if seconds <= 0 or batch_size < 1 or not 0.0 <= beta <= 1.0:
-        raise PotstillError("--seconds > 0, --batch-size >= 1 and 0 <= --beta <= 1")
-    if capture is not None and not (Path(capture) / "manifest.json").exists():
-        raise PotstillError("not a capture directory (no manifest.json)", where=capture)
-    t0 = time.perf_counter()
-    result = bench_train(capture, teacher, student, seconds, beta, lr, warmup_steps, max_steps, batch_size,
-                         max_seq_len, bf16, trl_gradient_checkpointing, threads, eval_every, seed, out, names,
-                         log=lambda msg: click.echo(msg, err=True))
-    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(result))
-    click.echo(f"wrote {out}, {result['artefacts']['markdown']}, {result['artefacts']['plot']} "
-               f"({time.perf_counter() - t0:.0f}s in all)")
-
-
-def register(bench_group: click.Group) -> None:
-    bench_group.add_command(bench_train_cmd)

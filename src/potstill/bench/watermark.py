@@ -229,21 +229,19 @@ def bench_watermark(
 
 def format_table(result: dict[str, Any]) -> str:
     """The result as a small text table (one row per length) plus perplexity and speed lines."""
+    from potstill.present import text_table
+
     wmc, thr = result["watermark"], result["threshold"]
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     lines = [
         f"watermark bench: {result['teacher']} ({result['dtype']}), gamma={wmc['gamma']} delta={wmc['delta']} "
         f"h={wmc['context_width']} {wmc['scheme']}, threshold p<{thr:g}",
-        f"{'len':>5} {'n_wm':>5} {'TPR':>6} {'med z':>6} {'green':>6} {'n_null':>7} {'FPR':>7} "
-        f"{'p<.01':>6} {'p<.05':>6}",
     ]
-    for r in result["lengths"]:
-        null = r["null"]
-        lines.append(
-            f"{r['length']:>5} {r['n_watermarked']:>5} {fmt(r['tpr'], '.3f'):>6} {fmt(r['median_z'], '.1f'):>6} "
-            f"{fmt(r['mean_green_fraction'], '.2f'):>6} {r['n_null']:>7} {fmt(r['fpr'], '.4f'):>7} "
-            f"{null['rate_p<0.01']:>6.3f} {null['rate_p<0.05']:>6.3f}"
-        )
+    rows = [[r["length"], r["n_watermarked"], fmt(r["tpr"], ".3f"), fmt(r["median_z"], ".1f"),
+             fmt(r["mean_green_fraction"], ".2f"), r["n_null"], fmt(r["fpr"], ".4f"), f"{r['null']['rate_p<0.01']:.3f}",
+             f"{r['null']['rate_p<0.05']:.3f}"] for r in result["lengths"]]
+    lines.append(text_table(["len", "n_wm", "TPR", "med z", "green", "n_null", "FPR", "p<.01", "p<.05"], rows,
+                            align="r" * 9))
     ppl, t = result["perplexity"], result["timing"]
     w, u = ppl["watermarked"], ppl["unwatermarked"]
     lines.append(

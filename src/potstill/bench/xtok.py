@@ -136,12 +136,11 @@ def _quiet_step(line: str, steps: int) -> bool:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = ["| student | held-out NLL / token | NLL / byte | ULD to teacher | mapped KL | aligned |",
-             "|---|---|---|---|---|---|"]
-    for name, r in results["runs"].items():
-        lines.append(f"| {name} | {r['nll_per_token']:.4f} | {r['nll_per_byte']:.4f} | {r['uld']:.4f} | "
-                     f"{r['mapped_kl']:.4f} | {r['aligned_fraction']:.1%} |")
-    return "\n".join(lines)
+    from potstill.present import markdown_table
+
+    rows = [[name, f"{r['nll_per_token']:.4f}", f"{r['nll_per_byte']:.4f}", f"{r['uld']:.4f}", f"{r['mapped_kl']:.4f}",
+             f"{r['aligned_fraction']:.1%}"] for name, r in results["runs"].items()]
+    return markdown_table(["student", "held-out NLL / token", "NLL / byte", "ULD to teacher", "mapped KL", "aligned"], rows)
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:

@@ -86,7 +86,7 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
     if teacher is None:
         if cfg.teacher.startswith(("http://", "https://")):
             tokenizer = str(resolve_model_dir(cfg.tokenizer)) if cfg.tokenizer else None
-            kwargs: dict[str, Any] = {"model": cfg.model, "tokenizer": tokenizer}
+            kwargs: dict[str, Any] = {"model": cfg.model, "tokenizer": tokenizer, **cfg.http_teacher_kwargs()}
         else:
             kwargs = {"dtype": cfg.dtype}
         teacher = load_teacher(cfg.teacher, **kwargs)

@@ -13,7 +13,6 @@ Every error names the file, line and field: `prompts.jsonl:17: field 'instructio
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zlib
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from potstill.errors import PotstillError
-from potstill.utils import stable_hash
+from potstill.utils import jsonl_objects, stable_hash
 
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN = {"seed_tasks": "seed_tasks.jsonl"}
@@ -76,14 +75,7 @@ def jsonl_records(file: Path, name: str):
     except UnicodeDecodeError as e:
         line = e.object.count(b"\n", 0, e.start) + 1
         raise PotstillError("not UTF-8 text", where=f"{name}:{line}") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PotstillError(f"invalid JSON ({e.msg} at column {e.colno})", where=f"{name}:{n}") from None
-        yield n, record
+    yield from jsonl_objects(text, name)
 
 
 def _parquet_records(file: Path, name: str):

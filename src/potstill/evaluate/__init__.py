@@ -113,11 +113,16 @@ def _fmt(key: str, fmt: str | None, value) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    from potstill import present
+
+    headers, body = _cells(rows)
+    return present.markdown_table(headers, body, align="l" + "r" * (len(headers) - 1))
+
+
+def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells of the comparison table (columns no row has are left out)."""
     cols = [c for c in COLUMNS + task_columns(rows) if any(r.get(c[0]) is not None for r in rows)]
-    head = "| model | " + " | ".join(c[1] for c in cols) + " |"
-    sep = "|---|" + "|".join("---:" for _ in cols) + "|"
-    body = ["| " + r["model"] + " | " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in cols) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+    return ["model", *(c[1] for c in cols)], [[r["model"], *(_fmt(k, f, r.get(k)) for k, _, f in cols)] for r in rows]
 
 
 def notes(rows: list[dict[str, Any]]) -> str:
@@ -133,16 +138,10 @@ def notes(rows: list[dict[str, Any]]) -> str:
 
 
 def rich_table(rows: list[dict[str, Any]], title: str = ""):
-    from rich.table import Table
+    from potstill import present
 
-    cols = [c for c in COLUMNS + task_columns(rows) if any(r.get(c[0]) is not None for r in rows)]
-    table = Table(title=title)
-    table.add_column("model")
-    for _, label, _ in cols:
-        table.add_column(label, justify="right")
-    for r in rows:
-        table.add_row(r["model"], *[_fmt(k, f, r.get(k)) for k, _, f in cols])
-    return table
+    headers, body = _cells(rows)
+    return present.rich_table(headers, body, title=title)
 
 
 def load_eval(path: str | Path) -> dict[str, Any]:

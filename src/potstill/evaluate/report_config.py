@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from potstill.config import opt
+from potstill.config import EvalConfig, GenerateConfig, derive, opt
 from potstill.errors import PotstillError
 
 # (metric key, higher is better) for the quality axis of the Pareto plots
@@ -19,8 +19,8 @@ class ReportConfig:
     title: str = opt("potstill report", "Page title.")
     quality: str = opt("kl", "Quality axis of the Pareto plots: kl, top1_agreement, nll_teacher_tokens, nll_reference.")
     examples: int = opt(6, "Held-out capture rows shown per run, each student teacher-forced on them (0 = none).")
-    split: str = opt("heldout", "Capture split the examples come from.")
-    max_new_tokens: int = opt(64, "Most tokens of each student's own (greedy) answer in the examples.")
+    split: str = derive(EvalConfig, "split", note="The examples come from it.")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 64, "Here: each student's own (greedy) answer in the examples.")
 
     def __post_init__(self) -> None:
         if self.quality not in QUALITY:

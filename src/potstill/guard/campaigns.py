@@ -131,9 +131,17 @@ def score_campaigns(log_url: str | Path, since: float | None = None, until: floa
 
 def format_campaigns(campaigns: list[Campaign]) -> str:
     """One line per group: id, pooled risk, flag, requests, number of keys, highest single-key risk."""
-    head = f"{'campaign':<34} {'risk':>5} {'flag':>4} {'reqs':>6} {'keys':>4} {'max key':>7}"
-    lines = [head, "-" * len(head)]
-    for c in campaigns:
-        lines.append(f"{c.campaign_id[:34]:<34} {c.risk:>5.2f} {'YES' if c.flagged else '':>4} {c.n_requests:>6} "
-                     f"{len(c.keys):>4} {max(c.key_risks.values()):>7.2f}")
-    return "\n".join(lines)
+    from potstill.present import text_table
+
+    rows = [[c.campaign_id[:34], f"{c.risk:.2f}", "YES" if c.flagged else "", c.n_requests, len(c.keys),
+             f"{max(c.key_risks.values()):.2f}"] for c in campaigns]
+    return text_table(["campaign", "risk", "flag", "reqs", "keys", "max key"], rows)
+
+
+def write_campaign_report(path: str | Path, campaigns: list[Campaign], **meta: Any) -> None:
+    """JSON report (written atomically): the monitor's weights and threshold, meta, and every group."""
+    from potstill.guard.monitor import INTERCEPT, WEIGHTS
+    from potstill.utils import write_json
+
+    write_json(path, {"weights": WEIGHTS, "intercept": INTERCEPT, "threshold": THRESHOLD, **meta,
+                      "campaigns": [c.to_dict() for c in campaigns]})

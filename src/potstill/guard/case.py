@@ -32,8 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import derive, opt
 from potstill.errors import PotstillError
+from potstill.guard.suspect import DetectConfig
 
 
 @dataclass
@@ -46,7 +47,7 @@ class CaseConfig:
     suspect: str | None = opt(None, "A suspect model directory (open weights): test it for our watermark on the "
                                     "answers these keys received.")
     controls: int = opt(5, "Wrong-key controls run beside the suspect's test (same suspect, random keys).")
-    max_tokens: int = opt(20000, "Most (context, token) pairs scored per detection test.")
+    max_tokens: int = derive(DetectConfig, "max_tokens", note="Per detection test.")
     samples: int = opt(8, "Sample requests shown.")
     since_hours: float | None = opt(None, "Only the last N hours of traffic.")
     out: str = opt("case", "Output directory (case.json, case.html, traffic.png).")

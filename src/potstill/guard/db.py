@@ -9,11 +9,33 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 
+from potstill.errors import PotstillError
+
+
+def is_url(spec: str | Path) -> bool:
+    """Whether `spec` is a SQLAlchemy URL (else a plain SQLite file path)."""
+    return "://" in str(spec)
+
+
+def home_db(name: str) -> str:
+    """$POTSTILL_HOME/guard/<name>: where `potstill serve` keeps a store it was not told about."""
+    from potstill.utils import potstill_home
+
+    return str(potstill_home() / "guard" / name)
+
+
+def existing_db(spec: str | Path | None, name: str = "queries.db", what: str = "query log") -> str:
+    """`spec` (default: the home store `name`) for reading; a plain path that is not there is a one-line error."""
+    spec = str(spec) if spec else home_db(name)
+    if not is_url(spec) and not Path(spec).exists():
+        raise PotstillError(f"no {what} here", where=spec)
+    return spec
+
 
 def db_url(spec: str | Path) -> str:
     """A SQLAlchemy URL from a URL or a plain file path (-> SQLite)."""
     spec = str(spec)
-    if "://" in spec:
+    if is_url(spec):
         return spec
     return f"sqlite:///{Path(spec).expanduser().resolve()}"
 

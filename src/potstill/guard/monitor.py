@@ -293,16 +293,13 @@ def score_keys(
 
 
 def format_table(risks: list[KeyRisk]) -> str:
-    """A fixed-width table, one line per key."""
+    """A plain-text table, one line per key (under a header and a rule)."""
+    from potstill.present import text_table
+
     cols = list(WEIGHTS)
-    head = f"{'key':<14} {'risk':>5} {'flag':>4} {'reqs':>6} " + " ".join(f"{c[:8]:>8}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for r in risks:
-        lines.append(
-            f"{r.key_id[:14]:<14} {r.risk:>5.2f} {'YES' if r.flagged else '':>4} {r.n_requests:>6} "
-            + " ".join(f"{r.scores.get(c, 0.0):>8.2f}" for c in cols)
-        )
-    return "\n".join(lines)
+    rows = [[r.key_id[:14], f"{r.risk:.2f}", "YES" if r.flagged else "", r.n_requests,
+             *(f"{r.scores.get(c, 0.0):.2f}" for c in cols)] for r in risks]
+    return text_table(["key", "risk", "flag", "reqs", *(c[:8] for c in cols)], rows)
 
 
 def write_report(path: str | Path, risks: list[KeyRisk], **meta: Any) -> None:
@@ -328,3 +325,16 @@ def throttle(
         keystore.set_limits(key_id, *new)
         out[key_id] = new
     return out
+
+
+def throttle_flagged(keystore, log_url: str | Path, key_ids: list[str], factor: float = 0.1
+                     ) -> tuple[dict[str, tuple[int | None, int | None]], str | None]:
+    """`throttle`, keys without their own limits starting from the serving server's defaults (recorded in
+    the log at start-up). Returns the new limits, and a note when the log holds no server config."""
+    from potstill.guard.querylog import server_config
+
+    served = server_config(log_url)
+    note = None if served else (f"note: no server config in the log; keys without limits start from "
+                                f"rpm={DEFAULT_RPM} tpm={DEFAULT_TPM}")
+    limits = {k: served.get(k) for k in ("default_rpm", "default_tpm")} if served else {}
+    return throttle(keystore, key_ids, factor, **limits), note

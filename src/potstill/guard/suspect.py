@@ -12,9 +12,50 @@ or plain text with one generation per paragraph).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from potstill.config import GenerateConfig, derive, opt
 from potstill.errors import PotstillError
+
+
+@dataclass
+class DetectConfig:
+    """`potstill detect` (the watermark's own settings are WatermarkConfig's)."""
+
+    suspect: str | None = opt(None, "Suspect model directory (open weights) or a JSONL/text file of its generations.")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks", "The suspect is scored on them (open weights).")
+    tokenizer: str = opt("embedded", "Tokenizer for text-only mode.")
+    log_db: str | None = opt(None, "Score on the answers we served (query log): the distiller's contexts.")
+    key_id: str | None = opt(None, "With --log-db: only this API key's traffic.")
+    max_tokens: int = opt(20000, "Stop after this many scored (context, token) pairs.")
+    out: str | None = opt(None, "Write the result as JSON here.")
+
+    def __post_init__(self) -> None:
+        if not self.suspect:
+            raise PotstillError("give --suspect (a model directory or a file of its generations)")
+        if self.max_tokens < 1:
+            raise PotstillError("max_tokens must be >= 1")
+
+
+def read_texts(source: str, jsonl_field: str | None = None) -> str | list[str]:
+    """The text of `source` (a file, or '-' for stdin); with `jsonl_field`, that field of each JSONL line."""
+    import sys
+
+    from potstill.utils import jsonl_objects
+
+    try:
+        raw = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as e:
+        raise PotstillError(f"cannot read: {e.strerror}", where=source) from None
+    if not jsonl_field:
+        return raw
+    texts = []
+    for n, obj in jsonl_objects(raw, source):
+        if not isinstance(obj, dict) or jsonl_field not in obj:
+            raise PotstillError(f"no field {jsonl_field!r} in a JSON object", where=f"{source}:{n}")
+        texts.append(str(obj[jsonl_field]))
+    return texts
 
 
 def read_generations(path: Path) -> list[str]:
@@ -92,8 +133,8 @@ def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple
     return seqs, lens
 
 
-def run_detect(suspect: str, cfg, prompts: str = "builtin:seed_tasks", tokenizer: str = "embedded",
-               max_tokens: int = 20000, log_db: str | None = None, key_id: str | None = None):
+def run_detect(suspect: str, cfg, prompts: str = DetectConfig.prompts, tokenizer: str = DetectConfig.tokenizer,
+               max_tokens: int = DetectConfig.max_tokens, log_db: str | None = None, key_id: str | None = None):
     """Detect our watermark in a suspect model dir or generations file. Returns a DetectResult.
 
     With `log_db`, open-weights mode scores the suspect on the answers we served (optionally one

@@ -10,7 +10,10 @@ from typing import Any
 
 from potstill.config import opt
 from potstill.errors import PotstillError
-from potstill.guard.keymat import check_fingerprint, check_key_strength, fingerprint
+from potstill.guard.keymat import check_fingerprint, check_key_strength, fingerprint, read_secret
+
+WATERMARK_KEY_ENV = "POTSTILL_WATERMARK_KEY"
+"""Where the watermark secret is read from by default (never a command-line argument: `ps` and shell history)."""
 
 
 @dataclass
@@ -62,3 +65,20 @@ class WatermarkConfig:
         d["key_fingerprint"] = self.key_fingerprint()
         d["scheme"] = "kgw-min-selfhash" if self.self_hash else "kgw-lefthash"
         return d
+
+
+def load_watermark(key_env: str = WATERMARK_KEY_ENV, key_file: str | None = None, required: bool = True,
+                   **params: Any) -> WatermarkConfig | None:
+    """A WatermarkConfig whose secret comes from `key_file`, else $`key_env`; `params` are its other fields.
+
+    No secret: a one-line PotstillError when `required`, else None (the watermark is off).
+    """
+    key = read_secret(key_env, None, key_file)
+    if not key:
+        if required:
+            raise PotstillError(f"no watermark key: set ${key_env} or pass --watermark-key-file")
+        return None
+    try:
+        return WatermarkConfig(key=key, **params)
+    except ValueError as e:
+        raise PotstillError(f"watermark: {e}") from None

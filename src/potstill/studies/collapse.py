@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import GenerateConfig, TrainConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.lm.tokens import pad_token_id
 from potstill.studies.common import fmt_s, heldout_inputs, measure
@@ -42,25 +42,25 @@ from potstill.utils import stable_hash, write_json
 
 @dataclass
 class CollapseConfig:
-    teacher: str = opt("embedded", "Generation 0: 'embedded', a model dir or a .gguf file.")
-    prompts: str = opt("builtin:seed_tasks", "Prompts (with reference answers for the NLL column).")
+    teacher: str = derive(GenerateConfig, "teacher", note="It is generation 0.")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks", "Reference answers give the NLL column.")
     out: str = opt("runs/study-collapse", "Output directory (gen-N/capture, gen-N/student, results, PNG).")
     generations: int = opt(3, "Student generations after the teacher.")
-    student: str = opt("prune:depth:0.3", "Student architecture, the same every generation.")
+    student: str = derive(TrainConfig, "student", "prune:depth:0.3", "The same every generation.")
     init: str = opt("same", "same: every generation starts from one initialisation; previous: from the last student.")
-    loss: str = opt("fkl", "Training loss on the previous generation's capture (fkl, ce, rkl, ...).")
-    max_prompts: int | None = opt(None, "Use at most this many prompts.")
-    max_new_tokens: int = opt(64, "Completion length of every generation's capture.")
-    top_k: int = opt(20, "Top-k stored per token.")
-    heldout: float = opt(0.15, "Fraction of prompts held out (never trained on, in any generation).")
-    steps: int = opt(40, "Optimizer steps per generation.")
-    lr: float = opt(3e-4, "Peak learning rate (warm-up + cosine, one full schedule per generation).")
-    warmup_steps: int = opt(5, "Warm-up steps.")
-    batch_size: int = opt(8, "Sequences per optimizer step.")
-    max_seq_len: int = opt(256, "Truncate prompt+completion to this many tokens.")
-    gen_batch_size: int = opt(16, "Decoding batch size.")
-    dtype: str = opt("auto", "Decoding dtype of every generation: auto (bf16 where the CPU has it), float32.")
-    seed: int = opt(0, "Seed for sampling, the split, the student's init and data order.")
+    loss: str = derive(TrainConfig, "loss", note="On the previous generation's capture.")
+    max_prompts: int | None = derive(GenerateConfig, "max_prompts")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 64, "Every generation's capture.")
+    top_k: int = derive(GenerateConfig, "top_k")
+    heldout: float = derive(GenerateConfig, "heldout", 0.15, "Never trained on, in any generation.")
+    steps: int = derive(TrainConfig, "max_steps", 40, "Per generation (one full schedule each).")
+    lr: float = derive(TrainConfig, "lr")
+    warmup_steps: int = derive(TrainConfig, "warmup_steps", 5)
+    batch_size: int = derive(TrainConfig, "batch_size")
+    max_seq_len: int = derive(TrainConfig, "max_seq_len", 256)
+    gen_batch_size: int = derive(GenerateConfig, "batch_size", 16)
+    dtype: str = derive(GenerateConfig, "dtype", note="Every generation decodes in it.")
+    seed: int = derive(GenerateConfig, "seed", note="Also the student's init and data order.")
     entropy_rows: int = opt(64, "Own samples (the first N rows) the entropy is measured on; 0 = all.")
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from potstill import present
 from potstill.errors import PotstillError
 from potstill.lm.tokens import pad_token_id
 from potstill.utils import atomic_path, pyplot  # noqa: F401  (pyplot: re-exported)
@@ -74,20 +75,12 @@ def fmt_s(seconds: float) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "| " + " | ".join(headers) + " |"
-    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"
-    return "\n".join([head, sep, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
+    """The studies' tables: first column left, numbers right-aligned."""
+    return present.markdown_table(headers, rows, align="l" + "r" * (len(headers) - 1))
 
 
 def rich_table(headers: list[str], rows: list[list[Any]], title: str = ""):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for r in rows:
-        table.add_row(*(str(c) for c in r))
-    return table
+    return present.rich_table(headers, rows, title=title)
 
 
 def write_text(path: str | Path, text: str) -> None:

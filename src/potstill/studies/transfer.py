@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import GenerateConfig, TrainConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.studies.common import Clock, heldout_inputs, measure
 from potstill.utils import stable_hash, write_json
@@ -50,30 +50,30 @@ METRICS = ("nll_reference", "kl")
 
 @dataclass
 class TransferConfig:
-    teacher: str = opt("embedded", "Teacher: 'embedded', a model dir or a .gguf file.")
-    prompts: str = opt("builtin:seed_tasks", "Prompts with reference answers (`output`), JSONL/Parquet or builtin:.")
+    teacher: str = derive(GenerateConfig, "teacher")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks", "The study needs reference answers (`output`).")
     out: str = opt("runs/study-transfer", "Output directory (capture, runs, results.json, table.md, PNG).")
     capture: str | None = opt(None, "Reuse this teacher capture instead of generating one under --out.")
-    student: str = opt("fresh:layers=2,hidden=128", "Student architecture (fresh:<size>, same for every arm).")
+    student: str = derive(TrainConfig, "student", "fresh:layers=2,hidden=128", "The same for every arm.")
     arms: list[str] = opt(list(ARMS), "Arms to run: kd, ce-teacher, scratch.")
-    kd_loss: str = opt("fkl", "Distillation loss of the kd arm (fkl, rkl, jsd, skl, srkl, tvd).")
+    kd_loss: str = derive(TrainConfig, "loss", note="The kd arm's loss.")
     seeds: int = opt(3, "Seeds (initialisation + data order) per arm.")
     budgets: list[int] = opt([], "Token budgets (learned tokens); default: --n-budgets log-spaced up to --max-tokens.")
     max_tokens: int = opt(32000, "Largest token budget (learned completion tokens per run).")
     min_tokens: int = opt(2000, "Smallest token budget.")
     n_budgets: int = opt(4, "Number of log-spaced budgets.")
-    max_prompts: int | None = opt(None, "Use at most this many prompts.")
-    max_new_tokens: int = opt(64, "Teacher completion length.")
-    top_k: int = opt(20, "Teacher top-k stored per token.")
-    heldout: float = opt(0.15, "Fraction of prompts held out for measuring quality.")
-    lr: float = opt(1e-3, "Learning rate (constant after warm-up).")
-    warmup_steps: int = opt(5, "Warm-up steps.")
-    batch_size: int = opt(8, "Sequences per optimizer step.")
-    max_seq_len: int = opt(256, "Truncate prompt+completion to this many tokens.")
-    gen_batch_size: int = opt(16, "Teacher decoding batch size.")
+    max_prompts: int | None = derive(GenerateConfig, "max_prompts")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 64)
+    top_k: int = derive(GenerateConfig, "top_k")
+    heldout: float = derive(GenerateConfig, "heldout", 0.15, "Quality is measured on it.")
+    lr: float = derive(TrainConfig, "lr", 1e-3, "Constant after warm-up in this study.")
+    warmup_steps: int = derive(TrainConfig, "warmup_steps", 5)
+    batch_size: int = derive(TrainConfig, "batch_size")
+    max_seq_len: int = derive(TrainConfig, "max_seq_len", 256)
+    gen_batch_size: int = derive(GenerateConfig, "batch_size", 16)
     bootstrap: int = opt(2000, "Bootstrap resamples for the ratio's side interval (percentile; 0 = none).")
     keep_students: bool = opt(False, "Keep every run's final student weights (otherwise only metrics are kept).")
-    dtype: str = opt("auto", "Teacher decoding dtype: auto (bf16 where the CPU has it), float32.")
+    dtype: str = derive(GenerateConfig, "dtype")
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS]
