@@ -166,7 +166,7 @@ def test_cli_defaults_are_the_configs():
         fields = {f.name: f for f in dataclasses.fields(config)} if config else {}
         for name, p in params.items():
             f = None if name in NOT_THE_SAME_SETTING else fields.get(renamed.get(name, name))
-            if f is not None and p.default is not None:
+            if f is not None and p.default not in (None, ()):  # () is an omitted repeatable flag
                 assert p.default == _field_default(f), (path, name, p.default, _field_default(f))
                 checked += 1
             if name in watermark and name != "key":  # --gamma, --delta, --context-width, --self-hash
