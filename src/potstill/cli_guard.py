@@ -42,6 +42,15 @@ def watermark_options(fn):
     return fn
 
 
+def served_logprobs_option(fn):
+    """--served-logprobs (serve only; choices, default and help: WatermarkConfig.served_logprobs)."""
+    from potstill.guard.watermark_config import SERVED_LOGPROBS, WatermarkConfig
+
+    f = next(f for f in dataclasses.fields(WatermarkConfig) if f.name == "served_logprobs")
+    return click.option("--served-logprobs", type=click.Choice(SERVED_LOGPROBS), default=f.default,
+                        show_default=True, help=f.metadata["help"])(fn)
+
+
 def watermark_config(key_env, key_file, gamma, delta, context_width, self_hash, required: bool):
     from potstill.guard.watermark_config import WatermarkConfig
 
@@ -80,9 +89,10 @@ def register(app: click.Group) -> None:
     @click.option("--docs/--no-docs", default=False, show_default=True,
                   help="Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone).")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
+    @served_logprobs_option
     @watermark_options
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name,
-              watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash):
+              served_logprobs, watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
 
         The query log is hash-chained under the log key: $POTSTILL_LOG_KEY, else the file named by
@@ -93,6 +103,8 @@ def register(app: click.Group) -> None:
         from potstill.utils import quiet_transformers
 
         wm = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, False)
+        if wm is not None:
+            wm = dataclasses.replace(wm, served_logprobs=served_logprobs)
         kw = {k: v for k, v in {"default_rpm": rpm, "default_tpm": tpm, "max_batch_size": max_batch_size}.items()
               if v is not None}
         cfg = ServeConfig(host=host, port=port, keys_url=keys_db, querylog_url=log_db, watermark=wm,

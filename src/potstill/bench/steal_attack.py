@@ -51,8 +51,9 @@ def bits_from_logprobs(
 class GreenMap:
     """The attacker's estimate of green bits per (context, candidate) pair."""
 
-    def __init__(self, h: int):
-        self.h = h
+    def __init__(self, h: int, use_logprobs: bool = True, watch: set[Pair] | None = None):
+        self.h, self.use_logprobs = h, use_logprobs
+        self.watch = watch  # keep state for these pairs only (a bench shortcut: same guesses for them)
         self.exact: dict[Pair, bool] = {}  # from log-prob differences
         self.obs: dict[Pair, float] = defaultdict(float)  # times sampled
         self.exp: dict[Pair, float] = defaultdict(float)  # public expected count (top ids only)
@@ -63,21 +64,25 @@ class GreenMap:
         return tuple(prefix[-self.h:])
 
     def observe(self, prefix: list[int], sampled: int, public: torch.Tensor,
-                top: tuple[list[int], list[float]] | None = None, expect_top: int = 64) -> None:
+                top: tuple[list[int], list[float]] | None = None, expect_top: int = 32) -> None:
         """One served position: the context `prefix`, the sampled id, the public log-probs [V], and
         the served (top ids, top log-probs) when the attacker asked for them."""
         self.queries += 1
         ctx = self.key(prefix)
-        if top is not None and top[0]:
+        keep = (lambda pair: True) if self.watch is None else self.watch.__contains__
+        if self.use_logprobs and top is not None and top[0]:
             bits = bits_from_logprobs(top[0], top[1], public)
             if bits is not None:
                 self.lp_bits += len(bits)
                 for t, g in zip(top[0], bits, strict=True):
-                    self.exact[(ctx, t)] = g
-        self.obs[(ctx, sampled)] += 1.0
+                    if keep((ctx, t)):
+                        self.exact[(ctx, t)] = g
+        if keep((ctx, sampled)):
+            self.obs[(ctx, sampled)] += 1.0
         p, ids = public.exp().topk(min(expect_top, public.numel()))
         for t, q in zip(ids.tolist(), p.tolist(), strict=True):
-            self.exp[(ctx, t)] += q
+            if keep((ctx, t)):
+                self.exp[(ctx, t)] += q
 
     def guess(self, pair: Pair, ratio: float = 1.0, min_exp: float = 2.0) -> bool | None:
         """The attacker's bit for `pair`: exact if read off log-probs, else sampled/expected > `ratio`

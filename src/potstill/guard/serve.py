@@ -151,12 +151,13 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
     querylog = querylog or QueryLog(cfg.querylog_url)
     querylog.record_server(cfg.public_dict())  # `monitor --throttle` starts from these limits
     limiter = limiter or RateLimiter(cfg.default_rpm, cfg.default_tpm)
-    processor = None
+    processor = report = None
     if cfg.watermark is not None:
         from potstill.guard.watermark import Watermark
 
-        processor = Watermark(cfg.watermark).logits_processor
-    svc = Service(teacher, cfg, limiter, processor)
+        wm = Watermark(cfg.watermark)
+        processor, report = wm.logits_processor, wm.report_processor()
+    svc = Service(teacher, cfg, limiter, processor, report)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -71,6 +71,11 @@ def _fmix(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _unbiased(contexts: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    """The report processor of 'unbiased' served log-probs: the model's own logits."""
+    return logits
+
+
 class GreenCount(NamedTuple):
     """Distinct (context, token) pairs scored, and how many of them were green."""
 
@@ -231,6 +236,17 @@ class Watermark:
         return out
 
     __call__ = logits_processor
+
+    def report_processor(self):
+        """The engine's `report_processor` for `cfg.served_logprobs`: what served log-probs are computed
+        from. None ('biased': the distribution sampled from), the identity ('unbiased'), or the decoy
+        key's green-list bias ('decoy', see `WatermarkConfig.logprob_config`)."""
+        policy = self.cfg.served_logprobs
+        if policy == "biased" or self.cfg.delta == 0:
+            return None
+        if policy == "unbiased":
+            return _unbiased
+        return Watermark(self.cfg.logprob_config()).logits_processor
 
     # ---- detection -----------------------------------------------------------------------------
     def pair_table(self, ids: list[int], start: int = 0) -> tuple[list[int], list[int], list[bool]]:

@@ -1,0 +1,143 @@
+"""Attack 7 (issue 14): reading the watermark's green lists off the served top_logprobs.
+
+The attacker knows the public weights the server runs. It asks `/v1/completions` for one token
+with `logprobs=20` after prompts of its choice (token ids), recomputes the public log-probs of
+the same prompt, and reads each returned id's green bit from the difference (0 or delta, up to
+a shared offset). With log-probs reported after the green-list bias, a handful of queries give
+every bit exactly; the protection must leave the attacker no better than a guess, while the
+sampled text stays watermarked under the key.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from potstill.bench.steal_attack import bits_from_logprobs
+from potstill.guard.openai_api import TokenText
+from potstill.guard.watermark import Watermark, WatermarkConfig, detect_ids
+from tests.guard_fixtures import live_server, one_torch_thread, wm_key
+from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+N_QUERIES, K = 8, 20
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from potstill.teachers.hf import HFTeacher
+
+    with one_torch_thread():
+        tok = make_tiny_tokenizer()
+        yield HFTeacher(make_tiny_model(tok, seed=3, init=0.15), tok, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def wm_cfg(teacher):
+    # today's scheme: h = 1 LeftHash, default gamma and delta
+    return WatermarkConfig(key=wm_key("steal"), vocab_size=len(teacher.tokenizer))
+
+
+@pytest.fixture(scope="module")
+def server(teacher, wm_cfg, tmp_path_factory):
+    with live_server(teacher, tmp_path_factory.mktemp("steal"), watermark=wm_cfg) as srv:
+        yield srv, srv.keys.create("attacker")[1]
+
+
+def text_to_id(teacher) -> dict[str, int]:
+    """The attacker's map from a returned token string to its id (strings that are unique only)."""
+    tt, seen = TokenText(teacher.tokenizer), {}
+    for i in range(len(teacher.tokenizer)):
+        seen.setdefault(tt.text(i), []).append(i)
+    return {s: ids[0] for s, ids in seen.items() if len(ids) == 1}
+
+
+def attacker_prompts(teacher, n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    specials = set(teacher.tokenizer.all_special_ids)
+    ids = [i for i in range(len(teacher.tokenizer)) if i not in specials]
+    return [[ids[j] for j in torch.randint(0, len(ids), (6,), generator=g).tolist()] for _ in range(n)]
+
+
+@torch.no_grad()
+def public_logprobs(teacher, prompt: list[int]) -> torch.Tensor:
+    return torch.log_softmax(teacher.model(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
+
+
+def steal(server, teacher, prompts) -> list[tuple[list[int], list[int], list[bool] | None]]:
+    """(prompt, returned ids, estimated green bits or None) per query."""
+    srv, secret = server
+    lookup, out = text_to_id(teacher), []
+    for s, prompt in enumerate(prompts):
+        r = httpx.post(srv.base + "/completions", headers={"Authorization": f"Bearer {secret}"}, timeout=60,
+                       json={"model": "tiny", "prompt": prompt, "max_tokens": 1, "logprobs": K, "seed": s})
+        assert r.status_code == 200, r.text
+        top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+        pairs = [(lookup[t], lp) for t, lp in top.items() if t in lookup]
+        ids, lps = [p[0] for p in pairs], [p[1] for p in pairs]
+        out.append((prompt, ids, bits_from_logprobs(ids, lps, public_logprobs(teacher, prompt))))
+    return out
+
+
+def test_top_logprobs_do_not_give_away_the_green_list(server, teacher, wm_cfg):
+    wm = Watermark(wm_cfg)
+    claimed = right = seen = 0
+    for prompt, ids, bits in steal(server, teacher, attacker_prompts(teacher, N_QUERIES)):
+        seen += len(ids)
+        if bits is None:
+            continue
+        for t, b in zip(ids, bits, strict=True):
+            claimed += 1
+            right += b == wm.is_green(prompt, t)
+    assert seen >= 60  # returned ids whose string names one id (byte pieces of UTF-8 characters collide)
+    # unprotected (bias applied before the reported log-probs): 160 of 160 bits exact.
+    # Independent lists agree on gamma^2 + (1-gamma)^2 = 62.5% of ids; 0.8 is > 4 sd above that.
+    assert claimed == 0 or right / claimed < 0.8, f"attacker read {right}/{claimed} green bits off {N_QUERIES} queries"
+
+
+def test_served_text_stays_watermarked(server, teacher, wm_cfg):
+    srv, secret = server
+    texts = []
+    for s in range(8):
+        r = httpx.post(srv.base + "/completions", headers={"Authorization": f"Bearer {secret}"}, timeout=60,
+                       json={"model": "tiny", "prompt": "The", "max_tokens": 32, "seed": 100 + s})
+        texts.append(r.json()["choices"][0]["text"])
+    ids = [teacher.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    score = detect_ids(ids, wm_cfg)
+    assert score.tokens_scored > 50 and score.p_value < 1e-6
+
+
+@pytest.mark.parametrize("policy", ["biased", "unbiased", "decoy"])
+def test_served_logprobs_policy(teacher, wm_cfg, policy):
+    """What the engine reports per policy; sampling (and so the text's mark) is the same for all three."""
+    from dataclasses import replace
+
+    from potstill.teachers.base import SamplingParams
+
+    wm = Watermark(replace(wm_cfg, served_logprobs=policy))
+    prompt = attacker_prompts(teacher, 1)[0]
+    params = SamplingParams(max_new_tokens=1, temperature=1.0, top_logprobs=K)
+    c = teacher.complete_ids([prompt], params, [5], logits_processor=wm.logits_processor,
+                             report_processor=wm.report_processor())[0]
+    raw = teacher.model(input_ids=torch.tensor([prompt])).logits[0, -1].float().detach()
+    shown = {"biased": wm.logits_processor([prompt], raw[None])[0], "unbiased": raw,
+             "decoy": Watermark(wm_cfg.logprob_config()).logits_processor([prompt], raw[None])[0]}[policy]
+    expect = torch.log_softmax(shown, -1)
+    assert torch.allclose(torch.as_tensor(c.topk_logprobs[0]), expect[torch.as_tensor(c.topk_ids[0])], atol=1e-4)
+    assert c.sampled_logprob[0] == pytest.approx(float(expect[c.completion_ids[0]]), abs=1e-4)
+    same = teacher.complete_ids([prompt], params, [5], logits_processor=wm.logits_processor)[0]
+    assert same.completion_ids == c.completion_ids
+
+
+def test_decoy_key_is_derived_and_recorded(wm_cfg, server):
+    from potstill.guard.querylog import server_config
+
+    decoy = wm_cfg.logprob_config()
+    assert decoy.key != wm_cfg.key and len(decoy.key) == 64 and wm_cfg.key not in repr(decoy)
+    assert [c.key for c in wm_cfg.detection_configs()] == [wm_cfg.key, decoy.key]
+    pub = wm_cfg.public_dict()
+    assert pub["served_logprobs"] == "decoy" and decoy.check_fingerprint(pub["logprob_key_fingerprint"])
+    srv, _ = server
+    recorded = server_config(srv.querylog_url)["watermark"]
+    assert recorded["served_logprobs"] == "decoy" and recorded["context_width"] == 1
+    assert recorded["scheme"] == "kgw-lefthash" and wm_cfg.check_fingerprint(recorded["key_fingerprint"])
