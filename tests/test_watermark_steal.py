@@ -141,3 +141,18 @@ def test_decoy_key_is_derived_and_recorded(wm_cfg, server):
     recorded = server_config(srv.querylog_url)["watermark"]
     assert recorded["served_logprobs"] == "decoy" and recorded["context_width"] == 1
     assert recorded["scheme"] == "kgw-lefthash" and wm_cfg.check_fingerprint(recorded["key_fingerprint"])
+
+
+def test_detection_settings_checked_against_the_log(wm_cfg, server):
+    from dataclasses import replace
+
+    from potstill.errors import PotstillError
+    from potstill.guard.detect_keys import align_with_log
+
+    url = server[0].querylog_url
+    aligned, notes = align_with_log(replace(wm_cfg, served_logprobs="biased"), url)
+    assert aligned.served_logprobs == "decoy" and notes == []
+    with pytest.raises(PotstillError, match="context_width"):
+        align_with_log(replace(wm_cfg, context_width=2), url)
+    _, notes = align_with_log(replace(wm_cfg, key=wm_key("another")), url)
+    assert notes and "fingerprint" in notes[0]

@@ -204,6 +204,12 @@ def register(app: click.Group) -> None:
         from potstill.utils import quiet_transformers, write_json
 
         cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
+        if log_db:  # check the settings against the watermark the server recorded; take its log-prob policy
+            from potstill.guard.detect_keys import align_with_log
+
+            cfg, notes = align_with_log(cfg, log_db)
+            for note in notes:
+                click.echo(f"warning: {note}", err=True)
         quiet_transformers()
         result = run_detect(suspect, cfg, prompts=prompts, tokenizer=tokenizer, max_tokens=max_tokens,
                             log_db=log_db, key_id=key_id)

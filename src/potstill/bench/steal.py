@@ -48,6 +48,8 @@ class StealBenchConfig:
     completion_tokens: int = opt(32, "Tokens per attacker (and distiller) completion.")
     distiller_completions: int = opt(256, "Watermarked completions in the distiller's data (the pairs scored).")
     vocab: int = opt(512, "Vocabulary of the tiny public teacher.")
+    teacher_init: float = opt(0.5, "Weight std of the tiny public teacher: 0.5 gives ~2.1 nats of next-token entropy "
+                              "and ~94 % of the mass in the top 20, like a chat model's answers (0.15: 5.5 nats).")
     gamma: float = opt(0.25, "Watermark gamma.")
     delta: float = opt(2.0, "Watermark delta.")
     students: bool = opt(True, "Also train students on the distiller's data and detect them (h=1 configs).")
@@ -114,16 +116,19 @@ def public_logprobs(teacher, completions) -> list:
             for i, c in enumerate(completions)]
 
 
-def truth_pairs(wm, completions, h: int) -> list[tuple[tuple[tuple[int, ...], int], bool]]:
-    """Distinct ((last h ids, token), green bit) pairs of the completions (the distiller's data)."""
+def truth_pairs(wm, completions, h: int) -> list[tuple[tuple[tuple[int, ...], int], bool, int]]:
+    """Distinct ((last h ids, token), green bit, occurrences) of the completions (the distiller's data)."""
     out: dict = {}
+    count: dict = {}
     for c in completions:
         ids = c.prompt_ids + c.completion_ids
         _, toks, green = wm.pair_table(ids, len(c.prompt_ids))
         start = max(h, len(c.prompt_ids))
         for j, (t, g) in enumerate(zip(toks, green, strict=True)):
-            out.setdefault((tuple(ids[start + j - h : start + j]), t), g)
-    return list(out.items())
+            pair = (tuple(ids[start + j - h : start + j]), t)
+            out.setdefault(pair, g)
+            count[pair] = count.get(pair, 0) + 1
+    return [(pair, g, count[pair]) for pair, g in out.items()]
 
 
 ATTACKERS = {"reads log-probs": True, "counts samples only": False}
@@ -135,7 +140,7 @@ def attack(teacher, wm, truth, cfg: StealBenchConfig, log=print) -> dict[str, An
     """Run the attackers up to cfg.max_queries served positions; recovery at each checkpoint."""
     from potstill.bench.steal_attack import GreenMap, recovery
 
-    watch = {pair for pair, _ in truth}
+    watch = {pair for pair, _, _ in truth}
     maps = {name: GreenMap(wm.cfg.context_width, lp, watch) for name, lp in ATTACKERS.items()}
     curves: dict[str, list] = {name: [] for name in maps}
     rnd, n, t0 = 0, 0, time.process_time()
@@ -167,21 +172,22 @@ def attack(teacher, wm, truth, cfg: StealBenchConfig, log=print) -> dict[str, An
     for name, curve in curves.items():
         last = curve[-1]
         out["attackers"][name] = {"curve": curve, "queries_for_50": _first(curve, 0.5),
-                                  "queries_for_90": _first(curve, 0.9)}
+                                  "queries_for_90": _first(curve, 0.9),
+                                  "queries_for_90_tokens": _first(curve, 0.9, "recovered_tokens")}
         log(f"  [{name}] {n} queries: recovered {last['recovered']:.3f} (precision {last['precision']:.3f}); "
-            f"50 %: {_first(curve, 0.5)}, 90 %: {_first(curve, 0.9)}")
+            f"{last['recovered_tokens']:.3f} of tokens; 50 %: {_first(curve, 0.5)}, 90 %: {_first(curve, 0.9)}")
     log(f"  {out['lp_bits']} bits read off log-probs ({out['cpu_s']:.0f} s CPU)")
     return out
 
 
-def _first(curve: list[dict], level: float) -> int | None:
-    """Queries at the first checkpoint where recovered >= level, log-interpolated from the one before."""
+def _first(curve: list[dict], level: float, field: str = "recovered") -> int | None:
+    """Queries at the first checkpoint where `field` >= level, log-interpolated from the one before."""
     prev = None
     for pt in curve:
-        if pt["recovered"] >= level:
-            if prev is None or pt["recovered"] == prev["recovered"]:
+        if pt[field] >= level:
+            if prev is None or pt[field] == prev[field]:
                 return pt["queries"]
-            f = (level - prev["recovered"]) / (pt["recovered"] - prev["recovered"])
+            f = (level - prev[field]) / (pt[field] - prev[field])
             return round(math.exp(math.log(max(prev["queries"], 1)) + f * math.log(pt["queries"] / max(prev["queries"], 1))))
         prev = pt
     return None
@@ -195,7 +201,7 @@ def bench_steal(cfg: StealBenchConfig, log=print) -> dict[str, Any]:
     from potstill.utils import write_json
 
     torch.manual_seed(cfg.seed)
-    teacher = public_tiny_teacher(cfg.vocab, cfg.seed)
+    teacher = public_tiny_teacher(cfg.vocab, cfg.seed, init=cfg.teacher_init)
     names = [n.strip() for n in cfg.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -215,7 +221,8 @@ def bench_steal(cfg: StealBenchConfig, log=print) -> dict[str, Any]:
         truth = truth_pairs(wm, dist, h)
         log(f"{name}: {len(truth)} distinct (context, token) pairs in the distiller's data")
         entry = {"watermark": wcfg.public_dict(), "distiller_pairs": len(truth),
-                 "distiller_green_share": sum(g for _, g in truth) / max(len(truth), 1),
+                 "distiller_tokens": sum(n for _, _, n in truth),
+                 "distiller_green_share": sum(g for _, g, _ in truth) / max(len(truth), 1),
                  "attack": attack(teacher, wm, truth, cfg, log)}
         if cfg.students and h == 1:
             from potstill.bench.steal_students import student_arms
@@ -238,13 +245,15 @@ def format_table(result: dict[str, Any]) -> str:
     fmt = lambda q: f"{q:,}" if q is not None else f"> {s['max_queries']:,}"  # noqa: E731
     lines = [f"watermark stealing vs {result['teacher']} ({result['mode']}), gamma={s['gamma']} delta={s['delta']}, "
              f"top_logprobs={s['top_k']}",
-             "| config | attacker | distiller pairs | queries for 50 % | queries for 90 % | recovered at max (precision) |",
-             "|---|---|---|---|---|---|"]
+             "| config | attacker | distiller pairs | queries for 50 % | queries for 90 % | 90 % of tokens | "
+             "recovered at max: pairs / tokens (precision) |",
+             "|---|---|---|---|---|---|---|"]
     for name, e in result["configs"].items():
         for who, a in e["attack"]["attackers"].items():
             last = a["curve"][-1]
             lines.append(f"| {name} | {who} | {e['distiller_pairs']} | {fmt(a['queries_for_50'])} | "
-                         f"{fmt(a['queries_for_90'])} | {last['recovered']:.3f} (precision {last['precision']:.3f}) |")
+                         f"{fmt(a['queries_for_90'])} | {fmt(a['queries_for_90_tokens'])} | "
+                         f"{last['recovered']:.3f} / {last['recovered_tokens']:.3f} ({last['precision']:.3f}) |")
     rows = [(name, arm) for name, e in result["configs"].items() for arm in e.get("students", [])]
     if rows:
         lines += ["", "| config | student | p (sampling key) | p (decoy key) | p (detect: both, Bonferroni) |",

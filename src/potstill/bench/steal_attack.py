@@ -95,21 +95,24 @@ class GreenMap:
         return o > ratio * max(e, 1e-9)
 
 
-def recovery(gm: GreenMap, truth: Iterable[tuple[Pair, bool]]) -> dict[str, float]:
-    """How much of the true green list over `truth` pairs the attacker holds.
+def recovery(gm: GreenMap, truth: Iterable[tuple[Pair, bool, int]]) -> dict[str, float]:
+    """How much of the true green list over `truth` (pair, bit, occurrences) the attacker holds.
 
-    recovered: share of pairs whose bit the attacker has and is right about (unknown = 0);
+    recovered: share of distinct pairs whose bit the attacker has and is right about (unknown = 0);
+    recovered_tokens: the same weighted by occurrences (the share of a distiller's training tokens);
     accuracy: share right when unknown pairs are guessed red (the prior: 1 - gamma by chance);
     precision: right among the pairs it claims; claimed: share it claims.
     """
-    n = claimed = right = right_all = 0
-    for pair, g in truth:
+    n = claimed = right = right_all = tokens = right_tokens = 0
+    for pair, g, count in truth:
         n += 1
+        tokens += count
         b = gm.guess(pair)
         if b is not None:
             claimed += 1
             right += b == g
+            right_tokens += count * (b == g)
         right_all += (b if b is not None else False) == g
     n = max(n, 1)
-    return {"recovered": right / n, "accuracy": right_all / n, "precision": right / max(claimed, 1),
-            "claimed": claimed / n}
+    return {"recovered": right / n, "recovered_tokens": right_tokens / max(tokens, 1), "accuracy": right_all / n,
+            "precision": right / max(claimed, 1), "claimed": claimed / n}
