@@ -4,8 +4,8 @@ The attacker knows the public weights the server runs. It asks `/v1/completions`
 with `logprobs=20` after prompts of its choice (token ids), recomputes the public log-probs of
 the same prompt, and reads each returned id's green bit from the difference (0 or delta, up to
 a shared offset). With log-probs reported after the green-list bias, a handful of queries give
-every bit exactly; the protection must leave the attacker no better than a guess, while the
-sampled text stays watermarked under the key.
+every bit exactly; the protection must leave the attacker no better than a guess (the served text
+stays watermarked under the key: tests/test_serve.py::test_watermark_is_applied, same default policy).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from potstill.bench.steal_attack import bits_from_logprobs
 from potstill.guard.openai_api import TokenText
-from potstill.guard.watermark import Watermark, WatermarkConfig, detect_ids
+from potstill.guard.watermark import Watermark, WatermarkConfig
 from tests.guard_fixtures import live_server, one_torch_thread, wm_key
 from tests.tiny import make_tiny_model, make_tiny_tokenizer
 
@@ -93,18 +93,6 @@ def test_top_logprobs_do_not_give_away_the_green_list(server, teacher, wm_cfg):
     # unprotected (bias applied before the reported log-probs): 160 of 160 bits exact.
     # Independent lists agree on gamma^2 + (1-gamma)^2 = 62.5% of ids; 0.8 is > 4 sd above that.
     assert claimed == 0 or right / claimed < 0.8, f"attacker read {right}/{claimed} green bits off {N_QUERIES} queries"
-
-
-def test_served_text_stays_watermarked(server, teacher, wm_cfg):
-    srv, secret = server
-    texts = []
-    for s in range(8):
-        r = httpx.post(srv.base + "/completions", headers={"Authorization": f"Bearer {secret}"}, timeout=60,
-                       json={"model": "tiny", "prompt": "The", "max_tokens": 32, "seed": 100 + s})
-        texts.append(r.json()["choices"][0]["text"])
-    ids = [teacher.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    score = detect_ids(ids, wm_cfg)
-    assert score.tokens_scored > 50 and score.p_value < 1e-6
 
 
 @pytest.mark.parametrize("policy", ["biased", "unbiased", "decoy"])

@@ -17,6 +17,14 @@ Two seeding schemes:
   the seed is min(hash(t) for t in context + [candidate]); changing a context token only moves
   the green list when that token held the minimum, which makes the mark sturdier under edits.
 
+What the API reports (`cfg.served_logprobs`, `Watermark.report_processor`, applied by the engine
+after sampling). Log-probs computed after the bias give the green lists away: served minus
+public log-probs of the top-k ids is 0 or delta, so one top-20 query reads 20 exact bits (issue
+14, attack 7; `potstill bench steal` measures it). The default, 'decoy', reports the model's
+log-probs biased by the green lists of a second key derived from this one (HMAC): they reveal
+nothing of the sampling lists, and a distiller who trains on them still learns a mark that
+`potstill detect` tests for (guard/detect_keys.py). 'unbiased' reports the model's own.
+
 Scoring counts each distinct (seed, token) pair once: the pair the hash actually sees. For
 LeftHash that is the (context, token) pair; for SelfHash two contexts sharing their minimum give
 the same coin, and counting it twice would break the binomial null. Repeating a green phrase
