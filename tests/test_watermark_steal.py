@@ -144,3 +144,33 @@ def test_detection_settings_checked_against_the_log(wm_cfg, server):
         align_with_log(replace(wm_cfg, context_width=2), url)
     _, notes = align_with_log(replace(wm_cfg, key=wm_key("another")), url)
     assert notes and "fingerprint" in notes[0]
+
+
+def test_fkl_student_of_decoy_logprobs_is_detected():
+    """A student fit to the served (decoy-biased) distribution carries the decoy mark: `detect` finds it
+    (Bonferroni over the two keys); a never-trained model does not trip it."""
+    from potstill.guard.detect_keys import detect_model_keys
+    from tests.test_detect import V, random_sequences, tiny_llama
+
+    cfg = WatermarkConfig(key=wm_key("decoy-fkl"), vocab_size=V)
+    decoy = Watermark(cfg.logprob_config())
+    teacher, student = tiny_llama(0), tiny_llama(1).train()
+    data = torch.tensor(random_sequences(32, 24, seed=2))
+    with torch.no_grad():
+        logits = teacher(input_ids=data).logits.float()
+        served = torch.log_softmax(decoy.logits_processor(
+            [row[: t + 1] for row in data.tolist() for t in range(data.shape[1])], logits.reshape(-1, V)), -1)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    for step in range(80):
+        b = torch.arange(step % 2 * 16, step % 2 * 16 + 16)
+        lq = torch.log_softmax(student(input_ids=data[b]).logits.float(), -1).reshape(-1, V)
+        lp = served.reshape(32, -1, V)[b].reshape(-1, V)
+        loss = (lp.exp() * (lp - lq)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    probes = random_sequences(64, 48, seed=3)
+    res = detect_model_keys(student.eval(), None, probes, cfg)
+    print(res.summary())
+    assert res.p_value < 1e-6 and "best of 2 keys" in res.mode
+    assert detect_model_keys(tiny_llama(5), None, probes, cfg).p_value > 0.01

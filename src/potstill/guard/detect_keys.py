@@ -29,7 +29,7 @@ def bonferroni(results: list[DetectResult]) -> DetectResult:
         return best
     log10_p = min(0.0, best.log10_p + math.log10(m))
     return replace(best, p_value=min(1.0, best.p_value * m), log10_p=log10_p,
-                   mode=f"{best.mode}, best of {m} keys x{m}")
+                   mode=f"{best.mode} (best of {m} keys, p x{m})")
 
 
 def detect_model_keys(suspect_model, tokenizer, prompts_or_texts: list[list[int]], cfg: WatermarkConfig,
