@@ -174,3 +174,22 @@ def test_fkl_student_of_decoy_logprobs_is_detected():
     print(res.summary())
     assert res.p_value < 1e-6 and "best of 2 keys" in res.mode
     assert detect_model_keys(tiny_llama(5), None, probes, cfg).p_value > 0.01
+
+
+def test_bench_steal_measures_the_protection(tmp_path):
+    """`potstill bench steal` at toy scale: the log-prob reader is exact against 'biased', misled by 'decoy'."""
+    import json
+
+    from potstill.bench.steal import StealBenchConfig, bench_steal
+
+    out = tmp_path / "steal.json"
+    cfg = StealBenchConfig(configs="h1-lefthash/biased,h1-lefthash/decoy", max_queries=400, vocab=64,
+                           distiller_completions=16, completion_tokens=16, students=False, out=str(out))
+    with one_torch_thread():
+        res = bench_steal(cfg, log=lambda m: None)
+    assert json.loads(out.read_text())["configs"].keys() == res["configs"].keys()
+    assert (tmp_path / "steal.md").read_text().count("| h1-lefthash/") == 4
+    biased = res["configs"]["h1-lefthash/biased"]["attack"]["attackers"]["reads log-probs"]["curve"][-1]
+    decoy = res["configs"]["h1-lefthash/decoy"]["attack"]["attackers"]["reads log-probs"]["curve"][-1]
+    assert biased["queries"] == 400 and biased["precision"] > 0.97 and biased["recovered"] > 0.5
+    assert decoy["precision"] < 0.8
