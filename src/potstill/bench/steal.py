@@ -138,10 +138,12 @@ a decoy), and the one counting sampled tokens only (what is left when log-probs 
 
 def attack(teacher, wm, truth, cfg: StealBenchConfig, log=print) -> dict[str, Any]:
     """Run the attackers up to cfg.max_queries served positions; recovery at each checkpoint."""
-    from potstill.bench.steal_attack import GreenMap, recovery
+    from potstill.bench.steal_attack import GreenMap, SelfHashMap, recovery
 
     watch = {pair for pair, _, _ in truth}
     maps = {name: GreenMap(wm.cfg.context_width, lp, watch) for name, lp in ATTACKERS.items()}
+    if wm.cfg.self_hash:
+        maps["reads log-probs, SelfHash-aware"] = SelfHashMap(wm.cfg.context_width, watch)
     curves: dict[str, list] = {name: [] for name in maps}
     rnd, n, t0 = 0, 0, time.process_time()
     marks = [q for q in CHECKPOINTS if q < cfg.max_queries] + [cfg.max_queries]

@@ -116,3 +116,40 @@ def recovery(gm: GreenMap, truth: Iterable[tuple[Pair, bool, int]]) -> dict[str,
     n = max(n, 1)
     return {"recovered": right / n, "recovered_tokens": right_tokens / max(tokens, 1), "accuracy": right_all / n,
             "precision": right / max(claimed, 1), "claimed": claimed / n}
+
+
+class SelfHashMap(GreenMap):
+    """A Min-SelfHash-aware reader of exact bits: the seed of (context, v) is the hash of one token m
+    of context + [v] (the one with the smallest hash), so the bit is a function of (m, v) alone.
+
+    Each bit read off log-probs votes for (t, v) for every t in context + [v]; votes for the true m
+    always agree, those of other tokens mix several seeds. A pair's guess is the bit of its token
+    with unanimous votes and the most of them (ties and mixed votes: the majority over all).
+    """
+
+    def __init__(self, h: int, watch: set[Pair] | None = None):
+        super().__init__(h, True, None if watch is None else {((t,), v) for ctx, v in watch for t in (*ctx, v)})
+        self.votes: dict[Pair, list[int]] = defaultdict(lambda: [0, 0])
+
+    def observe(self, prefix, sampled, public, top=None, expect_top: int = 32) -> None:
+        self.queries += 1
+        ctx = self.key(prefix)
+        bits = bits_from_logprobs(top[0], top[1], public) if top is not None and top[0] else None
+        if bits is None:
+            return
+        self.lp_bits += len(bits)
+        for v, g in zip(top[0], bits, strict=True):
+            for t in set(ctx) | {v}:
+                if self.watch is None or ((t,), v) in self.watch:
+                    self.votes[((t,), v)][int(g)] += 1
+
+    def guess(self, pair: Pair, ratio: float = 1.0, min_exp: float = 2.0) -> bool | None:
+        ctx, v = pair
+        seen = [self.votes[((t,), v)] for t in set(ctx) | {v} if ((t,), v) in self.votes]
+        if not seen:
+            return None
+        pure = [c for c in seen if min(c) == 0]
+        if pure:
+            best = max(pure, key=sum)
+            return best[1] > 0
+        return sum(c[1] for c in seen) > sum(c[0] for c in seen)
