@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from potstill.bench.config import BenchGenerateConfig, BenchServeConfig
+from potstill.bench.steal import StealBenchConfig
 from potstill.bench.train import BenchTrainConfig
 from potstill.config import EvalConfig, GenerateConfig, TrainConfig, build
 from potstill.errors import PotstillError
@@ -289,6 +290,17 @@ def bench_watermark_cmd(args):
 # verbs that live in their own modules, each with a `register(app)`
 for _module in ("cli_guard", "cli_case", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
+
+
+@bench.command("steal")
+@config_options(StealBenchConfig)
+def bench_steal_cmd(config_file, **flags):
+    """Queries an attacker needs to read the watermark's green lists off the API, and student detection."""
+    from potstill.bench.steal import bench_steal, format_table
+
+    cfg = make_config(StealBenchConfig, "steal", config_file, flags)
+    click.echo(format_table(bench_steal(cfg, log=lambda m: click.echo(m, err=True))))
+    click.echo(f"wrote {cfg.out}")
 
 
 @bench.command("train")

@@ -37,6 +37,15 @@ def watermark_options(fn):
     return fn
 
 
+def served_logprobs_option(fn):
+    """--served-logprobs (serve only; choices, default and help: WatermarkConfig.served_logprobs)."""
+    from potstill.guard.watermark_config import SERVED_LOGPROBS, WatermarkConfig
+
+    f = next(f for f in dataclasses.fields(WatermarkConfig) if f.name == "served_logprobs")
+    return click.option("--served-logprobs", type=click.Choice(SERVED_LOGPROBS), default=f.default,
+                        show_default=True, help=f.metadata["help"])(fn)
+
+
 WATERMARK_FLAGS = {"gamma": "--gamma", "delta": "--delta", "context_width": "--context-width",
                    "self_hash": "--self-hash/--no-self-hash"}
 
@@ -111,6 +120,7 @@ def register(app: click.Group) -> None:
                   help="Serve /docs, /redoc and /openapi.json (they describe the API to anyone) [default: ServeConfig.docs].")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
     @serve_options
+    @served_logprobs_option
     @watermark_options
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name, **flags):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
@@ -125,7 +135,10 @@ def register(app: click.Group) -> None:
         from potstill.utils import quiet_transformers
 
         derived = {k: flags.pop(k) for k in list(flags) if k in SERVE_DERIVED}
+        served_logprobs = flags.pop("served_logprobs")
         wm = watermark_config(flags, required=False)
+        if wm is not None:
+            wm = dataclasses.replace(wm, served_logprobs=served_logprobs)
         kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in derived.items() if v is not None and v != ()}
         cfg = ServeConfig(keys_url=keys_db, querylog_url=log_db, watermark=wm, model_name=name,
                           **_given(host=host, port=port, default_rpm=rpm, default_tpm=tpm, docs=docs,
@@ -207,6 +220,12 @@ def register(app: click.Group) -> None:
         wm_flags = split_watermark_flags(flags)
         cfg = make_config(DetectConfig, "detect", config_file, flags)
         wm = watermark_config(wm_flags, required=True)
+        if cfg.log_db:  # check the settings against the watermark the server recorded; take its log-prob policy
+            from potstill.guard.detect_keys import align_with_log
+
+            wm, notes = align_with_log(wm, cfg.log_db)
+            for note in notes:
+                click.echo(f"warning: {note}", err=True)
         quiet_transformers()
         result = run_detect(cfg.suspect, wm, prompts=cfg.prompts, tokenizer=cfg.tokenizer, max_tokens=cfg.max_tokens,
                             log_db=cfg.log_db, key_id=cfg.key_id)

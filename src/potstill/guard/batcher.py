@@ -9,8 +9,9 @@ their own seed, so requests sampled differently share a batch and a completion d
 on which batch it joined. `_Tap`, the batch's logits processor, wraps the watermark processor
 (when configured), streams each row's new token ids to its job, counts each row's decoded
 tokens, and ends a row whose job was abandoned (client gone, deadline passed) by forcing EOS at
-the next step. Rows are then cut to their own `top_logprobs`, and each job's future gets its
-`Completion` (or an `APIError`).
+the next step. Served log-probs come from the watermark's `report_processor` (its served-log-prob
+policy: by default a decoy green list, never the sampling one). Rows are then cut to their own
+`top_logprobs`, and each job's future gets its `Completion` (or an `APIError`).
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ class _Tap:
 class Batcher:
     """Collects concurrent jobs and decodes them together in one worker thread; new jobs join the running batch."""
 
-    def __init__(self, teacher, cfg: ServeConfig, processor=None):
+    def __init__(self, teacher, cfg: ServeConfig, processor=None, report_processor=None):
         # reads cfg.batch_window_ms, cfg.max_batch_size and cfg.max_batch_tokens
         self.teacher, self.cfg, self.processor = teacher, cfg, processor
+        self.report = report_processor  # what served log-probs come from (the watermark's policy)
         self.pending: deque[Job] = deque()
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "joined": 0, "tokens": 0, "stopped": 0}
         self._lock = threading.Lock()  # pending is taken from by the decode thread too (rows joining)
@@ -236,7 +238,7 @@ class Batcher:
         self._count(len(batch))
         self.teacher.complete_ids([j.prompt_ids for j in batch], params, seeds=[j.seed for j in batch],
                                   logits_processor=tap, row_params=[j.row_params() for j in batch], feed=feed,
-                                  on_done=on_done, batch_size=self.cfg.max_batch_size)
+                                  on_done=on_done, batch_size=self.cfg.max_batch_size, report_processor=self.report)
         for i, job in enumerate(jobs):  # a row that never ended (should not happen): fail it, never hang
             if i not in finished:
                 loop.call_soon_threadsafe(self._finish, job, None,

@@ -82,6 +82,11 @@ def fingerprint(key: str | bytes, purpose: str, nonce: str | None = None) -> str
     return f"v1:{nonce}:{mac.hexdigest()[:16]}"
 
 
+def derive_key(key: str | bytes, purpose: str) -> str:
+    """A sub-key for `purpose`: hex HMAC-SHA256(key, "potstill-derive/<purpose>") (256 bits; one-way)."""
+    return hmac.new(_as_bytes(key), f"potstill-derive/{purpose}".encode(), hashlib.sha256).hexdigest()
+
+
 def check_fingerprint(key: str | bytes, purpose: str, fp: str) -> bool:
     """Whether `fp` (from `fingerprint`) was made with this key and purpose (constant-time compare)."""
     parts = fp.split(":") if isinstance(fp, str) else []

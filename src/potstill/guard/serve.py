@@ -83,7 +83,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                limiter: Any = None) -> FastAPI:
     """The FastAPI app serving `teacher` (an `HFTeacher`). Stores/limiter may be injected (tests)."""
     stores = open_stores(cfg, keys, querylog, limiter)
-    svc = Service(teacher, cfg, stores.limiter, watermark_processor(cfg))
+    svc = Service(teacher, cfg, stores.limiter, *watermark_processors(cfg))
     app = base_app(cfg, stores, batcher_lifespan(svc, stores), title="potstill serve")
     app.state.service = svc
     keyed = [Depends(authenticator(stores.keys))]
@@ -97,13 +97,14 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
     return app
 
 
-def watermark_processor(cfg: ServeConfig):
-    """The watermark's logits processor, or None when no watermark is configured."""
+def watermark_processors(cfg: ServeConfig):
+    """(the watermark's logits processor, its report processor for served log-probs), or (None, None)."""
     if cfg.watermark is None:
-        return None
+        return None, None
     from potstill.guard.watermark import Watermark
 
-    return Watermark(cfg.watermark).logits_processor
+    wm = Watermark(cfg.watermark)
+    return wm.logits_processor, wm.report_processor()
 
 
 def batcher_lifespan(svc: Service, stores: Stores):

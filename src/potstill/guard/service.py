@@ -159,11 +159,11 @@ class Admission:
 class Service(Admission):
     """The teacher, limits, batcher and token texts the routes share."""
 
-    def __init__(self, teacher, cfg, limiter: RateLimiter, processor):
+    def __init__(self, teacher, cfg, limiter: RateLimiter, processor, report_processor=None):
         super().__init__(cfg, limiter)
         self.teacher = teacher
         self.name = cfg.model_name or teacher.name
-        self.batcher = Batcher(teacher, cfg, processor)
+        self.batcher = Batcher(teacher, cfg, processor, report_processor)
         self.tokens = TokenText(teacher.tokenizer)
         config = teacher.model.config
         self.context = int(getattr(config, "max_position_embeddings", None) or 2048)

@@ -143,7 +143,8 @@ def run_detect(suspect: str, cfg, prompts: str = DetectConfig.prompts, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from potstill.capture.prompts import load_prompts
-    from potstill.guard.detect import detect_generations, detect_model
+    from potstill.guard.detect import detect_generations
+    from potstill.guard.detect_keys import detect_model_keys
     from potstill.lm.loading import resolve_model_dir
 
     path = Path(suspect)
@@ -156,7 +157,7 @@ def run_detect(suspect: str, cfg, prompts: str = DetectConfig.prompts, tokenizer
             seqs, lens = served_sequences(log_db, tok, key_id)
         else:
             seqs, lens = assistant_sequences(model, tok, load_prompts(prompts), max_tokens)
-        return detect_model(model, tok, seqs, cfg, max_tokens=max_tokens, prompt_lengths=lens)
+        return detect_model_keys(model, tok, seqs, cfg, max_tokens=max_tokens, prompt_lengths=lens)
     if path.is_file():
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer))
         return detect_generations(read_generations(path), tok, cfg, max_tokens=max_tokens)

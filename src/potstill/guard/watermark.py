@@ -17,6 +17,14 @@ Two seeding schemes:
   the seed is min(hash(t) for t in context + [candidate]); changing a context token only moves
   the green list when that token held the minimum, which makes the mark sturdier under edits.
 
+What the API reports (`cfg.served_logprobs`, `Watermark.report_processor`, applied by the engine
+after sampling). Log-probs computed after the bias give the green lists away: served minus
+public log-probs of the top-k ids is 0 or delta, so one top-20 query reads 20 exact bits (issue
+14, attack 7; `potstill bench steal` measures it). The default, 'decoy', reports the model's
+log-probs biased by the green lists of a second key derived from this one (HMAC): they reveal
+nothing of the sampling lists, and a distiller who trains on them still learns a mark that
+`potstill detect` tests for (guard/detect_keys.py). 'unbiased' reports the model's own.
+
 Scoring counts each distinct (seed, token) pair once: the pair the hash actually sees. For
 LeftHash that is the (context, token) pair; for SelfHash two contexts sharing their minimum give
 the same coin, and counting it twice would break the binomial null. Repeating a green phrase
@@ -69,6 +77,11 @@ def _fmix(x: torch.Tensor) -> torch.Tensor:
         if mult is not None:
             x *= mult
     return x
+
+
+def _unbiased(contexts: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+    """The report processor of 'unbiased' served log-probs: the model's own logits."""
+    return logits
 
 
 class GreenCount(NamedTuple):
@@ -231,6 +244,17 @@ class Watermark:
         return out
 
     __call__ = logits_processor
+
+    def report_processor(self):
+        """The engine's `report_processor` for `cfg.served_logprobs`: what served log-probs are computed
+        from. None ('biased': the distribution sampled from), the identity ('unbiased'), or the decoy
+        key's green-list bias ('decoy', see `WatermarkConfig.logprob_config`)."""
+        policy = self.cfg.served_logprobs
+        if policy == "biased" or self.cfg.delta == 0:
+            return None
+        if policy == "unbiased":
+            return _unbiased
+        return Watermark(self.cfg.logprob_config()).logits_processor
 
     # ---- detection -----------------------------------------------------------------------------
     def pair_table(self, ids: list[int], start: int = 0) -> tuple[list[int], list[int], list[bool]]:

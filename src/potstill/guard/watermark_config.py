@@ -5,15 +5,16 @@ takes its flags' defaults and help from here without importing torch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from potstill.config import opt
 from potstill.errors import PotstillError
-from potstill.guard.keymat import check_fingerprint, check_key_strength, fingerprint, read_secret
+from potstill.guard.keymat import check_fingerprint, check_key_strength, derive_key, fingerprint, read_secret
 
 WATERMARK_KEY_ENV = "POTSTILL_WATERMARK_KEY"
 """Where the watermark secret is read from by default (never a command-line argument: `ps` and shell history)."""
+SERVED_LOGPROBS = ("decoy", "unbiased", "biased")
 
 
 @dataclass
@@ -28,6 +29,11 @@ class WatermarkConfig:
     self_hash: bool = opt(False, "Min-SelfHash seeding (the candidate token takes part in the seed) instead of LeftHash.")
     vocab_size: int | None = opt(None, "Vocabulary size (for validating ids and the public description); "
                                        "the hash itself needs none.")
+    served_logprobs: str = opt("decoy", "What served `logprob`/`top_logprobs` are: 'decoy' = the model's log-probs "
+                                        "biased by the green lists of a key derived from this one (reveal nothing of "
+                                        "the sampling lists; a top-k distiller still learns a mark `detect` finds), "
+                                        "'unbiased' = the model's own, 'biased' = the sampling distribution (gives "
+                                        "the green lists away: ~20 exact bits per top-20 query).")
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -41,8 +47,20 @@ class WatermarkConfig:
             raise PotstillError(f"delta must be finite and >= 0, got {self.delta}", where=where)
         if not 1 <= self.context_width <= 16:
             raise PotstillError(f"context_width must be in 1..16, got {self.context_width}", where=where)
+        if self.served_logprobs not in SERVED_LOGPROBS:
+            raise PotstillError(f"served_logprobs must be one of {', '.join(SERVED_LOGPROBS)}, got "
+                                f"{self.served_logprobs!r}", where=where)
         if self.vocab_size is not None and self.vocab_size < 2:
             raise PotstillError(f"vocab_size must be >= 2, got {self.vocab_size}", where=where)
+
+    def logprob_config(self) -> WatermarkConfig:
+        """The decoy scheme biasing served log-probs: same settings, key HMAC(key, "watermark/logprobs")."""
+        return replace(self, key=derive_key(self.key, "watermark/logprobs"), served_logprobs="biased")
+
+    def detection_configs(self) -> list[WatermarkConfig]:
+        """Every scheme a model distilled from our API may carry: the sampling key's (text), and with
+        'decoy' log-probs the decoy's (top-k targets). Detection tests each (Bonferroni over them)."""
+        return [self] + ([self.logprob_config()] if self.served_logprobs == "decoy" else [])
 
     def key_fingerprint(self) -> str:
         """`v1:<nonce>:<64-bit HMAC>` (guard/keymat.py): checkable only with the key.
@@ -64,6 +82,8 @@ class WatermarkConfig:
         del d["key"], d["_fingerprint"]
         d["key_fingerprint"] = self.key_fingerprint()
         d["scheme"] = "kgw-min-selfhash" if self.self_hash else "kgw-lefthash"
+        if self.served_logprobs == "decoy":
+            d["logprob_key_fingerprint"] = self.logprob_config().key_fingerprint()
         return d
 
 

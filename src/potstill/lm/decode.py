@@ -3,7 +3,9 @@
 `Engine.complete_ids` (engine.py) builds a `DecodeRun` and calls `run()`. The loop alternates two
 named steps: `_admit` prefills waiting prompts and merges them into the running batch's KV slab
 (kvslab.py), and `_step` decodes one token for every live row; `_consume` samples from each row's
-logits (after the logits processor, e.g. a watermark) and records ids, log-probs and top-k.
+logits (after the logits processor, e.g. a watermark) and records ids, log-probs and top-k: those of the
+distribution sampled from, or, with a `report_processor`, of `report_processor(contexts, raw logits)`
+(the watermark's served-log-prob policy: guard/watermark.py `Watermark.report_processor`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class DecodeRun:
         row_params: list[SamplingParams] | None,
         feed: Feed | None,
         on_done: Callable[[int, Completion], None] | None,
+        report_processor: LogitsProcessor | None = None,
     ):
         n = len(prompt_ids)
         self.engine = engine
@@ -50,6 +53,7 @@ class DecodeRun:
         self.gens = [np.random.default_rng(s) for s in seeds]
         self.one_group = row_params is None and feed is None
         self.processor, self.on_token, self.on_done, self.feed = logits_processor, on_token, on_done, feed
+        self.report = report_processor
         self.include_eos = include_eos
         self.k = params.top_logprobs
         self.eos = torch.tensor(engine.eos_ids, device=engine.device)
@@ -79,12 +83,16 @@ class DecodeRun:
     def _consume(self, rows: list[int], logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """Sample one token for each row from its logits; return the positions of rows still going."""
         k = self.k
-        logits = logits.float()
+        raw = logits.float()
+        logits = raw.clone() if self.report is not None else raw  # a processor may write in place
         if self.processor is not None:
             logits = self.processor([self.contexts[i] for i in rows], logits)
         logprobs = torch.log_softmax(logits, dim=-1)
         top = logprobs.topk(min(max(k, SAMPLE_TOP), logprobs.shape[1]), dim=-1)  # sorted: capture and sampler
         next_tok = self._next_tokens(rows, logits, logprobs, top)
+        if self.report is not None:  # log-probs reported from another distribution than the one sampled
+            logprobs = torch.log_softmax(self.report([self.contexts[i] for i in rows], raw), dim=-1)
+            top = logprobs.topk(min(k, logprobs.shape[1]), dim=-1) if k else top
         chosen = logprobs.gather(1, next_tok[:, None])[:, 0].tolist()
         if k:
             tk_lp, tk_ids = top[0][:, :k].cpu().numpy(), top[1][:, :k].cpu().numpy()

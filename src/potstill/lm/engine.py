@@ -76,6 +76,7 @@ class Engine:
         row_params: list[SamplingParams] | None = None,
         feed: Feed | None = None,
         on_done: Callable[[int, Completion], None] | None = None,
+        report_processor: LogitsProcessor | None = None,
     ) -> list[Completion]:
         """Decode tokenised prompts, `batch_size` rows at a time with continuous refill.
 
@@ -96,11 +97,14 @@ class Engine:
         batch (the server's batcher); `params` keeps `top_logprobs`. With `feed`, rows join the running
         batch: at each refill point `feed(free_rows)` returns new `(prompt_ids, seed, row_params)` rows
         (at most `free_rows`; they get the next indices), and `on_done(i, completion)` is called as soon
-        as row i finishes. The returned list holds every row, fed ones included.
+        as row i finishes. The returned list holds every row, fed ones included. With `report_processor`,
+        the log-probs recorded (sampled token's and top-k) are those of `report_processor(contexts, raw
+        logits)` rather than of the distribution sampled from (a watermark's served-log-prob policy).
         """
         if not prompt_ids:
             return []
-        run = DecodeRun(self, prompt_ids, params, seeds, logits_processor, on_token, include_eos, row_params, feed, on_done)
+        run = DecodeRun(self, prompt_ids, params, seeds, logits_processor, on_token, include_eos, row_params, feed, on_done,
+                        report_processor)
         return run.run(batch_size, prefill_tokens, share_prefix, memory)
 
     def _rows_that_fit(self, rows: int, max_len: int, prefill_tokens: int, memory: int | None) -> int:
