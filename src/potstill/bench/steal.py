@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import derive, opt
+from potstill.guard.watermark_config import WatermarkConfig
 
 CONFIGS = {  # name -> (context_width, self_hash, served_logprobs)
     "h1-lefthash/biased": (1, False, "biased"),
@@ -50,8 +51,8 @@ class StealBenchConfig:
     vocab: int = opt(512, "Vocabulary of the tiny public teacher.")
     teacher_init: float = opt(0.5, "Weight std of the tiny public teacher: 0.5 gives ~2.1 nats of next-token entropy "
                               "and ~94 % of the mass in the top 20, like a chat model's answers (0.15: 5.5 nats).")
-    gamma: float = opt(0.25, "Watermark gamma.")
-    delta: float = opt(2.0, "Watermark delta.")
+    gamma: float = derive(WatermarkConfig, "gamma")
+    delta: float = derive(WatermarkConfig, "delta")
     students: bool = opt(True, "Also train students on the distiller's data and detect them (h=1 configs).")
     student_steps: int = opt(300, "Training steps per student.")
     seed: int = opt(0, "Seed (teacher weights, prompts, sampling).")
@@ -199,7 +200,6 @@ def bench_steal(cfg: StealBenchConfig, log=print) -> dict[str, Any]:
     import torch
 
     from potstill.guard.watermark import Watermark
-    from potstill.guard.watermark_config import WatermarkConfig
     from potstill.utils import write_json
 
     torch.manual_seed(cfg.seed)
