@@ -59,3 +59,13 @@ def test_generation_speed_decodes_a_fixed_number_of_tokens_per_prompt():
     assert out["gen_tokens"] == 35 and out["gen_tokens_per_s"] > 0
     note = notes([{"gen_prompts": 5, "gen_new_tokens_per_prompt": 7, "gen_batch_size": 2}])
     assert "lower bound" in note and "7 new tokens each (EOS ignored)" in note
+
+
+def test_report_eval_table_states_that_the_bucket_kl_is_a_lower_bound():
+    """The HTML report's eval table carries the same caveat as eval.md, under the table."""
+    from potstill.evaluate.metrics import KL_NOTE
+    from potstill.evaluate.report_html import eval_table
+
+    html = eval_table("run", [{"model": "teacher", "kl": 0.0}, {"model": "student", "kl": 0.12}])
+    assert "lower bound on the token-level KL" in KL_NOTE and "k and codec" in KL_NOTE
+    assert KL_NOTE.split(":")[1].strip()[:40] in html and html.index("lower bound") > html.index("</table>")
