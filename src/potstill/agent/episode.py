@@ -67,6 +67,8 @@ class Episode:
     verified: bool = False
     end: str = ""  # answer | max_turns | context | no_answer
     ended_eos: bool = False  # the last model turn ended with the model's own end-of-turn token
+    wire: list[dict] = field(default_factory=list)  # an API teacher's messages as sent (api_episode.py)
+    call_id: str | None = None  # the API function call the next tool message answers
 
     @property
     def done(self) -> bool:

@@ -4,11 +4,12 @@ Per model and mode (tool / no tool), greedy, one episode per task (pass@1): succ
 Wilson 95% interval (n = tasks), split into held-out instances of seen templates ("heldout") and
 unseen templates ("heldout_template"); mean turns; the share of well-formed tool calls (code that
 compiles) among tool calls; sandbox errors (runs that did not exit 0); tokens per episode.
-Writes results.json and table.md under --out (temp file, then rename).
+Writes results.json, table.md and episodes.jsonl (one line per episode) under --out (temp file, then rename).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ def evaluate_model(model, label: str, tasks: list, sandbox, cfg: AgentEvalConfig
             episodes = runner.run([runner.new(f"{label}:{mode}:{t.id}", t, 0) for t in tasks])
         finally:
             runner.close()
-        m = metrics([e.summary() for e in episodes], splits)
+        summaries = [{**e.summary(), "model": label, "mode": mode} for e in episodes]
+        row.setdefault("episodes", []).extend(summaries)
+        m = metrics(summaries, splits)
         m["seconds"] = round(time.perf_counter() - t0, 1)
         row[mode] = m
         log(f"{label} [{mode}]: pass@1 {m['solved']}/{m['n']} = {m['pass@1']} {m['pass@1_ci95']}, "
@@ -131,10 +134,13 @@ def run_agent_eval(cfg: AgentEvalConfig, log=print, models: dict[str, Any] | Non
         if isinstance(model, str):
             model = HFTeacher.load(model, dtype=cfg.dtype)
         rows.append(evaluate_model(model, label, tasks, sandbox, cfg, log))
+    episodes = [e for r in rows for e in r.pop("episodes")]
     result = {"tasks": cfg.tasks, "splits": cfg.splits, "n_tasks": len(tasks), "sandbox": sandbox.describe(),
               "rows": rows, "config": cfg.__dict__}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "episodes.jsonl") as tmp:  # one line per episode: paired comparisons between models
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in episodes))
     write_json(out / "results.json", result)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(markdown_table(result))

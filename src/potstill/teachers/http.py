@@ -285,6 +285,17 @@ def parse_response(data: dict) -> _Parsed:
     return _Parsed(text, finish, positions, _int_list(choice.get("token_ids")), prompt_ids)
 
 
+def tool_calls_of(data: dict) -> list[dict] | None:
+    """The function calls of a chat response (`choices[0].message.tool_calls`), as sent; None without any."""
+    try:
+        calls = data["choices"][0]["message"].get("tool_calls")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not isinstance(calls, list):
+        return None
+    return [c for c in calls if isinstance(c, dict)] or None
+
+
 def _special_ids(tokenizer) -> set[int]:
     """Special tokens (EOS, end-of-turn, ...): the stop token a server may append is one of these."""
     ids = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -379,6 +390,7 @@ class HTTPTeacher:
         backoff_base: float = 0.5,
         backoff_max: float = 60.0,
         extra_body: dict[str, Any] | None = None,
+        tools: list[dict] | None = None,
     ):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -420,6 +432,9 @@ class HTTPTeacher:
         self.backoff_base = float(backoff_base)
         self.backoff_max = float(backoff_max)
         self.extra_body = dict(extra_body or {})
+        if tools and endpoint != "chat":
+            raise PotstillError("tools (function calling) need the chat endpoint")
+        self.tools = list(tools or [])  # OpenAI function specs sent with every request; calls come back in Completion.tool_calls
         self.text_only = False
         self.stats: dict[str, Any] = {
             "requests": 0,  # HTTP requests sent, retries included
@@ -507,6 +522,8 @@ class HTTPTeacher:
         body.update(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, seed=int(seed))
         if params.stop:
             body["stop"] = list(params.stop)
+        if self.tools:
+            body["tools"] = self.tools
         if self.endpoint == "chat":
             body.update(logprobs=True, top_logprobs=k)
         else:
@@ -701,7 +718,10 @@ class HTTPTeacher:
             raise PotstillError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         runner = self._get_runner()
         responses = runner.run(self._complete_async(prompts, params, list(seeds)))
-        return [self._to_completion(d, m, params) for d, m in zip(responses, prompts, strict=True)]
+        outs = [self._to_completion(d, m, params) for d, m in zip(responses, prompts, strict=True)]
+        for out, data in zip(outs, responses, strict=True):
+            out.tool_calls = tool_calls_of(data)
+        return outs
 
     async def acomplete(self, prompts, params: SamplingParams, seeds: list[int] | None = None) -> list[Completion]:
         """`complete` for async callers: waits in a worker thread; requests still go out on the teacher's loop."""
