@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 
-from potstill.agent.episode import FINAL_RE, Episode, EpisodeRunner, start_messages, turn_suffix
+from potstill.agent.episode import FINAL_RE, Episode, EpisodeRunner, turn_suffix
 from potstill.agent.sandbox import Sandbox
 from potstill.errors import PotstillError
 from potstill.teachers.base import SamplingParams
