@@ -4,7 +4,8 @@ Per model and mode (tool / no tool), greedy, one episode per task (pass@1): succ
 Wilson 95% interval (n = tasks), split into held-out instances of seen templates ("heldout") and
 unseen templates ("heldout_template"); mean turns; the share of well-formed tool calls (code that
 compiles) among tool calls; sandbox errors (runs that did not exit 0); tokens per episode.
-Writes results.json, table.md and episodes.jsonl (one line per episode) under --out (temp file, then rename).
+Writes results.json, table.md, pass_at_1.png (pass@1 per model with and without the tool, Wilson
+intervals) and episodes.jsonl (one line per episode) under --out (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -144,7 +145,12 @@ def run_agent_eval(cfg: AgentEvalConfig, log=print, models: dict[str, Any] | Non
     write_json(out / "results.json", result)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(markdown_table(result))
-    log(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+    from potstill.evaluate.report_plots import agent_pass_bars
+
+    png = agent_pass_bars([(r["model"], r) for r in rows])
+    with atomic_path(out / "pass_at_1.png") as tmp:
+        tmp.write_bytes(png)
+    log(f"wrote {out / 'results.json'}, {out / 'table.md'} and {out / 'pass_at_1.png'}")
     return result
 
 
