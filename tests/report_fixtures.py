@@ -62,3 +62,9 @@ def chromium() -> str:
     if required:
         pytest.fail(message)
     pytest.skip(message)
+
+
+def chromium_flags(profile) -> list[str]:
+    """Headless Chromium with nothing going out, a throw-away profile at `profile`."""
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]

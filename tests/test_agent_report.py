@@ -13,7 +13,7 @@ import pytest
 
 from potstill.agent.sandbox import detect_isolation
 from tests.agent_fixtures import SCRIPTS, TASKS, ScriptedTeacher, write_tasks
-from tests.report_fixtures import Page, cells_by_key, chromium
+from tests.report_fixtures import Page, cells_by_key, chromium, chromium_flags
 from tests.tiny import make_tiny_model
 
 
@@ -91,8 +91,7 @@ def test_agent_plot_intervals_are_wilson_for_each_n():
 def test_agent_report_renders_in_chromium(agent_report, tmp_path):
     exe = chromium()
     url = (agent_report / "report.html").resolve().as_uri()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
+    flags = chromium_flags(tmp_path / "p")
     dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from potstill.agent.generate import AgentGenerateConfig, agent_generate
 from potstill.agent.sandbox import detect_isolation
 from potstill.capture.store import Capture
-from tests.pipeline_fixtures import slow_writes
+from tests.pipeline_fixtures import kill9_after_shards, slow_writes
 
 EPISODES = 12  # 6 tasks x 2 samples, 2 per shard: 6 shards
 
@@ -46,12 +44,7 @@ def test_agent_generate_resumes_after_kill9(tmp_path, tiny_model_dir):
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(_cfg(tiny_model_dir, out))], env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("shard-*.parquet")):
-        time.sleep(0.02)
-    assert proc.poll() is None, "the child finished (or died) before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9_after_shards(proc, out)
     shards = list(out.glob("shard-*.parquet"))
     assert shards and len(shards) < EPISODES // 2, f"{len(shards)} shards: the kill did not land mid-capture"
     manifest = json.loads((out / "manifest.json").read_text())

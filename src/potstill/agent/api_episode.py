@@ -15,7 +15,6 @@ agent capture is text-only (k = 0): train on it with `--loss ce`.
 from __future__ import annotations
 
 import json
-import time
 
 from potstill.agent.episode import FINAL_RE, Episode, EpisodeRunner, turn_suffix
 from potstill.agent.sandbox import Sandbox
@@ -87,35 +86,18 @@ class ApiEpisodeRunner(EpisodeRunner):
         e.wire = [{"role": "system", "content": SYSTEM_API}, {"role": "user", "content": task.question}]
         return e
 
-    def run(self, episodes: list[Episode], log=None) -> list[Episode]:
-        from potstill.agent.tasks import check
+    def _turns(self, live: list[Episode], turn: int) -> list[str | None]:
         from potstill.teachers.hf import row_seed
 
-        for turn in range(self.max_turns):
-            live = [e for e in episodes if not e.done]
-            if not live:
-                break
-            t0 = time.perf_counter()
-            outs = self.api.complete([e.wire for e in live], self.params,
-                                     [row_seed(self.seed, f"{e.id}:{turn}") & 0x7FFFFFFF for e in live])
-            codes = [self._api_turn(e, c.text or "", c.tool_calls or []) for e, c in zip(live, outs, strict=True)]
-            futures = {e.id: self._pool.submit(self.sandbox.run, code) for e, code in zip(live, codes, strict=True)
-                       if code is not None}
-            for e, code in zip(live, codes, strict=True):
-                if code is not None:
-                    self._tool_turn(e, code, futures[e.id].result())
-                    e.wire.append({"role": "tool", "tool_call_id": e.call_id, "content": e.messages[-1]["content"]})
-                if not e.done and len(e.prompt_ids) + len(e.ids) >= self.max_tokens:
-                    e.end = "context"
-            if log is not None:
-                log(f"  turn {turn + 1}: {len(live)} episodes, {sum(c is not None for c in codes)} code runs, "
-                    f"{time.perf_counter() - t0:.0f}s")
-        for e in episodes:
-            if not e.done:
-                e.end = "max_turns"
-            if e.answer is not None:
-                e.verified = check(e.task, e.answer, self.sandbox)
-        return episodes
+        outs = self.api.complete([e.wire for e in live], self.params,
+                                 [row_seed(self.seed, f"{e.id}:{turn}") & 0x7FFFFFFF for e in live])
+        return [self._api_turn(e, c.text or "", c.tool_calls or []) for e, c in zip(live, outs, strict=True)]
+
+    def _no_action(self, e: Episode) -> None:
+        """Recorded in `_api_turn` already."""
+
+    def _after_tool(self, e: Episode, msg: dict) -> None:
+        e.wire.append({"role": "tool", "tool_call_id": e.call_id, "content": msg["content"]})
 
     def _api_turn(self, e: Episode, text: str, calls: list[dict]) -> str | None:
         """Record one API turn in the canonical form; returns the code to run, else None (the turn's
@@ -148,7 +130,7 @@ class ApiEpisodeRunner(EpisodeRunner):
             self._append(e, self._ids(self._after_eos(turn_suffix(self.tok, None))), 0)
         elif calls and code is None:  # a malformed call: the error is the tool's answer
             self._observe(e, f"Error: {error}")
-            e.wire.append({"role": "tool", "tool_call_id": e.call_id, "content": e.messages[-1]["content"]})
+            self._after_tool(e, e.messages[-1])
         elif not calls:
             self._observe(e, NO_ACTION)
             e.wire.append({"role": "user", "content": NO_ACTION})
@@ -158,7 +140,3 @@ class ApiEpisodeRunner(EpisodeRunner):
         msg = {"role": "tool", "content": text}
         e.messages.append(msg)
         self._append(e, self._ids(self._after_eos(turn_suffix(self.tok, msg))), 0)
-
-    def _after_eos(self, suffix: str) -> str:
-        eos_text = self.tok.decode([self.teacher.eos_ids[0]], skip_special_tokens=False)
-        return suffix[len(eos_text):] if suffix.startswith(eos_text) else suffix
