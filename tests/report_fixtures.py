@@ -1,13 +1,9 @@
-"""What the report tests share: an HTML reader for the page's tables, images and token spans, and the
-Chromium binary (a plain module, so test files import from here and never from each other)."""
+"""What the report tests share: an HTML reader for the page's tables, images and token spans (a plain
+module, so test files import from here and never from each other; Chromium is in browser_fixtures)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from html.parser import HTMLParser
-
-import pytest
 
 
 class Page(HTMLParser):
@@ -50,21 +46,3 @@ class Page(HTMLParser):
 
 def cells_by_key(row):
     return {a["data-key"]: (a.get("data-value"), text) for a, text in row["cells"] if "data-key" in a}
-
-
-def chromium() -> str:
-    """The Chromium binary; a failure when CI=1 or POTSTILL_REQUIRE_CHROMIUM=1 asks for it, else a skip."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path:
-        return path
-    required = os.environ.get("CI") == "1" or os.environ.get("POTSTILL_REQUIRE_CHROMIUM") == "1"
-    message = "chromium is not installed (apt-get install chromium; `make test` does it)"
-    if required:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def chromium_flags(profile) -> list[str]:
-    """Headless Chromium with nothing going out, a throw-away profile at `profile`."""
-    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}"]

@@ -13,7 +13,8 @@ import pytest
 
 from potstill.agent.sandbox import detect_isolation
 from tests.agent_fixtures import SCRIPTS, TASKS, ScriptedTeacher, write_tasks
-from tests.report_fixtures import Page, cells_by_key, chromium, chromium_flags
+from tests.browser_fixtures import chromium, headless_flags
+from tests.report_fixtures import Page, cells_by_key
 from tests.tiny import make_tiny_model
 
 
@@ -91,7 +92,7 @@ def test_agent_plot_intervals_are_wilson_for_each_n():
 def test_agent_report_renders_in_chromium(agent_report, tmp_path):
     exe = chromium()
     url = (agent_report / "report.html").resolve().as_uri()
-    flags = chromium_flags(tmp_path / "p")
+    flags = headless_flags(tmp_path)
     dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)

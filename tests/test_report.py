@@ -22,8 +22,9 @@ import torch
 import yaml
 
 from potstill.errors import PotstillError
+from tests.browser_fixtures import chromium, headless_flags
 from tests.pipeline_fixtures import PROMPTS, gen_cfg, train_cfg
-from tests.report_fixtures import Page, cells_by_key, chromium, chromium_flags
+from tests.report_fixtures import Page, cells_by_key
 
 ROOT = Path(__file__).parents[1]
 IMAGES = {"plot-eval": "eval_metrics.png", "plot-pareto": "pareto.png", "plot-training": "training_curves.png",
@@ -241,7 +242,7 @@ def test_report_renders_in_chromium(report, tmp_path):
     exe = chromium()
     out, _ = report
     url = (out / "report.html").resolve().as_uri()
-    flags = chromium_flags(tmp_path / "profile")
+    flags = headless_flags(tmp_path)
     dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)
@@ -294,7 +295,7 @@ def test_report_on_embedded_teacher(tmp_path):
     assert any("SmolLM2-135M-Instruct" in text for t in prov for r in t["rows"] for _, text in r["cells"])
     exe = chromium()
     shot = tmp_path / "report.png"
-    flags = chromium_flags(tmp_path / "profile")
+    flags = headless_flags(tmp_path)
     res = subprocess.run([exe, *flags, f"--screenshot={shot}", "--window-size=1280,4000",
                           (out / "report.html").resolve().as_uri()], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]

@@ -186,7 +186,13 @@ def train(config_file, **flags):
     """Train a student on a capture with a distillation loss; saves a Hugging Face model dir."""
     from potstill.train.loop import train as run_train
 
-    run_train(make_config(TrainConfig, "train", config_file, flags))
+    cfg = make_config(TrainConfig, "train", config_file, flags)
+    teacher = None
+    if cfg.mode != "offline":  # online modes are handed their live teacher, built once here
+        from potstill.teachers.hf import HFTeacher
+
+        teacher = HFTeacher.load(cfg.teacher, dtype=cfg.teacher_dtype)
+    run_train(cfg, teacher=teacher)
 
 
 @app.command("eval")
@@ -268,7 +274,7 @@ def bench_watermark_cmd(args):
 
 
 # verbs that live in their own modules, each with a `register(app)`
-for _module in ("cli_guard", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
+for _module in ("cli_guard", "cli_case", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 

@@ -156,7 +156,7 @@ def register(app: click.Group) -> None:
         from transformers import AutoTokenizer
 
         from potstill.guard.watermark import detect_text
-        from potstill.teachers.hf import resolve_model_dir
+        from potstill.lm.loading import resolve_model_dir
 
         try:
             raw = sys.stdin.read() if text_file == "-" else Path(text_file).read_text()

@@ -19,7 +19,8 @@ import json
 from potstill.agent.episode import FINAL_RE, Episode, EpisodeRunner, turn_suffix
 from potstill.agent.sandbox import Sandbox
 from potstill.errors import PotstillError
-from potstill.teachers.base import SamplingParams
+from potstill.lm.tokens import row_seed
+from potstill.lm.types import SamplingParams
 
 TOOL_NAME = "run_python"
 TOOLS = [{"type": "function", "function": {
@@ -87,8 +88,6 @@ class ApiEpisodeRunner(EpisodeRunner):
         return e
 
     def _turns(self, live: list[Episode], turn: int) -> list[str | None]:
-        from potstill.teachers.hf import row_seed
-
         outs = self.api.complete([e.wire for e in live], self.params,
                                  [row_seed(self.seed, f"{e.id}:{turn}") & 0x7FFFFFFF for e in live])
         return [self._api_turn(e, c.text or "", c.tool_calls or []) for e, c in zip(live, outs, strict=True)]

@@ -66,7 +66,7 @@ def load_agent_teacher(cfg):
     """A local HFTeacher, or for an http(s) URL an HTTPTeacher offered the run_python function."""
     if cfg.teacher.startswith(("http://", "https://")):
         from potstill.agent.api_episode import TOOLS
-        from potstill.teachers.hf import resolve_model_dir
+        from potstill.lm.loading import resolve_model_dir
         from potstill.teachers.http import HTTPTeacher
 
         if not cfg.tokenizer:
@@ -109,7 +109,7 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     from potstill.agent.tasks import load_tasks, tasks_hash
     from potstill.capture.codec import get_codec
     from potstill.capture.store import CaptureWriter, row_id
-    from potstill.teachers.base import SamplingParams
+    from potstill.lm.types import SamplingParams
     from potstill.utils import quiet_transformers
 
     tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks)  # bad input first

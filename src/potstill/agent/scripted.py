@@ -18,7 +18,7 @@ import re
 
 from potstill.agent.tasks import UNITS, Task
 from potstill.errors import PotstillError
-from potstill.teachers.base import Completion
+from potstill.lm.types import Completion
 
 PLAN = "I will compute it with Python.\n```python\n"
 
