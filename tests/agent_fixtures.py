@@ -44,3 +44,19 @@ class ScriptedTeacher(HFTeacher):
 def write_tasks(path, tasks: list[dict]) -> str:
     path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
     return str(path)
+
+
+# the scripted episodes of the agent tests: a solved task, a wrong answer that read a secret, an endless loop
+SCRIPTS = {
+    "What is 6 times 7?": ["I will compute it.\n```python\nprint(6 * 7)\n```\n", "Final answer: 42"],
+    "What is 2 to the 10?": ["```python\nimport os\nprint(os.environ.get('AGENT_SECRET'))\nprint(2 ** 10)\n```\n",
+                             "Final answer: 1000"],
+    "Loop forever?": ["```python\nwhile True:\n    pass\n```\n", "hmm"],
+}
+TASKS = [
+    {"id": "mul", "kind": "arithmetic", "question": "What is 6 times 7?", "answer": "42", "checker": {"type": "number"}},
+    {"id": "pow", "kind": "arithmetic", "question": "What is 2 to the 10?", "answer": "1024",
+     "checker": {"type": "number"}},
+    {"id": "loop", "kind": "custom", "question": "Loop forever?", "answer": "no", "checker": {"type": "exact"}},
+    {"id": "held", "kind": "custom", "question": "never asked", "answer": "x", "split": "heldout"},
+]

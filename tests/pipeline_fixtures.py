@@ -46,3 +46,27 @@ def slow_writes(seconds: float) -> str:
         "_add = _store.CaptureWriter.add\n"
         f"_store.CaptureWriter.add = lambda self, row: (time.sleep({seconds}), _add(self, row))[1]\n"
     )
+
+
+def kill9_after_shards(proc, out, shards: int = 1, timeout: float = 120.0) -> None:
+    """Wait until the child process `proc` has `shards` complete capture shards under `out` (listed in the
+    manifest, which is replaced atomically after a shard is written), then SIGKILL it and reap it. Fails when
+    the child ended first: a kill test must kill mid-capture."""
+    import json
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    def listed() -> int:
+        try:
+            return len(json.loads((Path(out) / "manifest.json").read_text()).get("shards", []))
+        except (OSError, ValueError):
+            return 0
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and listed() < shards:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the child finished (or died) before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -12,22 +12,8 @@ from potstill.agent.sandbox import detect_isolation
 from potstill.capture.store import Capture
 from potstill.errors import PotstillError
 from potstill.train.data import collate, examples_from_capture
-from tests.agent_fixtures import ScriptedTeacher, write_tasks
+from tests.agent_fixtures import SCRIPTS, TASKS, ScriptedTeacher, write_tasks
 from tests.tiny import make_tiny_model
-
-SCRIPTS = {
-    "What is 6 times 7?": ["I will compute it.\n```python\nprint(6 * 7)\n```\n", "Final answer: 42"],
-    "What is 2 to the 10?": ["```python\nimport os\nprint(os.environ.get('AGENT_SECRET'))\nprint(2 ** 10)\n```\n",
-                             "Final answer: 1000"],
-    "Loop forever?": ["```python\nwhile True:\n    pass\n```\n", "hmm"],
-}
-TASKS = [
-    {"id": "mul", "kind": "arithmetic", "question": "What is 6 times 7?", "answer": "42", "checker": {"type": "number"}},
-    {"id": "pow", "kind": "arithmetic", "question": "What is 2 to the 10?", "answer": "1024",
-     "checker": {"type": "number"}},
-    {"id": "loop", "kind": "custom", "question": "Loop forever?", "answer": "no", "checker": {"type": "exact"}},
-    {"id": "held", "kind": "custom", "question": "never asked", "answer": "x", "split": "heldout"},
-]
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 from potstill.config import EvalConfig, GenerateConfig
 from potstill.errors import PotstillError
-from tests.pipeline_fixtures import PROMPTS, gen_cfg, slow_writes, train_cfg
+from tests.pipeline_fixtures import PROMPTS, gen_cfg, kill9_after_shards, slow_writes, train_cfg
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +70,7 @@ def test_generate_resumes_after_kill9(tmp_path, tiny_model_dir, prompts_file, ca
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tiny_model_dir), str(prompts_file), str(out)], env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("shard-*.parquet")):
-        time.sleep(0.02)
-    assert proc.poll() is None, "the child finished (or died) before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill9_after_shards(proc, out)
     shards_before = list(out.glob("shard-*.parquet"))
     assert shards_before, "the child never wrote a shard"
     assert len(shards_before) < len(PROMPTS) // 4  # shard_rows=4: the kill came before the last shard

@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 from dataclasses import asdict
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import yaml
 from potstill.errors import PotstillError
 from tests.browser_fixtures import chromium, headless_flags
 from tests.pipeline_fixtures import PROMPTS, gen_cfg, train_cfg
+from tests.report_fixtures import Page, cells_by_key
 
 ROOT = Path(__file__).parents[1]
 IMAGES = {"plot-eval": "eval_metrics.png", "plot-pareto": "pareto.png", "plot-training": "training_curves.png",
@@ -61,48 +61,6 @@ def report(runs, tmp_path_factory):
     result = build_report([str(r) for r in runs], ReportConfig(out=str(out), title=TITLE, examples=20,
                                                               max_new_tokens=6), log=lambda *_: None)
     return out, result
-
-
-class Page(HTMLParser):
-    """Tables (rows of (attrs, text) cells), images and token spans of an HTML page."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.tables, self.imgs, self.spans, self.links = [], [], [], []
-        self._cell = None
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self.tables.append({"attrs": a, "rows": []})
-        elif tag == "tr" and self.tables:
-            self.tables[-1]["rows"].append({"attrs": a, "cells": []})
-        elif tag in ("td", "th") and self.tables:
-            self._cell = [a, ""]
-        elif tag == "img":
-            self.imgs.append(a)
-        elif tag == "span" and "data-p" in a:
-            self.spans.append(a)
-        if "href" in a or ("src" in a and tag != "img"):
-            self.links.append(a.get("href") or a.get("src"))
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell[1] += data
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self.tables[-1]["rows"][-1]["cells"].append(tuple(self._cell))
-            self._cell = None
-
-    def table(self, cls, run=None):
-        return [t for t in self.tables if t["attrs"].get("class") == cls
-                and (run is None or t["attrs"].get("data-run") == run)]
-
-
-def cells_by_key(row):
-    return {a["data-key"]: (a.get("data-value"), text) for a, text in row["cells"] if "data-key" in a}
 
 
 def test_eval_tables_match_eval_json(report, runs):

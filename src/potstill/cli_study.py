@@ -2,6 +2,7 @@
 
     potstill study transfer --seeds 3 --max-tokens 32000        # KD vs teacher text vs human text
     potstill study collapse --generations 3                     # distil a distillation, N times
+    potstill study agent-anchor --max-steps 40                  # agents: SFT on text vs top-k KD
 
 Flags come from the typed configs in studies/transfer.py and studies/collapse.py (`--config FILE.yaml`
 works as for the other verbs); the library does the work, this prints the tables.
@@ -13,6 +14,7 @@ import sys
 
 import click
 
+from potstill.studies.agent_anchor import AgentAnchorConfig
 from potstill.studies.collapse import CollapseConfig
 from potstill.studies.transfer import TransferConfig
 
@@ -47,6 +49,20 @@ def register(app: click.Group) -> None:
         cfg = make_config(CollapseConfig, "collapse", config_file, flags)
         result = run_collapse(cfg)
         _show(collapse_table(result), "potstill study collapse", [], cfg.out, ["results.json", "table.md", "drift.png"])
+
+
+    @study.command("agent-anchor")
+    @config_options(AgentAnchorConfig)
+    def agent_anchor_cmd(config_file, **flags):
+        """Agents: SFT on verified trajectories' text (the anchor) vs top-k KD, same init, then agent eval."""
+        from potstill.studies.agent_anchor import anchor_rows, run_agent_anchor
+
+        cfg = make_config(AgentAnchorConfig, "agent_anchor", config_file, flags)
+        result = run_agent_anchor(cfg)
+        d = result["discordant"]
+        _show(anchor_rows(result), "potstill study agent-anchor",
+              [f"tool mode, same tasks: SFT only {d.get('sft_only')}, KD only {d.get('kd_only')}, both {d.get('both')}"],
+              cfg.out, ["results.json", "table.md", "eval/"])
 
 
 def _show(table, title: str, lines: list[str], out: str, files: list[str]) -> None:

@@ -67,6 +67,8 @@ class Episode:
     verified: bool = False
     end: str = ""  # answer | max_turns | context | no_answer
     ended_eos: bool = False  # the last model turn ended with the model's own end-of-turn token
+    wire: list[dict] = field(default_factory=list)  # an API teacher's messages as sent (api_episode.py)
+    call_id: str | None = None  # the API function call the next tool message answers
 
     @property
     def done(self) -> bool:
@@ -143,29 +145,36 @@ class EpisodeRunner:
             if not live:
                 break
             t0 = time.perf_counter()
-            outs = self.teacher.complete_ids([e.prompt_ids + e.ids for e in live], self.params,
-                                             [row_seed(self.seed, f"{e.id}:{turn}") for e in live],
-                                             batch_size=self.batch_size, include_eos=True)
-            runs = [self._model_turn(e, c) for e, c in zip(live, outs, strict=True)]
+            before = sum(e.model_tokens for e in live)
+            runs = self._turns(live, turn)
             futures = {e.id: self._pool.submit(self.sandbox.run, code) for e, code in zip(live, runs, strict=True)
                        if code is not None}
             for e, code in zip(live, runs, strict=True):
                 if code is not None:
                     self._tool_turn(e, code, futures[e.id].result())
                 elif not e.done:
-                    self._tool_turn(e, None, None)
+                    self._no_action(e)
                 if not e.done and len(e.prompt_ids) + len(e.ids) >= self.max_tokens:
                     e.end = "context"
             if log is not None:
-                written = sum(len(c.completion_ids) for c in outs)
-                log(f"  turn {turn + 1}: {len(live)} episodes, {written} tokens written, "
-                    f"{sum(c is not None for c in runs)} code runs, {time.perf_counter() - t0:.0f}s")
+                log(f"  turn {turn + 1}: {len(live)} episodes, {sum(e.model_tokens for e in live) - before} tokens "
+                    f"written, {sum(c is not None for c in runs)} code runs, {time.perf_counter() - t0:.0f}s")
         for e in episodes:
             if not e.done:
                 e.end = "max_turns"
             if e.answer is not None:
                 e.verified = check(e.task, e.answer, self.sandbox)
         return episodes
+
+    def _turns(self, live: list[Episode], turn: int) -> list[str | None]:
+        """One model turn for each live episode, recorded; the code each one runs (None: none)."""
+        outs = self.teacher.complete_ids([e.prompt_ids + e.ids for e in live], self.params,
+                                         [row_seed(self.seed, f"{e.id}:{turn}") for e in live],
+                                         batch_size=self.batch_size, include_eos=True)
+        return [self._model_turn(e, c) for e, c in zip(live, outs, strict=True)]
+
+    def _no_action(self, e: Episode) -> None:
+        self._tool_turn(e, None, None)
 
     # -- one turn --------------------------------------------------------------------------------
 
@@ -235,10 +244,16 @@ class EpisodeRunner:
         msg = {"role": "tool", "content": obs}
         e.messages.append(msg)
         suffix = turn_suffix(self.tok, msg)
+        self._append(e, self._ids(self._after_eos(suffix) if e.ended_eos else suffix), 0)
+        self._after_tool(e, msg)
+
+    def _after_tool(self, e: Episode, msg: dict) -> None:
+        """Hook: a tool turn was recorded (the API runner sends it on the wire)."""
+
+    def _after_eos(self, suffix: str) -> str:
+        """Template text after a turn that the model already ended with its own end-of-turn token."""
         eos_text = self.tok.decode([self.teacher.eos_ids[0]], skip_special_tokens=False)
-        if e.ended_eos and suffix.startswith(eos_text):
-            suffix = suffix[len(eos_text):]
-        self._append(e, self._ids(suffix), 0)
+        return suffix[len(eos_text):] if suffix.startswith(eos_text) else suffix
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])

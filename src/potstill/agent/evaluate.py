@@ -4,11 +4,13 @@ Per model and mode (tool / no tool), greedy, one episode per task (pass@1): succ
 Wilson 95% interval (n = tasks), split into held-out instances of seen templates ("heldout") and
 unseen templates ("heldout_template"); mean turns; the share of well-formed tool calls (code that
 compiles) among tool calls; sandbox errors (runs that did not exit 0); tokens per episode.
-Writes results.json and table.md under --out (temp file, then rename).
+Writes results.json, table.md, pass_at_1.png (pass@1 per model with and without the tool, Wilson
+intervals) and episodes.jsonl (one line per episode) under --out (temp file, then rename).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -100,7 +102,9 @@ def evaluate_model(model, label: str, tasks: list, sandbox, cfg: AgentEvalConfig
             episodes = runner.run([runner.new(f"{label}:{mode}:{t.id}", t, 0) for t in tasks])
         finally:
             runner.close()
-        m = metrics([e.summary() for e in episodes], splits)
+        summaries = [{**e.summary(), "model": label, "mode": mode} for e in episodes]
+        row.setdefault("episodes", []).extend(summaries)
+        m = metrics(summaries, splits)
         m["seconds"] = round(time.perf_counter() - t0, 1)
         row[mode] = m
         log(f"{label} [{mode}]: pass@1 {m['solved']}/{m['n']} = {m['pass@1']} {m['pass@1_ci95']}, "
@@ -132,14 +136,22 @@ def run_agent_eval(cfg: AgentEvalConfig, log=print, models: dict[str, Any] | Non
         if isinstance(model, str):
             model = HFTeacher.load(model, dtype=cfg.dtype)
         rows.append(evaluate_model(model, label, tasks, sandbox, cfg, log))
+    episodes = [e for r in rows for e in r.pop("episodes")]
     result = {"tasks": cfg.tasks, "splits": cfg.splits, "n_tasks": len(tasks), "sandbox": sandbox.describe(),
               "rows": rows, "config": cfg.__dict__}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "episodes.jsonl") as tmp:  # one line per episode: paired comparisons between models
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in episodes))
     write_json(out / "results.json", result)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(markdown_table(result))
-    log(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+    from potstill.evaluate.report_plots import agent_pass_bars
+
+    png = agent_pass_bars([(r["model"], r) for r in rows])
+    with atomic_path(out / "pass_at_1.png") as tmp:
+        tmp.write_bytes(png)
+    log(f"wrote {out / 'results.json'}, {out / 'table.md'} and {out / 'pass_at_1.png'}")
     return result
 
 

@@ -23,7 +23,10 @@ from potstill.errors import PotstillError
 @dataclass
 class AgentGenerateConfig:
     tasks: str = opt("builtin:potstill_tools", "Tasks: 'builtin:potstill_tools[:N]' or a JSONL task file.")
-    teacher: str = derive(GenerateConfig, "teacher", note="Agent episodes need a local one (no URL).")
+    teacher: str = derive(GenerateConfig, "teacher", note="An API teacher needs function calling (the tool is then a "
+                                                          "run_python call).")
+    model: str | None = derive(GenerateConfig, "model")
+    tokenizer: str | None = derive(GenerateConfig, "tokenizer", note="API teacher: the trajectories are stored in it.")
     out: str = opt("runs/agentcap", "Capture directory (created; an existing one is resumed).")
     samples: int = derive(GenerateConfig, "samples", 4, "Here: episodes per task (self-consistency; verified ones are kept).")
     max_turns: int = opt(4, "Most assistant turns per episode.")
@@ -59,6 +62,21 @@ def make_sandbox(cfg):
     return Sandbox(limits, allow_unsafe=cfg.unsafe_sandbox)
 
 
+def load_agent_teacher(cfg):
+    """A local HFTeacher, or for an http(s) URL an HTTPTeacher offered the run_python function."""
+    if cfg.teacher.startswith(("http://", "https://")):
+        from potstill.agent.api_episode import TOOLS
+        from potstill.lm.loading import resolve_model_dir
+        from potstill.teachers.http import HTTPTeacher
+
+        if not cfg.tokenizer:
+            raise PotstillError("agent generate: an API teacher needs --tokenizer (trajectories are stored as token ids)")
+        return HTTPTeacher(cfg.teacher, model=cfg.model, tokenizer=str(resolve_model_dir(cfg.tokenizer)), tools=TOOLS)
+    from potstill.teachers.hf import HFTeacher
+
+    return HFTeacher.load(cfg.teacher, dtype=cfg.dtype)
+
+
 def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None) -> list:
     out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)]
     if not out:
@@ -86,6 +104,7 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     """Run the episodes and write the capture. Returns the final manifest."""
     import pyarrow as pa
 
+    from potstill.agent.api_episode import ApiEpisodeRunner
     from potstill.agent.episode import EpisodeRunner, episode_row, start_messages
     from potstill.agent.tasks import load_tasks, tasks_hash
     from potstill.capture.codec import get_codec
@@ -97,28 +116,33 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     sandbox = make_sandbox(cfg)
     log(f"sandbox: isolation={sandbox.isolation}")
     quiet_transformers()
+    api = cfg.teacher.startswith(("http://", "https://")) if teacher is None else bool(getattr(teacher, "tools", None))
     if teacher is None:
-        from potstill.teachers.hf import HFTeacher
-
-        teacher = HFTeacher.load(cfg.teacher, dtype=cfg.dtype)
+        teacher = load_agent_teacher(cfg)
+    if api and cfg.top_k:
+        log("API teacher: function-call arguments come without log-probs; the capture is text-only "
+            "(train it with --loss ce)")
+    top_k = 0 if api else cfg.top_k
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_logprobs=cfg.top_k, seed=cfg.seed)
+                            top_logprobs=top_k, seed=cfg.seed)
     identity = teacher.identity()
-    codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=cfg.top_k)
-    sampling = {**params.to_dict(), "max_turns": cfg.max_turns, "max_tokens": cfg.max_tokens, "tool": "python"}
+    codec = get_codec(cfg.codec if top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=top_k)
+    sampling = {**params.to_dict(), "max_turns": cfg.max_turns, "max_tokens": cfg.max_tokens,
+                "tool": "run_python function" if api else "python"}
     manifest = {
         "kind": "agent",
         "teacher": identity,
         "sampling": sampling,
-        "k": cfg.top_k,
+        "k": top_k,
         "samples_per_prompt": cfg.samples,
         "prompts": {"source": cfg.tasks, "sha256": tasks_hash(tasks), "count": len(tasks), "kinds": cfg.kinds},
         "split": {"seed": cfg.seed, "rule": "verified -> train, others -> rejected; tasks of split 'train' only"},
         "sandbox": sandbox.describe(),
         "eos_in_completion": True,
     }
-    runner = EpisodeRunner(teacher, sandbox, params, max_turns=cfg.max_turns, max_tokens=cfg.max_tokens,
-                           seed=cfg.seed, batch_size=cfg.batch_size)
+    runner = (ApiEpisodeRunner if api else EpisodeRunner)(teacher, sandbox, params, max_turns=cfg.max_turns,
+                                                          max_tokens=cfg.max_tokens, seed=cfg.seed,
+                                                          batch_size=cfg.batch_size)
     role_field = pa.field("role_mask", pa.list_(pa.uint8()))
     summaries: list[dict] = []
     t0 = time.perf_counter()

@@ -82,17 +82,23 @@ def build_report(run_dirs: list[str], cfg: ReportConfig, log=print) -> dict[str,
         "eval_metrics.png": P.eval_bars(bars),
         "pareto.png": P.pareto_plot(points, teachers, cfg.quality, quality_label),
         "capture_entropy.png": P.entropy_hist([(n, s["_entropies"]) for n, s in stats.items()]),
+        "agent_pass_at_1.png": P.agent_pass_bars([(f"{r.name}: {row['model']}", row) for r in runs
+                                                  for row in (r.agent_eval or {}).get("rows", [])]),
     }
     log(f"report: plots drawn ({time.perf_counter() - t0:.1f}s)")
 
     evals = "".join(f"<h3>{H.esc(r.name)}</h3>" + H.eval_table(r.name, r.eval["rows"]) for r in runs if r.eval)
-    no_eval = [r.name for r in runs if not r.eval]
+    no_eval = [r.name for r in runs if not r.eval and not r.agent_eval]
     if no_eval:
         evals += f'<p class="small">no eval.json for: {H.esc(", ".join(no_eval))}</p>'
     comparable = "" if len({r.capture.resolve() if r.capture else None for r in runs}) <= 1 else (
         '<p class="small">the runs were measured on different captures: fidelity numbers compare students '
         "with their own run's teacher and held-out split</p>")
+    agents = [r for r in runs if r.agent_eval]
     sections = [
+        *([("agents", "Agents", H.agent_section([(r.name, r.agent_eval) for r in agents])
+            + H.img(pngs["agent_pass_at_1.png"], "plot-agents", "agent pass@1 with and without the tool"))]
+          if agents else []),
         ("eval", "Teacher vs students", (evals or '<p class="small">(no eval results)</p>')
          + H.img(pngs["eval_metrics.png"], "plot-eval", "eval metrics per model")),
         ("pareto", "Quality vs speed and size",
@@ -124,6 +130,7 @@ def build_report(run_dirs: list[str], cfg: ReportConfig, log=print) -> dict[str,
         "config": asdict(cfg),
         "runs": [{"name": r.name, "path": str(r.path), "kind": r.kind,
                   "eval_rows": (r.eval or {}).get("rows"),
+                  "agent_eval_rows": (r.agent_eval or {}).get("rows"),
                   "capture": {k: v for k, v in stats[r.name].items() if not k.startswith("_")} if r.name in stats else None,
                   "students": [s.label for s in r.students],
                   "examples": examples[r.name]} for r in runs],

@@ -45,6 +45,8 @@ class Run:
     eval: dict[str, Any] | None = None
     eval_path: Path | None = None
     recipe_text: str | None = None
+    agent_eval: dict[str, Any] | None = None  # `potstill agent eval` results.json (an agent run)
+    agent_eval_path: Path | None = None
 
     def eval_row(self, label: str) -> dict[str, Any] | None:
         for row in (self.eval or {}).get("rows", []):
@@ -100,15 +102,28 @@ def _is_student(p: Path) -> bool:
     return (p / "config.json").exists() and any((p / n).exists() for n in ("metrics.jsonl", "provenance.json"))
 
 
+def agent_eval_path(p: Path) -> Path | None:
+    """An agent eval's results.json in `p` or `p/eval` (rows with per-mode 'tool' metrics), if any."""
+    for e in (p / "eval" / "results.json", p / "results.json"):
+        if e.exists():
+            data = read_json(e)
+            rows = data.get("rows") if isinstance(data, dict) else None
+            if isinstance(rows, list) and rows and all(isinstance(r, dict) and isinstance(r.get("tool"), dict)
+                                                       for r in rows):
+                return e
+    return None
+
+
 def load_run(path: str | Path) -> Run:
     """Read one run (or bare student / eval / capture directory); one-line PotstillError if it is none."""
     p = Path(path)
     if not p.is_dir():
         raise PotstillError("no such directory", where=str(p))
     eval_path = next((e for e in (p / "eval.json", p / "eval" / "eval.json") if e.exists()), None)
+    agent_path = agent_eval_path(p)
     if (p / "capture").is_dir() or (p / "student").is_dir() or (p / "recipe.resolved.yaml").exists():
         kind = "run"
-    elif eval_path is not None:
+    elif eval_path is not None or agent_path is not None:
         kind = "eval"
     elif _is_student(p):
         kind = "student"
@@ -117,7 +132,9 @@ def load_run(path: str | Path) -> Run:
     else:
         raise PotstillError("not a potstill run, student, eval or capture directory (no capture/, student/, "
                             "eval.json, recipe.resolved.yaml, metrics.jsonl or manifest.json)", where=str(p))
-    run = Run(name=p.resolve().name, path=p, kind=kind, eval_path=eval_path)
+    run = Run(name=p.resolve().name, path=p, kind=kind, eval_path=eval_path, agent_eval_path=agent_path)
+    if agent_path is not None:
+        run.agent_eval = read_json(agent_path)
     if eval_path is not None:
         run.eval = read_json(eval_path)
         if not isinstance(run.eval, dict) or not isinstance(run.eval.get("rows"), list):

@@ -26,6 +26,30 @@ def eval_table(run_name: str, rows: list[dict[str, Any]]) -> str:
     return f'<table class="eval" data-run="{esc(run_name)}">{head}{"".join(body)}</table>{note}'
 
 
+def agent_section(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """`potstill agent eval` results per run: its table (agent/evaluate.py's columns), exact pass@1 in data-value."""
+    from potstill.agent.evaluate import table_rows
+
+    out = []
+    for name, result in runs:
+        head, body = table_rows(result)
+        rows = []
+        for r, cells in zip(result["rows"], body, strict=True):
+            tds = [f"<td>{esc(cells[0])}</td>"]
+            for h, c in zip(head[1:], cells[1:], strict=True):
+                mode = {"pass@1 tool": "tool", "pass@1 no tool": "no_tool"}.get(h)
+                tds.append(num_cell(f"pass@1[{mode}]", r[mode]["pass@1"], c) if mode else f'<td class="num">{esc(c)}</td>')
+            rows.append(f'<tr data-model="{esc(r["model"])}">{"".join(tds)}</tr>')
+        iso = (result.get("sandbox") or {}).get("isolation")
+        out.append(f"<h3>{esc(name)}</h3>"
+                   f'<p class="small">{esc(result.get("n_tasks"))} held-out tasks from {esc(result.get("tasks"))} '
+                   f'({esc(", ".join(result.get("splits") or []))}), greedy, one episode per task; 95 % Wilson '
+                   f"intervals; sandbox isolation: {esc(iso)}</p>"
+                   f'<table class="agent" data-run="{esc(name)}"><tr>{"".join(f"<th>{esc(h)}</th>" for h in head)}</tr>'
+                   f'{"".join(rows)}</table>')
+    return "".join(out)
+
+
 def pareto_table(points: list[dict[str, Any]], quality_label: str) -> str:
     head = (f"<tr><th>run</th><th>student</th><th>{esc(quality_label)}</th><th>gen tok/s</th><th>size MB</th>"
             "<th>front: speed</th><th>front: size</th></tr>")

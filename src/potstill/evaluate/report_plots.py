@@ -144,3 +144,38 @@ def entropy_hist(stats: list[tuple[str, np.ndarray]]) -> bytes | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return to_png(fig)
+
+
+def agent_pass_bars(entries: list[tuple[str, dict[str, Any]]]) -> bytes | None:
+    """Agent eval: pass@1 with and without the tool per model, with each rate's 95 % interval (Wilson,
+    from its own n). entries: (label, agent eval row with 'tool' / 'no_tool' metrics)."""
+    entries = [(label, row) for label, row in entries if isinstance(row.get("tool"), dict)]
+    if not entries:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(entries) + 2.0), 3.8))
+    x = np.arange(len(entries))
+    for j, (mode, name, color) in enumerate((("tool", "with the tool", "C0"), ("no_tool", "without", "C7"))):
+        rates, lo, hi, ns = [], [], [], []
+        for _, row in entries:
+            m = row.get(mode) or {}
+            r, ci = m.get("pass@1"), m.get("pass@1_ci95") or [None, None]
+            rates.append(np.nan if r is None else r)
+            lo.append(0.0 if r is None or ci[0] is None else r - ci[0])
+            hi.append(0.0 if r is None or ci[1] is None else ci[1] - r)
+            ns.append(m.get("n"))
+        pos = x + (j - 0.5) * 0.38
+        ax.bar(pos, rates, width=0.36, color=color, label=name, yerr=[lo, hi], capsize=4,
+               error_kw={"elinewidth": 1, "ecolor": "#333333"})
+        for p, r, n in zip(pos, rates, ns, strict=True):
+            if n:
+                ax.annotate(f"n={n}", (p, 0 if np.isnan(r) else r), fontsize=7, ha="center", xytext=(0, 2),
+                            textcoords="offset points")
+    ax.set_xticks(x, [_text(label) for label, _ in entries], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("pass@1 (95 % Wilson interval)")
+    ax.set_title("agent eval: held-out tasks, greedy, one episode per task")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return to_png(fig)

@@ -54,6 +54,7 @@ class Completion:
     sampled_logprob: np.ndarray | None = None  # [T] float32
     topk_ids: np.ndarray | None = None  # [T, k] int64
     topk_logprobs: np.ndarray | None = None  # [T, k] float32
+    tool_calls: list[dict] | None = None  # an API teacher's function calls ({id, type, function: {name, arguments}})
 
 
 # context (prompt + generated ids so far, one list per row), logits [B, V] -> logits [B, V]

@@ -28,7 +28,7 @@ from potstill.config import HttpConfig
 from potstill.errors import PotstillError
 from potstill.lm.tokens import row_seed, tokenizer_hash
 from potstill.lm.types import Completion, SamplingParams
-from potstill.teachers.http_dialects import ResponseMapper, TokenMapper, parse_response
+from potstill.teachers.http_dialects import ResponseMapper, TokenMapper, parse_response, tool_calls_of
 from potstill.teachers.http_transport import (
     ENDPOINTS,
     RETRY_AFTER_MAX,
@@ -69,6 +69,7 @@ class HTTPTeacher:
         backoff_base: float = _D.http_backoff_base,
         backoff_max: float = _D.http_backoff_max,
         extra_body: dict[str, Any] | None = _D.http_extra_body,
+        tools: list[dict] | None = None,
     ):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -122,6 +123,9 @@ class HTTPTeacher:
         self.cache_dir = self.transport.cache.root if self.transport.cache is not None else None
         self.max_top_logprobs = int(max_top_logprobs)
         self.extra_body = dict(extra_body or {})
+        if tools and self.endpoint != "chat":
+            raise PotstillError("tools (function calling) need the chat endpoint")
+        self.tools = list(tools or [])  # OpenAI function specs sent with every request; calls come back in Completion.tool_calls
         self.text_only = False
         self._warned_no_tokenizer = False
 
@@ -192,6 +196,8 @@ class HTTPTeacher:
         body.update(max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, seed=int(seed))
         if params.stop:
             body["stop"] = list(params.stop)
+        if self.tools:
+            body["tools"] = self.tools
         if self.endpoint == "chat":
             body.update(logprobs=True, top_logprobs=k)
         else:
@@ -261,7 +267,10 @@ class HTTPTeacher:
             raise PotstillError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         runner = self.transport.get_runner(self)
         responses = runner.run(self._complete_async(prompts, params, list(seeds)))
-        return [self._to_completion(d, m, params) for d, m in zip(responses, prompts, strict=True)]
+        outs = [self._to_completion(d, m, params) for d, m in zip(responses, prompts, strict=True)]
+        for out, data in zip(outs, responses, strict=True):
+            out.tool_calls = tool_calls_of(data)
+        return outs
 
     async def acomplete(self, prompts, params: SamplingParams, seeds: list[int] | None = None) -> list[Completion]:
         """`complete` for async callers: waits in a worker thread; requests still go out on the teacher's loop."""

@@ -221,6 +221,17 @@ def parse_response(data: dict) -> _Parsed:
     return _Parsed(text, finish, positions, _int_list(choice.get("token_ids")), prompt_ids)
 
 
+def tool_calls_of(data: dict) -> list[dict] | None:
+    """The function calls of a chat response (`choices[0].message.tool_calls`), as sent; None without any."""
+    try:
+        calls = data["choices"][0]["message"].get("tool_calls")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not isinstance(calls, list):
+        return None
+    return [c for c in calls if isinstance(c, dict)] or None
+
+
 def special_ids(tokenizer) -> set[int]:
     """Special tokens (EOS, end-of-turn, ...): the stop token a server may append is one of these."""
     ids = set(getattr(tokenizer, "all_special_ids", None) or [])
