@@ -65,6 +65,8 @@ def watermark_config(key_env, key_file, gamma, delta, context_width, self_hash, 
 
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
+    from potstill.cli import config_options, make_config
+    from potstill.guard.greenmass_config import GreenMassConfig
 
     @app.command()
     @click.argument("model", default="embedded")
@@ -185,16 +187,18 @@ def register(app: click.Group) -> None:
     @click.option("--max-tokens", default=20000, show_default=True, help="Stop after this many scored (context, token) pairs.")
     @click.option("--out", default=None, help="Write the result as JSON here.")
     @watermark_options
+    @config_options(GreenMassConfig)
     def detect(suspect, prompts, tokenizer, log_db, key_id, max_tokens, out, watermark_key_env, watermark_key_file,
-               gamma, delta, context_width, self_hash):
-        """Was SUSPECT distilled from our watermarked outputs? Exact p-value and tokens scored."""
+               gamma, delta, context_width, self_hash, config_file, **gm_flags):
+        """Was SUSPECT distilled from our watermarked outputs (even from the text alone)? p-value, controls, n."""
         from potstill.guard.suspect import run_detect
         from potstill.utils import quiet_transformers, write_json
 
         cfg = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, True)
+        gm = make_config(GreenMassConfig, "detect", config_file, gm_flags)
         quiet_transformers()
         result = run_detect(suspect, cfg, prompts=prompts, tokenizer=tokenizer, max_tokens=max_tokens,
-                            log_db=log_db, key_id=key_id)
+                            log_db=log_db, key_id=key_id, gm=gm)
         if out:
             write_json(out, result.to_dict())
         click.echo(result.summary())
