@@ -26,7 +26,8 @@ from potstill.guard.greenmass import (
     suspect_table,
 )
 from potstill.guard.watermark import Watermark, WatermarkConfig
-from tests.guard_fixtures import wm_key
+from tests.guard_fixtures import one_torch_thread, wm_key
+from tests.test_detect import tiny_llama as tiny_llama_v
 
 V = 256
 KEY = wm_key("greenmass-secret")
@@ -34,19 +35,12 @@ KEY = wm_key("greenmass-secret")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 def tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama_v(seed, vocab=V)
 
 
 @torch.no_grad()

@@ -122,6 +122,15 @@ def served_rows(capture: str | Path) -> tuple[list[list[int]], list[int], list[A
     return seqs, lens, comps
 
 
+def train_config(cfg: DetectPowerConfig, capture: str | Path, out: Path, loss: str, teacher_dir: Path):
+    """Every student of the study: the same architecture, init, data order and constant learning rate."""
+    from potstill.config import TrainConfig
+
+    return TrainConfig(capture=str(capture), out=str(out), teacher=str(teacher_dir), student=cfg.student, loss=loss,
+                       lr=cfg.lr, warmup_steps=min(5, cfg.steps[0]), max_steps=cfg.steps[-1], batch_size=cfg.batch_size,
+                       checkpoint_every=0, seed=cfg.seed, lr_schedule="constant")
+
+
 def study_key(seed: int) -> str:
     return f"detect-power-study-{seed}-" + hashlib.sha256(f"potstill-detect-power-{seed}".encode()).hexdigest()[:32]
 
@@ -180,7 +189,7 @@ def run_detect_power(cfg: DetectPowerConfig, log=print) -> dict[str, Any]:
 
     from potstill.bench.watermark import completion_nll, perplexity_stats
     from potstill.capture.generate import generate
-    from potstill.config import GenerateConfig, TrainConfig
+    from potstill.config import GenerateConfig
     from potstill.guard.watermark import Watermark, WatermarkConfig
     from potstill.students import build_student
     from potstill.teachers import load_teacher
@@ -233,10 +242,7 @@ def run_detect_power(cfg: DetectPowerConfig, log=print) -> dict[str, Any]:
         tokens = sum(len(c.completion_ids) for c in comps)
         detectors[budget] = det = Detector(cfg, wm_cfg, seqs, lens, tok)
         for loss in cfg.losses:
-            tcfg = TrainConfig(capture=str(sub), out=str(out / "runs" / f"{loss}-{budget}"), teacher=str(teacher_dir),
-                               student=cfg.student, loss=loss, lr=cfg.lr, warmup_steps=min(5, cfg.steps[0]),
-                               max_steps=cfg.steps[-1], batch_size=cfg.batch_size, checkpoint_every=0,
-                               seed=cfg.seed, lr_schedule="constant")
+            tcfg = train_config(cfg, sub, out / "runs" / f"{loss}-{budget}", loss, teacher_dir)
 
             def on_step(metrics, model, loss=loss, budget=budget, tokens=tokens, det=det) -> bool:
                 if metrics["step"] not in cfg.steps:
@@ -281,10 +287,8 @@ def run_detect_power(cfg: DetectPowerConfig, log=print) -> dict[str, Any]:
             state["table"] = det.table(model)
         return False
 
-    train(TrainConfig(capture=clean_dir, out=str(out / "runs" / "ce-clean"), teacher=str(teacher_dir), student=cfg.student,
-                      loss="ce", lr=cfg.lr, warmup_steps=min(5, cfg.steps[0]), max_steps=cfg.steps[-1],
-                      batch_size=cfg.batch_size, checkpoint_every=0, seed=cfg.seed, lr_schedule="constant"),
-          log=lambda *a, **k: None, on_step=grab)
+    train(train_config(cfg, clean_dir, out / "runs" / "ce-clean", "ce", teacher_dir), log=lambda *a, **k: None,
+          on_step=grab)
     control("ce student of unwatermarked text", state["table"], suspect="ce-clean")
     base = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
     control("unwatermarked teacher", det.table(base), suspect=str(cfg.teacher))
