@@ -240,8 +240,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     """Time the teacher's batched decode + prefill and one training step of the student (a few seconds)."""
     import torch
 
+    from potstill.lm.types import SamplingParams
     from potstill.students import build_student
-    from potstill.teachers.base import SamplingParams
     from potstill.train.loop import autocast_enabled
 
     rows = max(1, min(gen_batch, PROBE_ROWS, len(prompt_ids)))
