@@ -38,9 +38,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                      f"{w['ppl']:.2f} [{w['ppl_lo']:.2f}, {w['ppl_hi']:.2f}] vs {c['ppl']:.2f} "
                      f"[{c['ppl_lo']:.2f}, {c['ppl_hi']:.2f}] unwatermarked (90% bootstrap, {ppl['rows']} completions each): "
                      f"{ppl['cost']:+.1%}")
+    def need(n: int | None) -> str:
+        return f"from {n} served tokens" if n else "at no budget tried"
+
     for t in result.get("tokens_needed", []):
-        lines.append(f"{t['loss']} at {t['step']} steps: p < {t['alpha']:g} from {t['tokens_needed'] or 'no budget tried'} "
-                     f"served tokens (argmax: {t['argmax_tokens_needed'] or 'no budget tried'})")
+        lines.append(f"{t['loss']} at {t['step']} steps: p < {t['alpha']:g} {need(t['tokens_needed'])} "
+                     f"(argmax: {need(t['argmax_tokens_needed'])})")
     ctrl = result.get("controls", [])
     if ctrl:
         low = min(c["p_value"] for c in ctrl)
