@@ -28,12 +28,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_llama(seed: int):
+def tiny_llama(seed: int, vocab: int = V):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=V,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,

@@ -90,7 +90,8 @@ def flow(tmp_path_factory):
 
 def detect(flow, path, key=KEY):
     """Open-weights detection on the answers we served (the query log), as a model owner would run it
-    (once per suspect and key: the result is kept in the flow)."""
+    (once per suspect and key: the result is kept in the flow). The default statistic: the suspect's
+    green probability mass, calibrated on 200 random keys (guard/greenmass.py)."""
     out = path.parent / f"detect-{path.name}-{abs(hash(key)) % 1000}.json"
     if out.exists():
         return json.loads(out.read_text())
@@ -115,7 +116,7 @@ def test_capture_came_over_http_and_was_logged(flow):
 def test_fkl_student_detected(flow):
     res = detect(flow, flow["students"]["fkl"])
     print("fkl student:", res)
-    assert res["tokens_scored"] <= 20000
+    assert res["statistic"] == "mass" and res["positions"] <= 20000
     # CI scale: 48 prompts x 2 samples x <= 48 tokens served, 30 steps
     assert res["p_value"] < 1e-6
 
@@ -125,7 +126,7 @@ def test_ce_student_carries_less_watermark_than_fkl(flow):
     ce = detect(flow, flow["students"]["ce"])
     fkl = detect(flow, flow["students"]["fkl"])
     print("ce student:", ce)
-    assert ce["tokens_scored"] > 1000
+    assert ce["positions"] > 1000 and ce["null_keys"] == 200
     assert ce["log10_p"] > fkl["log10_p"]
 
 

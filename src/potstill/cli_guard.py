@@ -213,7 +213,7 @@ def register(app: click.Group) -> None:
     @config_options(DetectConfig)
     @watermark_options
     def detect(config_file, **flags):
-        """Was SUSPECT distilled from our watermarked outputs? Exact p-value and tokens scored."""
+        """Was SUSPECT distilled from our watermarked outputs (even from the text alone)? p-value, controls, n."""
         from potstill.guard.suspect import run_detect
         from potstill.utils import quiet_transformers, write_json
 
@@ -228,7 +228,7 @@ def register(app: click.Group) -> None:
                 click.echo(f"warning: {note}", err=True)
         quiet_transformers()
         result = run_detect(cfg.suspect, wm, prompts=cfg.prompts, tokenizer=cfg.tokenizer, max_tokens=cfg.max_tokens,
-                            log_db=cfg.log_db, key_id=cfg.key_id)
+                            log_db=cfg.log_db, key_id=cfg.key_id, gm=cfg)
         if cfg.out:
             write_json(cfg.out, result.to_dict())
         click.echo(result.summary())

@@ -1,8 +1,9 @@
-"""Study verbs of the CLI: `potstill study transfer` and `potstill study collapse`. Thin, like cli.py.
+"""Study verbs of the CLI: `potstill study transfer`, `collapse` and `detect-power`. Thin, like cli.py.
 
     potstill study transfer --seeds 3 --max-tokens 32000        # KD vs teacher text vs human text
     potstill study collapse --generations 3                     # distil a distillation, N times
     potstill study agent-anchor --max-steps 40                  # agents: SFT on text vs top-k KD
+    potstill study detect-power                                 # served tokens a distiller needs before we catch it
 
 Flags come from the typed configs in studies/transfer.py and studies/collapse.py (`--config FILE.yaml`
 works as for the other verbs); the library does the work, this prints the tables.
@@ -16,6 +17,7 @@ import click
 
 from potstill.studies.agent_anchor import AgentAnchorConfig
 from potstill.studies.collapse import CollapseConfig
+from potstill.studies.detect_power import DetectPowerConfig
 from potstill.studies.transfer import TransferConfig
 
 
@@ -63,6 +65,18 @@ def register(app: click.Group) -> None:
         _show(anchor_rows(result), "potstill study agent-anchor",
               [f"tool mode, same tasks: SFT only {d.get('sft_only')}, KD only {d.get('kd_only')}, both {d.get('both')}"],
               cfg.out, ["results.json", "table.md", "eval/"])
+
+    @study.command("detect-power")
+    @config_options(DetectPowerConfig)
+    def detect_power_cmd(config_file, **flags):
+        """Detection p-value (green mass vs argmax) against served tokens and steps, fkl and ce, with null controls."""
+        from potstill.studies.detect_power import run_detect_power
+        from potstill.studies.detect_power_report import power_table, summary_lines
+
+        cfg = make_config(DetectPowerConfig, "detect-power", config_file, flags)
+        result = run_detect_power(cfg)
+        _show(power_table(result), "potstill study detect-power", summary_lines(result), cfg.out,
+              ["results.json", "table.md", "power.png"])
 
 
 def _show(table, title: str, lines: list[str], out: str, files: list[str]) -> None:

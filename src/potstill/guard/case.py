@@ -158,12 +158,15 @@ def served_watermark(rows: list[dict[str, Any]], wm) -> dict[str, Any]:
 
 def suspect_evidence(cfg: CaseConfig, keys: list[str], wm, log=print) -> dict[str, Any]:
     """The suspect's radioactivity p-value on these keys' answers, and the same test under wrong keys."""
+    from potstill.guard.greenmass_config import GreenMassConfig
     from potstill.guard.suspect import run_detect
 
+    argmax = GreenMassConfig(statistic="argmax")  # the case file's columns are the count's (green, tokens_scored)
     results = []
     for k in keys:  # one key's traffic at a time: the distiller's own contexts
         try:
-            results.append(run_detect(cfg.suspect, wm, max_tokens=cfg.max_tokens, log_db=cfg.log_db, key_id=k))
+            results.append(run_detect(cfg.suspect, wm, max_tokens=cfg.max_tokens, log_db=cfg.log_db, key_id=k,
+                                      gm=argmax))
         except PotstillError as e:
             log(f"case: suspect on {k}: {e}")
     if not results:
@@ -172,7 +175,7 @@ def suspect_evidence(cfg: CaseConfig, keys: list[str], wm, log=print) -> dict[st
     controls = []
     for i in range(cfg.controls):
         wrong = replace(wm, key=secrets.token_hex(32))
-        r = run_detect(cfg.suspect, wrong, max_tokens=cfg.max_tokens, log_db=cfg.log_db, key_id=keys[0])
+        r = run_detect(cfg.suspect, wrong, max_tokens=cfg.max_tokens, log_db=cfg.log_db, key_id=keys[0], gm=argmax)
         controls.append({"control": f"random key {i + 1}", "p_value": r.p_value, "tokens_scored": r.tokens_scored})
         log(f"case: control {i + 1}/{cfg.controls}: p={r.p_value:.3g}")
     bonferroni = min(1.0, best.p_value * len(results))

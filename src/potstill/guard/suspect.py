@@ -2,10 +2,13 @@
 
 Open-weights mode: the suspect is run on the answers we served (from the query log, `--log-db`),
 or else under teacher forcing on assistant turns — the prompts'
-reference answers where they have them, then the suspect's own sampled answers — and its argmax
-prediction at each assistant position is scored against our green lists (prompt tokens are
-excluded, each (context, token) pair counts once). A model distilled from our watermarked outputs
-predicts green tokens more often than gamma; one that was not gives a uniform p-value.
+reference answers where they have them, then the suspect's own sampled answers — and at each
+assistant position (prompt tokens excluded) its next-token distribution is scored against our
+green lists: by default the green-mass statistic of guard/greenmass.py (its top-k probabilities,
+calibrated on random keys; `--controls DIR` also scores reference models that never saw our
+outputs under our key), or with `--statistic argmax` the older count of green argmax predictions
+(each (context, token) pair once, exact binomial). A model distilled from our watermarked outputs,
+even from the text alone, leans towards green tokens; one that was not gives a uniform p-value.
 Text-only mode scores the suspect's generations directly (JSONL with a `text`/`completion` field,
 or plain text with one generation per paragraph).
 """
@@ -17,11 +20,12 @@ from pathlib import Path
 
 from potstill.config import GenerateConfig, derive, opt
 from potstill.errors import PotstillError
+from potstill.guard.greenmass_config import GreenMassConfig
 
 
 @dataclass
-class DetectConfig:
-    """`potstill detect` (the watermark's own settings are WatermarkConfig's)."""
+class DetectConfig(GreenMassConfig):
+    """`potstill detect` (the watermark's own settings are WatermarkConfig's; the statistic's, GreenMassConfig's)."""
 
     suspect: str | None = opt(None, "Suspect model directory (open weights) or a JSONL/text file of its generations.")
     prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks", "The suspect is scored on them (open weights).")
@@ -32,6 +36,7 @@ class DetectConfig:
     out: str | None = opt(None, "Write the result as JSON here.")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.suspect:
             raise PotstillError("give --suspect (a model directory or a file of its generations)")
         if self.max_tokens < 1:
@@ -133,32 +138,64 @@ def served_sequences(log_db: str, tokenizer, key_id: str | None = None) -> tuple
     return seqs, lens
 
 
-def run_detect(suspect: str, cfg, prompts: str = DetectConfig.prompts, tokenizer: str = DetectConfig.tokenizer,
-               max_tokens: int = DetectConfig.max_tokens, log_db: str | None = None, key_id: str | None = None):
-    """Detect our watermark in a suspect model dir or generations file. Returns a DetectResult.
+def load_model_dir(path: str | Path):
+    """(model in eval mode, tokenizer) from a Hugging Face model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise PotstillError("not a model directory (no config.json)", where=str(path))
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def run_detect(suspect: str, cfg, prompts: str = DetectConfig.prompts, tokenizer: str = DetectConfig.tokenizer,
+               max_tokens: int = DetectConfig.max_tokens, log_db: str | None = None, key_id: str | None = None, gm=None):
+    """Detect our watermark in a suspect model dir or generations file.
+
+    Returns a GreenMassResult (open weights, default statistic; its `controls` hold the reference
+    models' results) or a DetectResult (`gm.statistic == "argmax"`, or a generations file).
     With `log_db`, open-weights mode scores the suspect on the answers we served (optionally one
     key's traffic): the contexts a distiller trained on, where its learned bias is strongest.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from potstill.guard.greenmass import GreenMassConfig
+
+    gm = gm or GreenMassConfig()
+    from transformers import AutoTokenizer
 
     from potstill.capture.prompts import load_prompts
     from potstill.guard.detect import detect_generations
-    from potstill.guard.detect_keys import detect_model_keys
+    from potstill.guard.detect_keys import bonferroni, detect_model_keys
     from potstill.lm.loading import resolve_model_dir
 
     path = Path(suspect)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise PotstillError("not a model directory (no config.json)", where=suspect)
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        tok = AutoTokenizer.from_pretrained(path)
+        model, tok = load_model_dir(path)
         if log_db:
             seqs, lens = served_sequences(log_db, tok, key_id)
         else:
             seqs, lens = assistant_sequences(model, tok, load_prompts(prompts), max_tokens)
-        return detect_model_keys(model, tok, seqs, cfg, max_tokens=max_tokens, prompt_lengths=lens)
+        if gm.statistic == "argmax":
+            return detect_model_keys(model, tok, seqs, cfg, max_tokens=max_tokens, prompt_lengths=lens)
+        # every key a distilled model may carry (sampling key; decoy key of the served log-probs), Bonferroni
+        return bonferroni([detect_with_controls(model, tok, seqs, lens, c, gm, max_tokens)
+                           for c in cfg.detection_configs()])
     if path.is_file():
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(tokenizer))
         return detect_generations(read_generations(path), tok, cfg, max_tokens=max_tokens)
     raise PotstillError("no such model directory or generations file", where=suspect)
+
+
+def detect_with_controls(model, tok, seqs, lens, cfg, gm, max_positions: int):
+    """The green-mass result for the suspect, with each of `gm.controls` (reference model dirs,
+    same tokenizer) scored the same way under our key: each should give no evidence."""
+    from potstill.guard.greenmass import score_table, suspect_table
+
+    result = score_table(suspect_table(model, tok, seqs, cfg, gm.top_k, lens, max_positions), cfg, gm)
+    for ref in gm.controls:
+        ref_model, ref_tok = load_model_dir(ref)
+        if len(ref_tok) != len(tok):
+            raise PotstillError(f"control has a {len(ref_tok)}-token vocabulary, the suspect {len(tok)}", where=ref)
+        res = score_table(suspect_table(ref_model, tok, seqs, cfg, gm.top_k, lens, max_positions), cfg, gm)
+        result.controls.append({"model": ref, **{k: getattr(res, k) for k in
+                                ("contexts", "z", "z_calibrated", "p_value", "p_rank", "green_mass")}})
+    return result
