@@ -185,6 +185,7 @@ NOT_THE_SAME_SETTING = {
     "tasks": "agent task files, not EvalConfig's multiple-choice task files",
     "CaseConfig.samples": "sample requests shown in the case, not completions per prompt",
     "DetectConfig.tokenizer": "the suspect's generations' tokenizer, not the map of an HTTP teacher's tokens",
+    "DetectConfig.top_k": "the suspect's tokens read per scored position, not a capture's stored top-k",
 }
 
 

@@ -291,11 +291,11 @@ def test_connection_errors_are_retried_then_reported(make):
 
 
 def test_concurrency_is_bounded_across_calls_and_threads(fake, make):
-    fake.reset("llamacpp", delay=0.15)
+    fake.reset("llamacpp", delay=0.4)
     teacher = make(concurrency=3)
     teacher.complete([PROMPT] * 9, params(k=2), seeds=list(range(100, 109)))
     assert fake.max_in_flight == 3
-    fake.reset("llamacpp", delay=0.15)
+    fake.reset("llamacpp", delay=0.4)
     results = {}
 
     def run(i):
