@@ -118,6 +118,16 @@ def build_and_save_before(cfg: TrainConfig, out: Path, log=print):
     return model, tokenizer, info
 
 
+def heldout_set_tokens(teacher, spec: str | None) -> float:
+    """Prompt + reference tokens of eval's held-out quality set (what the plan charges for it)."""
+    if not spec:
+        return 0.0
+    from potstill.capture.prompts import load_prompts
+
+    return float(sum(len(teacher.encode_chat(p.messages)) + len(teacher.tokenizer(p.reference)["input_ids"]) + 1
+                     for p in load_prompts(spec) if p.reference))
+
+
 def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), run_dir: str | None = None,
                  log=print) -> dict[str, Any]:
     """`run_recipe` in `minutes` of wall-clock: measure this machine, size the stages (plan.py), keep to it.
@@ -177,6 +187,7 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
         warmup_steps=train0.warmup_steps, calibration=train0.calibration,
         gen_prompts=eval0.get("gen_prompts", EvalConfig.gen_prompts), gen_tokens=eval0.get("gen_tokens", EvalConfig.gen_tokens),
         eval_models=3 if data.get("eval_before") else 2, pinned=pinned,
+        heldout_set_tokens=heldout_set_tokens(teacher, eval0.get("heldout_prompts")),
     )
     plan = {**size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start), "cpu": cpu_info(),
             "measure_parts_s": parts}

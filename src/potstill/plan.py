@@ -61,6 +61,7 @@ class Workload:
     gen_tokens: int
     eval_models: int  # teacher + students (before and after)
     pinned: dict[str, Any]  # "stage.field" -> value the user set; the plan keeps these
+    heldout_set_tokens: float = 0.0  # prompt + reference tokens of eval's held-out quality set (0: none)
 
 
 def heldout_rows(n: int, fraction: float) -> int:
@@ -94,13 +95,16 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     t = _pin(w, "eval.gen_tokens", min(w.gen_tokens, 32))
     m = w.eval_models
     eval_share = EVAL_SHARE * usable
+    # the held-out set: the teacher scores it once, then every model reads it (one forward each)
+    heldout_s = (m + 1) * w.heldout_set_tokens / pre
+    eval_share = max(eval_share, heldout_s + EVAL_SHARE * usable / 2)
     speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
     per_row = ((p + c_guess) + (p + ref if ref else 0)) / pre
-    rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
+    rows_fit = math.floor((eval_share - heldout_s - m * (rates.load_s + speed_s)) / (m * per_row))
     if rows_fit < 4 and "eval.gen_prompts" not in w.pinned and "eval.gen_tokens" not in w.pinned:
         g, t = min(g, 4), min(t, 16)
         speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
-        rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
+        rows_fit = math.floor((eval_share - heldout_s - m * (rates.load_s + speed_s)) / (m * per_row))
     rows = _pin(w, "eval.max_rows", max(4, rows_fit))
 
     # build: the student from the teacher's weights, calibrated on its first rows (fewer where that would
@@ -111,7 +115,7 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     def eval_est(c: int, n: int) -> float:
         r = min(rows, max(1, heldout_rows(n, w.heldout)))
         row_s = ((p + c) + (p + ref if ref else 0)) / pre
-        return m * (rates.load_s + speed_s + r * row_s)
+        return m * (rates.load_s + speed_s + r * row_s) + heldout_s
 
     # generation + training share what is left: per prompt, its decode + prefill, and TARGET_EPOCHS passes
     work = usable - build_est
