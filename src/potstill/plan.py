@@ -240,8 +240,9 @@ class Deadline:
 
 
 def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student: str, teacher_dir, load_s: float,
-                  top_k: int = 20, seq_len: int = 128, bf16: str = "auto") -> Rates:
-    """Time the teacher's batched decode + prefill and one training step of the student (a few seconds)."""
+                  top_k: int = 20, seq_len: int = 128, bf16: str = "auto", clock=time.perf_counter) -> Rates:
+    """Time the teacher's batched decode + prefill and one training step of the student (a few seconds),
+    on `clock` (wall by default; `time.process_time` gives rates per CPU-second)."""
     import torch
 
     from potstill.students import build_student
@@ -252,8 +253,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     params = SamplingParams(max_new_tokens=6, temperature=1.0, top_logprobs=top_k)
     teacher.complete_ids(prompt_ids[:1], SamplingParams(max_new_tokens=2, temperature=1.0, top_logprobs=top_k))
     stamps: list[tuple[float, int]] = []
-    t0 = time.perf_counter()
-    teacher.complete_ids(prompt_ids[:rows], params, on_token=lambda n, _: stamps.append((time.perf_counter(), n)),
+    t0 = clock()
+    teacher.complete_ids(prompt_ids[:rows], params, on_token=lambda n, _: stamps.append((clock(), n)),
                          batch_size=rows)
     # every row's first token comes out of its prefill; the rest are decode steps (the first of them, warm-up, skipped)
     seen, first = 0, 0
@@ -268,11 +269,11 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     else:  # every row stopped at once: fall back on the whole call
         decode = sum(n for _, n in stamps) / max(stamps[-1][0] - t0, 1e-6)
 
-    t = time.perf_counter()
+    t = clock()
     model = student_shaped(student, teacher_dir)
     if model is None:  # not a depth pruning: build it as the run will (on 4 prompts' calibration)
         model = build_student(student, teacher_dir, [list(p) for p in prompt_ids[:4]], seed=0)[0]
-        build_s = time.perf_counter() - t
+        build_s = clock() - t
     else:  # the run loads the teacher's weights, prunes, and saves the student (measured: about 1.1 loads)
         build_s = 1.5 * load_s
     model.train()
@@ -292,9 +293,9 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
         optimizer.zero_grad(set_to_none=True)
 
     step(1, 16)  # warm-up: optimizer state, allocator
-    t = time.perf_counter()
+    t = clock()
     step(2, seq_len)
-    train = 2 * seq_len / (time.perf_counter() - t)
+    train = 2 * seq_len / (clock() - t)
     return Rates(decode_tok_s=decode, prefill_tok_s=prefill, train_tok_s=train, load_s=load_s, build_s=build_s,
                  decode_batch=rows)
 

@@ -4,7 +4,8 @@
 
 Each arm is the demo recipe (or `--recipe`) with a few fields changed (`ARMS`), run as
 `potstill run --minutes M` does (`pipeline.run_budgeted`: this machine measured, every stage sized to
-the arm's budget, kept to it), without the demo's 'student before' row or held-out eval: the study
+the arm's budget, kept to it; here on a CPU clock, so that other work on a shared machine does not
+shrink an arm), without the demo's 'student before' row or held-out eval: the study
 measures every student itself, on the held-out set (`--heldout-prompts`, another source than the
 training prompts) against one teacher pass (evaluate/heldout.py): top-1 agreement, KL, reference
 likelihood kept, and the repetition of its greedy answers beside the teacher's over the same token
@@ -53,7 +54,8 @@ SIZE_GOAL, LIKELIHOOD_GOAL, TOP1_GOAL = 0.60, 0.50, 0.60
 
 @dataclass
 class BudgetConfig:
-    minutes: float = opt(3.0, "Wall-clock budget of each arm (as `potstill run --minutes`).")
+    minutes: float = opt(3.0, "Budget of each arm, in CPU-minutes of its process (as `potstill run --minutes`, on "
+                         "a CPU clock: the same work however busy the machine is).")
     arms: list[str] = opt(["depth0.5", "depth14", "depth0.33", "reference", "T0.7", "lr1e-3", "freeze-emb", "jsd"],
                           f"Arms: {', '.join(ARMS)}; NAME@MINUTES runs one at another budget.")
     recipe: str = opt("demo", "Recipe the arms vary: a YAML file or a built-in recipe name.")
@@ -149,7 +151,7 @@ def run_arm(cfg: BudgetConfig, arm: str, ref: Reference, log=print) -> dict[str,
             return old
     log(f"study budget: {arm} ({what}), {minutes:g} min")
     t0 = time.perf_counter()
-    result = run_budgeted(recipe_path(cfg.recipe), minutes, overrides, str(run), log=log)
+    result = run_budgeted(recipe_path(cfg.recipe), minutes, overrides, str(run), log=log, cpu_clock=True)
     plan = result["plan"]
     row = {"arm": arm, "group": group, "what": what, "minutes": minutes, "key": key,
            "wall_s": plan["actual_s"]["total"], "cpu_s": plan["cpu_s"]["total"], "cpu_share": plan["cpu_s"],
