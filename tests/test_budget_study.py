@@ -77,8 +77,10 @@ def test_budget_study_end_to_end_and_reuse(tmp_path, tiny_model_dir, prompts_fil
     assert json.loads((out / "results.json").read_text())["arms"][0]["arm"] == "depth0.5"
     assert "Pareto front" in (out / "table.md").read_text()
     assert (out / "quality_vs_cpu.png").read_bytes()[:4] == b"\x89PNG"
-    # a rerun reuses both arms: nothing is trained again
+    assert (out / "teacher" / "teacher.json").exists() and (out / "teacher" / "examples.npz").exists()
+    # a rerun reuses the teacher's side and both arms: nothing is trained again
     stamp = (out / "arms" / "lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns
     again = run_budget(cfg, log=lambda *_: None)
     assert [r["cpu_s"] for r in again["arms"]] == [r["cpu_s"] for r in result["arms"]]
+    assert again["teacher"] == result["teacher"]
     assert (out / "arms" / "lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns == stamp

@@ -12,7 +12,8 @@ likelihood kept, and the repetition of its greedy answers beside the teacher's o
 count. An arm's cost is the CPU seconds of its run (process time, all threads), beside its wall time.
 `NAME@MINUTES` runs an arm at another budget (a point further along the curve).
 
-Writes arms/<arm>/ (the run and its result.json: a rerun with the same settings reuses it),
+Writes teacher/ (the teacher's side, reused), arms/<arm>/ (the run and its result.json: a rerun with
+the same settings reuses it),
 results.json, table.md and quality_vs_cpu.png (quality kept against CPU-minutes, Pareto front
 marked) under --out.
 """
@@ -60,8 +61,8 @@ class BudgetConfig:
                           f"Arms: {', '.join(ARMS)}; NAME@MINUTES runs one at another budget.")
     recipe: str = opt("demo", "Recipe the arms vary: a YAML file or a built-in recipe name.")
     heldout_prompts: str = opt("builtin:heldout_v1", "Held-out quality set (prompts with human reference answers).")
-    gen_prompts: int = opt(16, "Held-out prompts each model answers greedily (repetition).")
-    gen_tokens: int = opt(64, "Most tokens per greedy answer.")
+    gen_prompts: int = opt(12, "Held-out prompts each model answers greedily (repetition).")
+    gen_tokens: int = opt(48, "Most tokens per greedy answer.")
     out: str = opt("runs/study-budget", "Output directory (arms/, results.json, table.md, quality_vs_cpu.png).")
 
     def __post_init__(self) -> None:
@@ -95,22 +96,64 @@ class Reference:
     """The teacher's side, computed once: its top-k on the held-out answers, its greedy answers."""
 
     def __init__(self, cfg: BudgetConfig, teacher: str, log=print):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from potstill.capture.prompts import load_prompts
-        from potstill.evaluate import heldout as ho
-        from potstill.teachers.hf import resolve_model_dir
 
         self.cfg = cfg
         self.prompts = [p for p in load_prompts(cfg.heldout_prompts) if p.reference]
         if not self.prompts:
             raise PotstillError("the held-out set has no reference answers", where=cfg.heldout_prompts)
+        cache = Path(cfg.out) / "teacher"
+        key = {"teacher": teacher, "heldout_prompts": cfg.heldout_prompts, "gen_prompts": cfg.gen_prompts,
+               "gen_tokens": cfg.gen_tokens}
+        if not self.load(cache, key):
+            self.compute(teacher)
+            self.save(cache, key)
+        log(f"study budget: teacher measured on {len(self.examples)} held-out answers")
+
+    def compute(self, teacher: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from potstill.evaluate import heldout as ho
+        from potstill.teachers.hf import resolve_model_dir
+
         path = resolve_model_dir(teacher)
         model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
         self.examples = ho.teacher_examples(model, tok, self.prompts)
         self.row = {**ho.measure(model, tok, self.examples), "params": sum(p.numel() for p in model.parameters())}
+        ho.add_kept([self.row])
         self.answers = self.greedy(model, tok)
-        log(f"study budget: teacher measured on {len(self.examples)} held-out answers")
+
+    def save(self, cache: Path, key: dict[str, Any]) -> None:
+        """The teacher's side under out/teacher/ (arrays in an .npz, no pickle): a rerun skips the teacher."""
+        import numpy as np
+
+        from potstill.utils import atomic_path
+
+        cache.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        for i, e in enumerate(self.examples):
+            arrays.update({f"ids{i}": e.input_ids, f"tk{i}": e.topk_ids, f"lp{i}": e.topk_logprobs, f"tail{i}": e.tail_logprob})
+        with atomic_path(cache / "examples.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        write_json(cache / "teacher.json", {"key": key, "row": self.row, "answers": self.answers,
+                                            "prompt_lens": [e.prompt_len for e in self.examples]})
+
+    def load(self, cache: Path, key: dict[str, Any]) -> bool:
+        import numpy as np
+
+        from potstill.train.data import Example
+
+        if not (cache / "teacher.json").exists() or not (cache / "examples.npz").exists():
+            return False
+        meta = json.loads((cache / "teacher.json").read_text())
+        if meta.get("key") != key:
+            return False
+        with np.load(cache / "examples.npz", allow_pickle=False) as z:
+            self.examples = [Example(z[f"ids{i}"], n, z[f"tk{i}"], z[f"lp{i}"], z[f"tail{i}"])
+                             for i, n in enumerate(meta["prompt_lens"])]
+        self.row, self.answers = meta["row"], meta["answers"]
+        return True
 
     def greedy(self, model, tok) -> list[list[int]]:
         from potstill.evaluate.metrics import generation_speed
