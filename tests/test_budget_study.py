@@ -15,6 +15,9 @@ from potstill.studies.budget import BudgetConfig, pareto, parse_arm
 def test_arm_names_and_budgets_are_checked():
     assert parse_arm("depth14", 3.0) == ("depth14", 3.0)
     assert parse_arm("reference@6", 3.0) == ("reference", 6.0)
+    assert parse_arm("reference+lr1e-3@4", 3.0) == ("reference+lr1e-3", 4.0)
+    with pytest.raises(PotstillError, match="unknown arm 'lr2'"):
+        BudgetConfig(arms=["reference+lr2"])
     with pytest.raises(PotstillError, match="unknown arm 'nope'"):
         BudgetConfig(arms=["nope"])
     with pytest.raises(PotstillError, match="not a number of minutes"):
@@ -62,16 +65,17 @@ def test_budget_study_end_to_end_and_reuse(tmp_path, tiny_model_dir, prompts_fil
         "train": {"student": "prune:depth:2", "bf16": "off", "calibration": 4, "lr": 1e-2, "warmup_steps": 1},
         "eval": {"gen_prompts": 2, "gen_tokens": 4},
     }))
-    cfg = BudgetConfig(minutes=0.2, arms=["depth0.5", "lr1e-3"], recipe=str(recipe), heldout_prompts=str(prompts_file),
+    cfg = BudgetConfig(minutes=0.2, arms=["depth0.5", "depth0.5+lr1e-3"], recipe=str(recipe), heldout_prompts=str(prompts_file),
                        gen_prompts=3, gen_tokens=6, out=str(tmp_path / "study"))
     result = run_budget(cfg, log=lambda *_: None)
     arms = {r["arm"]: r for r in result["arms"]}
-    assert set(arms) == {"depth0.5", "lr1e-3"}
+    assert set(arms) == {"depth0.5", "depth0.5+lr1e-3"}
     for r in arms.values():
         assert r["cpu_s"] > 0 and r["wall_s"] > 0 and r["steps"] >= 1
         assert 0 < r["heldout_nll_reference_kept"] and 0 <= r["heldout_top1_agreement"] <= 1
         assert r["params_share"] < 1 and r["loop_rate"] is not None and r["teacher_loop_rate"] is not None
-    assert arms["depth0.5"]["student"] == "prune:depth:0.5"
+    assert arms["depth0.5"]["student"] == arms["depth0.5+lr1e-3"]["student"] == "prune:depth:0.5"
+    assert arms["depth0.5+lr1e-3"]["group"] == "compression+training"
     assert result["pareto"] and set(result["pareto"]) <= set(arms)
     out = tmp_path / "study"
     assert json.loads((out / "results.json").read_text())["arms"][0]["arm"] == "depth0.5"
@@ -79,8 +83,8 @@ def test_budget_study_end_to_end_and_reuse(tmp_path, tiny_model_dir, prompts_fil
     assert (out / "quality_vs_cpu.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "teacher" / "teacher.json").exists() and (out / "teacher" / "examples.npz").exists()
     # a rerun reuses the teacher's side and both arms: nothing is trained again
-    stamp = (out / "arms" / "lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns
+    stamp = (out / "arms" / "depth0.5+lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns
     again = run_budget(cfg, log=lambda *_: None)
     assert [r["cpu_s"] for r in again["arms"]] == [r["cpu_s"] for r in result["arms"]]
     assert again["teacher"] == result["teacher"]
-    assert (out / "arms" / "lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "arms" / "depth0.5+lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns == stamp

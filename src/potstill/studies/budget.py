@@ -10,7 +10,8 @@ measures every student itself, on the held-out set (`--heldout-prompts`, another
 training prompts) against one teacher pass (evaluate/heldout.py): top-1 agreement, KL, reference
 likelihood kept, and the repetition of its greedy answers beside the teacher's over the same token
 count. An arm's cost is the CPU seconds of its run (process time, all threads), beside its wall time.
-`NAME@MINUTES` runs an arm at another budget (a point further along the curve).
+`NAME@MINUTES` runs an arm at another budget (a point further along the curve); `A+B` makes both
+arms' changes at once.
 
 Writes teacher/ (the teacher's side, reused), arms/<arm>/ (the run and its result.json: a rerun with
 the same settings reuses it),
@@ -38,7 +39,7 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "depth0.33": ("compression", "keep 10 layers", ["train.student=prune:depth:0.33"]),
     "depth0.25": ("compression", "keep 8 layers", ["train.student=prune:depth:0.25"]),
     "width": ("compression", "width pruning to 80M params", ["train.student=prune:width:80M"]),
-    "depth+width": ("compression", "keep 20 layers, then width to 80M", ["train.student=prune:depth:20+prune:width:80M"]),
+    "depth-width": ("compression", "keep 20 layers, then width to 80M", ["train.student=prune:depth:20+prune:width:80M"]),
     "T0.7": ("data", "answers sampled at T=0.7, top-p 0.9", ["generate.temperature=0.7", "generate.top_p=0.9"]),
     "reference": ("data", "teacher forcing on the prompts' reference answers", ["generate.answers=reference"]),
     "short": ("data", "many short answers (32 tokens)", ["generate.max_new_tokens=32"]),
@@ -58,7 +59,7 @@ class BudgetConfig:
     minutes: float = opt(3.0, "Budget of each arm, in CPU-minutes of its process (as `potstill run --minutes`, on "
                          "a CPU clock: the same work however busy the machine is).")
     arms: list[str] = opt(["depth0.5", "depth14", "depth0.33", "reference", "T0.7", "lr1e-3", "freeze-emb", "jsd"],
-                          f"Arms: {', '.join(ARMS)}; NAME@MINUTES runs one at another budget.")
+                          f"Arms: {', '.join(ARMS)}; A+B makes both changes; NAME@MINUTES runs one at another budget.")
     recipe: str = opt("demo", "Recipe the arms vary: a YAML file or a built-in recipe name.")
     heldout_prompts: str = opt("builtin:heldout_v1", "Held-out quality set (prompts with human reference answers).")
     gen_prompts: int = opt(12, "Held-out prompts each model answers greedily (repetition).")
@@ -73,10 +74,11 @@ class BudgetConfig:
 
 
 def parse_arm(text: str, minutes: float) -> tuple[str, float]:
-    """'depth14' -> ('depth14', minutes); 'depth14@6' -> ('depth14', 6.0)."""
+    """'depth14' -> ('depth14', minutes); 'depth14@6' -> ('depth14', 6.0); 'reference+lr1e-3': both changes."""
     name, _, at = text.partition("@")
-    if name not in ARMS:
-        raise PotstillError(f"study budget: unknown arm {name!r} (known: {', '.join(ARMS)})")
+    for part in name.split("+"):
+        if part not in ARMS:
+            raise PotstillError(f"study budget: unknown arm {part!r} (known: {', '.join(ARMS)})")
     try:
         m = float(at) if at else minutes
     except ValueError:
@@ -181,8 +183,10 @@ def run_arm(cfg: BudgetConfig, arm: str, ref: Reference, log=print) -> dict[str,
     from potstill.pipeline import run_budgeted
 
     name, minutes = parse_arm(arm, cfg.minutes)
-    group, what, overrides = ARMS[name]
-    overrides = [*overrides, "eval_before=false", "eval.heldout_prompts=null"]
+    parts = [ARMS[p] for p in name.split("+")]
+    group = "+".join(dict.fromkeys(p[0] for p in parts))
+    what = "; ".join(p[1] for p in parts)
+    overrides = [o for p in parts for o in p[2]] + ["eval_before=false", "eval.heldout_prompts=null"]
     run = Path(cfg.out) / "arms" / arm
     key = {"arm": arm, "minutes": minutes, "overrides": overrides, "recipe": str(recipe_path(cfg.recipe).name),
            "heldout_prompts": cfg.heldout_prompts, "gen_prompts": cfg.gen_prompts, "gen_tokens": cfg.gen_tokens}
