@@ -180,3 +180,16 @@ def test_plan_charges_the_heldout_set_and_still_fits():
     assert held["overrides"]["eval"]["max_rows"] < plain["overrides"]["eval"]["max_rows"]
     assert steps_of(held) < steps_of(plain)
     assert held["total_est_s"] <= 600 * (1 - held["margin"]) + 1
+
+
+def test_teacher_forcing_is_planned_at_prefill_speed():
+    """--answers reference scores the references (no decoding): the same budget takes more prompts and more answer
+    tokens, and the completion length is the references' (not a sampling length the plan could shorten)."""
+    sampled = size_plan(SLOW, workload(), 300, spent_s=20)
+    forced = size_plan(SLOW, workload(teacher_forcing=True), 300, spent_s=20)
+    gen = {k: x["overrides"]["generate"] for k, x in (("s", sampled), ("f", forced))}
+    assert gen["f"]["max_prompts"] > gen["s"]["max_prompts"]
+    assert gen["f"]["max_prompts"] * 60 > 1.5 * gen["s"]["max_prompts"] * gen["s"]["max_new_tokens"]
+    assert gen["f"]["max_new_tokens"] == 60  # the mean reference length of workload()
+    assert "teacher forcing" in format_plan(forced)
+    assert forced["total_est_s"] <= 300 * (1 - forced["margin"]) + 1

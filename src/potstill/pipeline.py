@@ -191,6 +191,7 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
         gen_prompts=eval0.get("gen_prompts", EvalConfig.gen_prompts), gen_tokens=eval0.get("gen_tokens", EvalConfig.gen_tokens),
         eval_models=3 if data.get("eval_before") else 2, pinned=pinned,
         heldout_set_tokens=heldout_set_tokens(teacher, eval0.get("heldout_prompts")),
+        teacher_forcing=gen0.answers == "reference",
     )
     plan = {**size_plan(rates, workload, budget, spent_s=clock() - k_start), "cpu": cpu_info(),
             "clock": "cpu" if cpu_clock else "wall",

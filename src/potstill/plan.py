@@ -62,6 +62,7 @@ class Workload:
     eval_models: int  # teacher + students (before and after)
     pinned: dict[str, Any]  # "stage.field" -> value the user set; the plan keeps these
     heldout_set_tokens: float = 0.0  # prompt + reference tokens of eval's held-out quality set (0: none)
+    teacher_forcing: bool = False  # generate --answers reference: the answers are the references, scored at prefill speed
 
 
 def heldout_rows(n: int, fraction: float) -> int:
@@ -90,7 +91,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     pinned_c = "generate.max_new_tokens" in w.pinned
 
     # eval: m models x (load + fidelity on R held-out rows + reference NLL + a short batched speed run)
-    c_guess = _pin(w, "generate.max_new_tokens", w.max_new_tokens)
+    tf = w.teacher_forcing and ref > 0
+    c_guess = max(1, round(ref)) if tf else _pin(w, "generate.max_new_tokens", w.max_new_tokens)
     g = _pin(w, "eval.gen_prompts", min(w.gen_prompts, 8))
     t = _pin(w, "eval.gen_tokens", min(w.gen_tokens, 32))
     m = w.eval_models
@@ -119,17 +121,17 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
 
     # generation + training share what is left: per prompt, its decode + prefill, and TARGET_EPOCHS passes
     work = usable - build_est
-    candidates = [c_guess] if pinned_c else _lengths(w.max_new_tokens)
+    candidates = [c_guess] if pinned_c or tf else _lengths(w.max_new_tokens)
     for c in candidates:
         b = _pin(w, "train.batch_size", w.train_batch)
-        per_prompt = c / rates.decode_tok_s + p / pre + TARGET_EPOCHS * (1 - w.heldout) * (p + c) / trn
+        per_prompt = (c / pre if tf else c / rates.decode_tok_s) + p / pre + TARGET_EPOCHS * (1 - w.heldout) * (p + c) / trn
         left = work - eval_est(c, w.prompts_available)
         n = _pin(w, "generate.max_prompts", min(w.prompts_available, max(2, math.floor(left / per_prompt))))
         n = min(n, w.prompts_available)
         if n >= min(MIN_PROMPTS, w.prompts_available) or c == candidates[-1]:
             break
     gen_batch = math.ceil(n / math.ceil(n / min(w.gen_batch, n)))  # even waves: 87 rows go as 3 x 29, not 32+32+23
-    gen_s = n * p / pre + decode_s(n, c, gen_batch, rates)
+    gen_s = n * (p + c) / pre if tf else n * p / pre + decode_s(n, c, gen_batch, rates)
     train_rows = max(1, n - heldout_rows(n, w.heldout))
     seq = p + c
     train_s = max(work - eval_est(c, n) - gen_s, 0.0)
@@ -145,7 +147,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     warmup = _pin(w, "train.warmup_steps", min(w.warmup_steps, max(1, steps // 10)))
     eval_rows = min(rows, max(1, heldout_rows(n, w.heldout)))
     stages = [
-        {"stage": "generate", "work": f"{n} prompts x {c} new tokens (batch {gen_batch})", "est_s": gen_s},
+        {"stage": "generate", "work": (f"{n} reference answers (~{c} tokens) by teacher forcing" if tf else
+                                       f"{n} prompts x {c} new tokens (batch {gen_batch})"), "est_s": gen_s},
         {"stage": "build student", "work": f"prune/build + {calib} calibration rows, saved as 'before'", "est_s": build_est},
         {"stage": "train", "work": f"{steps} steps x batch {b} (~{steps * b / train_rows:.1f} epochs of {train_rows} rows)",
          "est_s": train_s},
