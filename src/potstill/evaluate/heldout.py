@@ -22,14 +22,14 @@ import math
 from collections import Counter
 from typing import Any
 
-import numpy as np
-
 TOP_K = 20
 LOOP_N, LOOP_TIMES = 4, 3
 
 
 def teacher_examples(model, tokenizer, prompts, k: int = TOP_K, batch_size: int = 8) -> list:
     """The reference answers as Examples carrying the teacher's top-k and tail (what `fidelity` reads)."""
+    import numpy as np
+
     from potstill.capture.generate import end_of_turn_ids
     from potstill.evaluate.metrics import reference_examples
     from potstill.teachers.hf import HFTeacher
