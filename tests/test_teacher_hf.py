@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from potstill.lm.sampling import sample
 from potstill.teachers.base import SamplingParams
 from potstill.teachers.hf import HFTeacher
 
@@ -14,7 +15,7 @@ def test_sampler_matches_distribution():
     probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]])
     logits = torch.log(probs.clamp_min(1e-30))
     rng = [np.random.default_rng(0)]
-    counts = np.bincount([int(HFTeacher._sample(logits, None, SamplingParams(), rng)) for _ in range(6000)],
+    counts = np.bincount([int(sample(logits, None, SamplingParams(), rng)) for _ in range(6000)],
                          minlength=4)
     freq = counts / counts.sum()
     assert counts[1] == 0
@@ -24,7 +25,7 @@ def test_sampler_matches_distribution():
 def test_top_p_excludes_tail():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     rng = [np.random.default_rng(1)]
-    seen = {int(HFTeacher._sample(logits, None, SamplingParams(top_p=0.75), rng)) for _ in range(500)}
+    seen = {int(sample(logits, None, SamplingParams(top_p=0.75), rng)) for _ in range(500)}
     assert seen == {0, 1}
 
 
@@ -32,7 +33,7 @@ def test_top_p_excludes_tail():
 def test_sampler_tail_and_nucleus_beyond_candidates(temperature, top_p):
     """Draws that land past the top candidates (the slow path) keep the distribution exact,
     with temperature and with a top-p nucleus wider than the candidates."""
-    from potstill.teachers.hf import SAMPLE_TOP
+    from potstill.lm.sampling import SAMPLE_TOP
 
     vocab, rows = 300, 2000
     logits = torch.cat([torch.linspace(4.0, 1.0, 20), torch.zeros(vocab - 20)])  # long flat tail
@@ -44,7 +45,7 @@ def test_sampler_tail_and_nucleus_beyond_candidates(temperature, top_p):
     batch = logits.expand(rows, vocab).clone()
     gens = [np.random.default_rng(i) for i in range(rows)]
     params = SamplingParams(temperature=temperature, top_p=top_p)
-    draws = torch.cat([HFTeacher._sample(batch, None, params, gens) for _ in range(10)])
+    draws = torch.cat([sample(batch, None, params, gens) for _ in range(10)])
     freq = torch.bincount(draws, minlength=vocab).double() / len(draws)
     groups = [order[:5], order[5:20], order[20:SAMPLE_TOP], order[SAMPLE_TOP:160], order[160:]]
     for g in groups:
@@ -113,7 +114,7 @@ def test_row_params_in_one_batch_match_rows_alone(tiny_model_dir):
 def test_batch_lowered_to_fit_memory_decodes_the_same(tiny_model_dir, caplog):
     """Where 64 rows of KV cache would not fit, the engine takes as many rows as fit, says so, and
     every completion is the one an unbounded batch gives."""
-    from potstill.teachers.kvslab import available_memory, rows_that_fit
+    from potstill.lm.kvslab import available_memory, rows_that_fit
 
     teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
     cfg = teacher.model.config
@@ -145,7 +146,7 @@ def test_decode_attention_equals_sdpa(tiny_model_dir):
     """The CPU decode attention (matmuls, grouped queries) gives SDPA's logits, padding included."""
     from transformers import AutoModelForCausalLM
 
-    from potstill.teachers.attention import NAME, use_decode_attention
+    from potstill.lm.attention import NAME, use_decode_attention
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA is exercised
@@ -198,7 +199,7 @@ def test_kv_slab_matches_plain_tensor_ops_and_writes_in_place():
     the same edits done with torch.cat/indexing, and the masks show each row only its own columns."""
     from transformers.cache_utils import DynamicCache
 
-    from potstill.teachers.kvslab import SlabCache
+    from potstill.lm.kvslab import SlabCache
 
     g = torch.Generator().manual_seed(0)
 
@@ -251,7 +252,7 @@ def test_kv_slab_takes_sliding_window_layers_only_while_sequences_fit():
     from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
 
     from potstill.errors import PotstillError
-    from potstill.teachers.kvslab import SlabCache
+    from potstill.lm.kvslab import SlabCache
 
     def cache(window):
         c = DynamicCache()

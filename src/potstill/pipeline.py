@@ -68,14 +68,21 @@ def run_recipe(path: str | Path, overrides: list[str] = (), run_dir: str | None 
     from potstill.capture.generate import generate
     from potstill.evaluate import run_eval
 
-    return run_stages(lambda: generate(gen, log=log), train_cfg, lambda: run_eval(eval_cfg, log=log), run,
-                      bool(data.get("eval_before")), log)
+    teacher = None
+    if train_cfg.mode != "offline":  # the online modes' live teacher: loaded once, it also generates
+        from potstill.teachers import load_teacher
+
+        teacher = load_teacher(train_cfg.teacher, dtype=train_cfg.teacher_dtype)
+    shared = teacher if teacher is not None and gen.teacher == train_cfg.teacher else None
+    return run_stages(lambda: generate(gen, teacher=shared, log=log), train_cfg, lambda: run_eval(eval_cfg, log=log),
+                      run, bool(data.get("eval_before")), log, teacher=teacher)
 
 
 def run_stages(generate_stage, train_cfg: TrainConfig, eval_stage, run: Path, eval_before: bool, log=print,
-               check_capture=None) -> dict[str, Any]:
-    """generate -> (student-before) -> train -> eval, timed; `check_capture(manifest)` may refuse to train.
-    Shared by `run_recipe` and the agent recipe (agent/pipeline.py)."""
+               check_capture=None, teacher=None) -> dict[str, Any]:
+    """generate -> (student-before) -> train -> eval, timed; `check_capture(manifest)` may refuse to train;
+    `teacher` is handed to the online training modes. Shared by `run_recipe` and the agent recipe
+    (agent/pipeline.py)."""
     from potstill.train.loop import train
 
     timings = {}
@@ -89,7 +96,7 @@ def run_stages(generate_stage, train_cfg: TrainConfig, eval_stage, run: Path, ev
     model = tokenizer = info = None
     if eval_before:
         model, tokenizer, info = build_and_save_before(train_cfg, run / "student-before", log)
-    summary = train(train_cfg, log=log, model=model, tokenizer=tokenizer, student_info=info)
+    summary = train(train_cfg, log=log, model=model, tokenizer=tokenizer, student_info=info, teacher=teacher)
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -101,18 +108,11 @@ def run_stages(generate_stage, train_cfg: TrainConfig, eval_stage, run: Path, ev
 def build_and_save_before(cfg: TrainConfig, out: Path, log=print):
     """Build the student as `train` would and save it untrained, as the 'before' baseline."""
     from potstill.capture.store import Capture
-    from potstill.students import build_student
-    from potstill.teachers.hf import resolve_model_dir
     from potstill.train.data import examples_from_capture
+    from potstill.train.loop import student_for
 
-    capture = Capture.open(cfg.capture)
-    examples = examples_from_capture(capture, split="train", max_seq_len=cfg.max_seq_len)
-    calibration = [e.input_ids.tolist() for e in examples[: cfg.calibration]]
-    model, tokenizer, info = build_student(cfg.student, resolve_model_dir(cfg.teacher), calibration, seed=cfg.seed)
-    if info.get("dropped_layers") is not None:
-        log(f"student: {cfg.student}: dropped layers {info['dropped_layers']} (least block influence)")
-    if info.get("summary"):
-        log(f"student: {cfg.student}: {info['summary']}")
+    examples = examples_from_capture(Capture.open(cfg.capture), split="train", max_seq_len=cfg.max_seq_len)
+    model, tokenizer, info = student_for(cfg, examples, log)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, tokenizer, info

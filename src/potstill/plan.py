@@ -248,8 +248,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     on `clock` (wall by default; `time.process_time` gives rates per CPU-second)."""
     import torch
 
+    from potstill.lm.types import SamplingParams
     from potstill.students import build_student
-    from potstill.teachers.base import SamplingParams
     from potstill.train.loop import autocast_enabled
 
     rows = max(1, min(gen_batch, PROBE_ROWS, len(prompt_ids)))

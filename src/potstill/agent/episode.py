@@ -24,8 +24,8 @@ import numpy as np
 
 from potstill.agent.sandbox import Sandbox
 from potstill.agent.tasks import Task, check
-from potstill.teachers.base import SamplingParams
-from potstill.teachers.hf import row_seed
+from potstill.lm.tokens import row_seed
+from potstill.lm.types import SamplingParams
 
 SYSTEM_TOOL = (
     "You can run Python code. To run code, write it in a ```python code block and end the block with ```; "
@@ -114,7 +114,7 @@ def turn_suffix(tokenizer, tool_message: dict | None) -> str:
 
 
 class EpisodeRunner:
-    """Runs episodes for a local teacher (HFTeacher-like: tokenizer, eos_ids, encode_chat, complete_ids)."""
+    """Runs episodes for a local teacher (an Engine: tokenizer, eos_ids, encode_chat, complete_ids)."""
 
     def __init__(self, teacher, sandbox: Sandbox | None, params: SamplingParams, max_turns: int = 4,
                  max_tokens: int = 2048, tool: bool = True, seed: int = 0, batch_size: int = 16,

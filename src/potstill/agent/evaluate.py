@@ -84,9 +84,9 @@ def metrics(summaries: list[dict], splits: dict[str, str]) -> dict[str, Any]:
 
 
 def evaluate_model(model, label: str, tasks: list, sandbox, cfg: AgentEvalConfig, log=print) -> dict[str, Any]:
-    """Both modes for one loaded model (HFTeacher-like)."""
+    """Both modes for one loaded model (an Engine: potstill.lm.engine)."""
     from potstill.agent.episode import EpisodeRunner
-    from potstill.teachers.base import SamplingParams
+    from potstill.lm.types import SamplingParams
 
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_logprobs=0, seed=cfg.seed)
     splits = {t.id: t.split for t in tasks}

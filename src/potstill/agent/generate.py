@@ -90,7 +90,7 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     from potstill.agent.tasks import load_tasks, tasks_hash
     from potstill.capture.codec import get_codec
     from potstill.capture.store import CaptureWriter, row_id
-    from potstill.teachers.base import SamplingParams
+    from potstill.lm.types import SamplingParams
     from potstill.utils import quiet_transformers
 
     tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks)  # bad input first

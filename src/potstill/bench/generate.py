@@ -3,7 +3,7 @@
 Same model, same prompts, same token budget, in one run:
 - `hf-naive`: `model.generate` one prompt at a time (no log-probs);
 - `hf-batched+logprobs`: batched `model.generate` returning the logits, top-k taken afterwards;
-- `potstill`: the batched KV-cache engine of teachers/hf.py with top-k log-probs, all prompts in
+- `potstill`: the batched KV-cache engine of potstill.lm.engine with top-k log-probs, all prompts in
   one call (continuous refill keeps `batch_size` rows decoding);
 - `potstill score`: teacher forcing of the completions potstill just wrote (`score_ids`, the path of
   `generate --answers reference`), completion tokens scored per second.
@@ -60,7 +60,7 @@ def hf_batched_logprobs(teacher, ids: list[list[int]], max_new_tokens: int, batc
 
 
 def potstill_engine(teacher, ids: list[list[int]], max_new_tokens: int, batch_size: int, k: int) -> list:
-    from potstill.teachers.base import SamplingParams
+    from potstill.lm.types import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_logprobs=k)
     return teacher.complete_ids(ids, params, batch_size=batch_size, include_eos=True)
@@ -68,7 +68,7 @@ def potstill_engine(teacher, ids: list[list[int]], max_new_tokens: int, batch_si
 
 def stock_attention(teacher, on: bool) -> None:
     """Anchors run transformers as it ships (SDPA); potstill rows with its decode attention."""
-    from potstill.teachers.attention import use_decode_attention
+    from potstill.lm.attention import use_decode_attention
 
     if on:
         teacher.model.set_attn_implementation("sdpa")

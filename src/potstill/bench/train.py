@@ -53,8 +53,8 @@ def make_capture(teacher: str, out: Path, max_prompts: int, max_new_tokens: int,
 def build_init(capture_dir: str, teacher: str, student: str, init_dir: Path, seed: int, max_seq_len: int) -> dict:
     """Build the student once (as `potstill train` would) and save it for both arms to load."""
     from potstill.capture.store import Capture
+    from potstill.lm.loading import resolve_model_dir
     from potstill.students import build_student
-    from potstill.teachers.hf import resolve_model_dir
     from potstill.train.data import examples_from_capture
 
     teacher_dir = resolve_model_dir(teacher)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from potstill.guard.watermark import Watermark, WatermarkConfig, WatermarkScore, detect_ids
-from potstill.teachers.base import Completion, SamplingParams
+from potstill.lm.types import Completion, SamplingParams
 from potstill.teachers.hf import HFTeacher, row_seed
 from potstill.utils import write_json
 

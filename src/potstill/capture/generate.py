@@ -15,7 +15,7 @@ from typing import Any
 from potstill.config import GenerateConfig
 from potstill.errors import PotstillError
 from potstill.lm.tokens import chat_ids
-from potstill.teachers.base import SamplingParams
+from potstill.lm.types import SamplingParams
 from potstill.utils import quiet_transformers
 
 
@@ -44,7 +44,7 @@ def progress_bar(total: int, description: str):
 def self_instruct_prompts(teacher, n: int, seed: int, max_new_tokens: int = 64, batch_size: int = 16) -> list:
     """Magpie-style prompts: sample user turns from the chat template's user prefix, de-duplicated."""
     from potstill.capture.prompts import Prompt, dedupe
-    from potstill.teachers.hf import row_seed
+    from potstill.lm.tokens import row_seed
 
     tok = teacher.tokenizer
     marker = "\x00POTSTILL\x00"
@@ -77,8 +77,9 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
     from potstill.capture.codec import get_codec
     from potstill.capture.prompts import assign_split, dedupe, load_prompts, prompts_hash
     from potstill.capture.store import CaptureWriter, row_id
+    from potstill.lm.loading import resolve_model_dir
+    from potstill.lm.tokens import row_seed
     from potstill.teachers import load_teacher
-    from potstill.teachers.hf import resolve_model_dir, row_seed
 
     prompts = load_prompts(cfg.prompts) if cfg.prompts else None  # bad input fails before the teacher loads
     quiet_transformers()
@@ -93,7 +94,7 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
     if prompts is not None:
         source = cfg.prompts
     else:
-        if not hasattr(teacher, "complete_ids"):
+        if not teacher.local_ids:
             raise PotstillError("--self-instruct needs a local teacher (it samples from the chat template)")
         log(f"self-instruct: the teacher writes {cfg.self_instruct} prompts")
         prompts = self_instruct_prompts(teacher, cfg.self_instruct, cfg.seed)
@@ -116,7 +117,7 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
     )
     scoring = cfg.answers == "reference"
     if scoring:
-        if not hasattr(teacher, "score_ids"):
+        if not teacher.can_score:
             raise PotstillError("--answers reference needs a local teacher (HTTP teachers cannot teacher-force)")
         missing = [p for p in prompts if not p.reference]
         if missing:
@@ -138,7 +139,7 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
         "prompts": {"source": source, "sha256": prompts_hash(prompts), "count": len(prompts)},
         "split": {"heldout_fraction": cfg.heldout, "seed": cfg.seed},
         # local teachers keep the EOS token (and its top-k) at the end of a stopped completion
-        "eos_in_completion": hasattr(teacher, "complete_ids"),
+        "eos_in_completion": teacher.local_ids,
     }
 
     todo = []
@@ -248,7 +249,7 @@ def answer_ids(tokenizer, messages: list[dict], reference: str, prompt_ids: list
 
 def _encode(teacher, messages):
     """Token ids of the chat prompt for a local teacher; None for a remote one (it templates itself)."""
-    return teacher.encode_chat(messages) if hasattr(teacher, "complete_ids") else None
+    return teacher.encode_chat(messages) if teacher.local_ids else None
 
 
 def _row(rid: str, prompt, split: str, c) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConf
     import torch
 
     # speed last, in the dtype the engine serves with (bf16 where the CPU has it): a fair race for every row
-    from potstill.teachers.hf import pick_dtype
+    from potstill.lm.loading import pick_dtype
 
     model.to(pick_dtype("auto"))
     gen_prompts = heldout[1] if heldout is not None else prompts
@@ -86,7 +86,7 @@ def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from potstill.evaluate.tasks import add_kept, describe, load_mc_tasks
-    from potstill.teachers.hf import resolve_model_dir
+    from potstill.lm.loading import resolve_model_dir
 
     torch.manual_seed(0)
     tasks = load_mc_tasks(cfg.tasks)  # before any model loads: a bad task file fails fast

@@ -3,7 +3,7 @@
     potstill eval ... --heldout-prompts builtin:heldout_v1
 
 On each reference answer (the chat template's end-of-turn included) the teacher's top-k is taken
-once by teacher forcing (`HFTeacher.score_ids`, k = `TOP_K` + one tail bucket); every model is then
+once by teacher forcing (`Engine.score_ids`, k = `TOP_K` + one tail bucket); every model is then
 measured against it exactly as on a capture (`metrics.fidelity`): KL(teacher‖model) over the
 buckets, top-1 agreement with the teacher's most likely token, and the model's NLL of the human
 answer (its `heldout_nll_reference_kept` is exp(NLL teacher − NLL model), the share of the
@@ -32,12 +32,12 @@ def teacher_examples(model, tokenizer, prompts, k: int = TOP_K, batch_size: int 
 
     from potstill.capture.generate import end_of_turn_ids
     from potstill.evaluate.metrics import reference_examples
-    from potstill.teachers.hf import HFTeacher
+    from potstill.lm.engine import Engine
     from potstill.train.data import Example
 
     stop = end_of_turn_ids(tokenizer, getattr(model, "generation_config", None))
     refs = reference_examples(tokenizer, prompts, stop)
-    engine = HFTeacher(model, tokenizer, name="heldout")
+    engine = Engine(model, tokenizer, name="heldout")
     was_training = model.training
     model.eval()
     try:

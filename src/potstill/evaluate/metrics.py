@@ -106,10 +106,10 @@ def generation_speed(model, tokenizer, prompts, n_prompts: int = 16, max_new_tok
     Every prompt decodes exactly `max_new_tokens` tokens (EOS ignored), so models that write
     shorter or longer answers are timed on the same work.
     """
-    from potstill.teachers.base import SamplingParams
-    from potstill.teachers.hf import HFTeacher
+    from potstill.lm.engine import Engine
+    from potstill.lm.types import SamplingParams
 
-    engine = HFTeacher(model, tokenizer, name="eval")
+    engine = Engine(model, tokenizer, name="eval")
     stop = set(engine.eos_ids or [])
     engine.eos_ids = [-1]  # no token has id -1: nothing stops a row before max_new_tokens
     ids = [engine.encode_chat(p.messages) for p in prompts[:n_prompts]]

@@ -76,10 +76,10 @@ def pick_rows(capture, n: int, split: str) -> list[dict[str, Any]]:
 
 
 def student_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-    from potstill.teachers.base import SamplingParams
-    from potstill.teachers.hf import HFTeacher
+    from potstill.lm.engine import Engine
+    from potstill.lm.types import SamplingParams
 
-    engine = HFTeacher(model, tokenizer, name="student")
+    engine = Engine(model, tokenizer, name="student")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_logprobs=0)
     return [c.text for c in engine.complete_ids(prompt_ids, params, batch_size=8)]
 
@@ -142,7 +142,7 @@ def _teacher_tokenizer(run):
     """No usable student: the teacher's tokenizer (if it can be found) still splits its answers into tokens."""
     from transformers import AutoTokenizer
 
-    from potstill.teachers.hf import resolve_model_dir
+    from potstill.lm.loading import resolve_model_dir
 
     specs = [(st.provenance or {}).get("train_config", {}).get("teacher") for st in run.students]
     specs.append(((run.eval or {}).get("config") or {}).get("teacher"))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from potstill.guard.openai_api import APIError
-from potstill.teachers.base import Completion, SamplingParams
+from potstill.lm.types import Completion, SamplingParams
 
 if TYPE_CHECKING:
     from potstill.guard.serve import ServeConfig

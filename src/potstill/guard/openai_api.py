@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from potstill.teachers.base import Completion
+from potstill.lm.types import Completion
 from potstill.utils import bytes_to_unicode
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -33,10 +33,10 @@ def read_generations(path: Path) -> list[str]:
 
 def assistant_sequences(model, tokenizer, prompts, max_tokens: int, gen_tokens: int = 96, batch_size: int = 16):
     """(sequences, prompt_lengths): references first, then the suspect's own sampled answers."""
-    from potstill.teachers.base import SamplingParams
-    from potstill.teachers.hf import HFTeacher
+    from potstill.lm.engine import Engine
+    from potstill.lm.types import SamplingParams
 
-    engine = HFTeacher(model, tokenizer, name="suspect")
+    engine = Engine(model, tokenizer, name="suspect")
     encoded = [engine.encode_chat(p.messages) for p in prompts]
     seqs, lens = [], []
     eos = tokenizer.eos_token_id
@@ -103,7 +103,7 @@ def run_detect(suspect: str, cfg, prompts: str = "builtin:seed_tasks", tokenizer
 
     from potstill.capture.prompts import load_prompts
     from potstill.guard.detect import detect_generations, detect_model
-    from potstill.teachers.hf import resolve_model_dir
+    from potstill.lm.loading import resolve_model_dir
 
     path = Path(suspect)
     if path.is_dir():

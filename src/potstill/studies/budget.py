@@ -116,7 +116,7 @@ class Reference:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from potstill.evaluate import heldout as ho
-        from potstill.teachers.hf import resolve_model_dir
+        from potstill.lm.loading import resolve_model_dir
 
         path = resolve_model_dir(teacher)
         model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -151,8 +151,8 @@ def run_collapse(cfg: CollapseConfig, log=print) -> dict[str, Any]:
     from potstill.capture.generate import generate
     from potstill.capture.store import Capture
     from potstill.config import GenerateConfig, TrainConfig
+    from potstill.lm.loading import resolve_model_dir
     from potstill.students import build_student
-    from potstill.teachers.hf import resolve_model_dir
     from potstill.train.data import examples_from_capture
     from potstill.train.loop import train
     from potstill.utils import quiet_transformers

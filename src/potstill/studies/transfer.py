@@ -139,7 +139,7 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict[str, Any]:
 
     from potstill.capture.generate import generate, progress_bar
     from potstill.config import GenerateConfig, TrainConfig
-    from potstill.teachers.hf import resolve_model_dir
+    from potstill.lm.loading import resolve_model_dir
     from potstill.train.loop import train
     from potstill.utils import quiet_transformers
 

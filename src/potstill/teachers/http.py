@@ -363,6 +363,9 @@ class _TokenBucket:
 class HTTPTeacher:
     """A teacher behind an OpenAI-compatible HTTP API. See the module docstring."""
 
+    local_ids = False  # the server templates and tokenises; ids are mapped back from its tokens
+    can_score = False  # an API cannot teacher-force
+
     def __init__(
         self,
         base_url: str,

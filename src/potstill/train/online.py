@@ -101,15 +101,15 @@ def sample_from_student(model, tokenizer, prompts: list[np.ndarray], max_new_tok
                         top_p: float, seeds: list[int]) -> list[list[int]]:
     """Completions the current student samples for `prompts` (eval mode, no grad), then back to train.
 
-    Uses potstill's batched decoder (teachers/hf.py) on the student; `seeds[i]` seeds row i.
+    Uses potstill's batched engine (potstill.lm.engine) on the student; `seeds[i]` seeds row i.
     """
-    from potstill.teachers.base import SamplingParams
-    from potstill.teachers.hf import HFTeacher
+    from potstill.lm.engine import Engine
+    from potstill.lm.types import SamplingParams
 
     was_training = model.training
     use_cache = model.config.use_cache
     try:
-        engine = HFTeacher(model, tokenizer, name="student")  # puts the model in eval mode
+        engine = Engine(model, tokenizer, name="student")  # puts the model in eval mode
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_logprobs=0)
         outs = engine.complete_ids([p.tolist() for p in prompts], params, seeds=seeds, **engine_keeps_eos(engine))
     finally:

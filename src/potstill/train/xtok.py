@@ -28,52 +28,17 @@ Losses: train/uld.py. CE runs on every student completion token, aligned or not.
 from __future__ import annotations
 
 import codecs
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from potstill.errors import PotstillError
-from potstill.lm.tokens import chat_ids
+from potstill.lm.tokens import chat_ids, is_byte_level, token_pieces  # noqa: F401  (re-exported)
 from potstill.train.data import Batch, Example, collate
 from potstill.train.uld import XtokLossConfig, xtok_loss
-from potstill.utils import bytes_to_unicode
 
 # -- token pieces and byte spans ---------------------------------------------------------------
-
-
-def is_byte_level(tokenizer) -> bool:
-    """True when the tokenizer's decoder is GPT-2 byte-level (its pieces spell bytes exactly)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
-    return "ByteLevel" in kinds
-
-
-def token_pieces(tokenizer) -> list[bytes | None]:
-    """The bytes each token id stands for; None for special tokens and ids with no known bytes.
-
-    Byte-level vocabularies are read exactly through the byte alphabet. Others use
-    decode([id]) (approximate: a SentencePiece word-start marker may decode without its space).
-    """
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values()) + 1)
-    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    pieces: list[bytes | None] = [None] * size
-    if is_byte_level(tokenizer):
-        inverse = {c: b for b, c in bytes_to_unicode().items()}
-        for token, i in vocab.items():
-            if i not in special and all(c in inverse for c in token):
-                pieces[i] = bytes(inverse[c] for c in token)
-        return pieces
-    for i in range(size):
-        if i not in special:
-            text = tokenizer.decode([i])
-            pieces[i] = text.encode() if text and "\ufffd" not in text else None
-    return pieces
 
 
 def byte_ends(ids, text: str, pieces: list[bytes | None] | None = None, tokenizer=None) -> np.ndarray | None:
