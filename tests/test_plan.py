@@ -167,3 +167,29 @@ def test_decode_time_charges_small_batches_as_the_probes():
     # a 32-row probe at 40 tok/s: a step takes 0.8 s whether it decodes 2 rows or 32
     assert decode_s(2, 24, 32, SLOW) == pytest.approx(decode_s(16, 24, 32, SLOW)) == pytest.approx(24 * 32 / 40)
     assert decode_s(64, 10, 32, SLOW) == pytest.approx(2 * 10 * 32 / 40)  # two waves of 32
+
+
+def test_plan_charges_the_heldout_set_and_still_fits():
+    """eval's held-out quality set (builtin:heldout_v1: ~3,900 prompt + answer tokens) is read by every model and
+    scored once by the teacher: the plan charges it to eval (fewer capture rows, a larger eval) and trains less,
+    within the same budget."""
+    plain = size_plan(SLOW, workload(), 600, spent_s=20)
+    held = size_plan(SLOW, workload(heldout_set_tokens=3900), 600, spent_s=20)
+    est = {p: {s["stage"]: s["est_s"] for s in x["stages"]} for p, x in (("plain", plain), ("held", held))}
+    assert est["held"]["eval"] > est["plain"]["eval"]
+    assert held["overrides"]["eval"]["max_rows"] < plain["overrides"]["eval"]["max_rows"]
+    assert steps_of(held) < steps_of(plain)
+    assert held["total_est_s"] <= 600 * (1 - held["margin"]) + 1
+
+
+def test_teacher_forcing_is_planned_at_prefill_speed():
+    """--answers reference scores the references (no decoding): the same budget takes more prompts and more answer
+    tokens, and the completion length is the references' (not a sampling length the plan could shorten)."""
+    sampled = size_plan(SLOW, workload(), 300, spent_s=20)
+    forced = size_plan(SLOW, workload(teacher_forcing=True), 300, spent_s=20)
+    gen = {k: x["overrides"]["generate"] for k, x in (("s", sampled), ("f", forced))}
+    assert gen["f"]["max_prompts"] > gen["s"]["max_prompts"]
+    assert gen["f"]["max_prompts"] * 60 > 1.5 * gen["s"]["max_prompts"] * gen["s"]["max_new_tokens"]
+    assert gen["f"]["max_new_tokens"] == 60  # the mean reference length of workload()
+    assert "teacher forcing" in format_plan(forced)
+    assert forced["total_est_s"] <= 300 * (1 - forced["margin"]) + 1

@@ -114,7 +114,7 @@ def app():
               help="Wall-clock budget: measure this machine, size every stage to fit (fields given with --set are "
                    "kept); 0 runs the recipe as written.")
 def demo(run_dir, overrides, minutes):
-    """Distil the embedded teacher into a half-depth student and print the comparison table."""
+    """Distil the embedded teacher into a 14-of-30-layer student and print the comparison table."""
     from potstill.pipeline import builtin_recipe
 
     _run(builtin_recipe("demo"), overrides, run_dir, "potstill demo", minutes)

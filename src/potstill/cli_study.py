@@ -4,8 +4,9 @@
     potstill study collapse --generations 3                     # distil a distillation, N times
     potstill study agent-anchor --max-steps 40                  # agents: SFT on text vs top-k KD
     potstill study detect-power                                 # served tokens a distiller needs before we catch it
+    potstill study budget --minutes 3                           # recipes compared per CPU-minute
 
-Flags come from the typed configs in studies/transfer.py and studies/collapse.py (`--config FILE.yaml`
+Flags come from the typed configs in studies/transfer.py, collapse.py and budget.py (`--config FILE.yaml`
 works as for the other verbs); the library does the work, this prints the tables.
 """
 
@@ -16,6 +17,7 @@ import sys
 import click
 
 from potstill.studies.agent_anchor import AgentAnchorConfig
+from potstill.studies.budget import BudgetConfig
 from potstill.studies.collapse import CollapseConfig
 from potstill.studies.detect_power import DetectPowerConfig
 from potstill.studies.transfer import TransferConfig
@@ -51,6 +53,17 @@ def register(app: click.Group) -> None:
         cfg = make_config(CollapseConfig, "collapse", config_file, flags)
         result = run_collapse(cfg)
         _show(collapse_table(result), "potstill study collapse", [], cfg.out, ["results.json", "table.md", "drift.png"])
+
+    @study.command("budget")
+    @config_options(BudgetConfig)
+    def budget_cmd(config_file, **flags):
+        """Recipes (compression, data, training) compared by held-out quality kept per CPU-minute."""
+        from potstill.studies.budget import budget_table, run_budget, summary_lines
+
+        cfg = make_config(BudgetConfig, "budget", config_file, flags)
+        result = run_budget(cfg)
+        _show(budget_table(result), "potstill study budget", summary_lines(result), cfg.out,
+              ["results.json", "table.md", "quality_vs_cpu.png"])
 
 
     @study.command("agent-anchor")

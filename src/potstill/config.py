@@ -103,7 +103,8 @@ class GenerateConfig(HttpConfig):
     model: str | None = opt(None, "Model name to request from an HTTP teacher.")
     tokenizer: str | None = opt(None, "Tokenizer (model dir) that maps an HTTP teacher's tokens to ids.")
     prompts: str | None = opt(
-        None, "Prompts file (JSONL/Parquet: messages, or instruction [+input] [+output]); 'builtin:seed_tasks'."
+        None, "Prompts file (JSONL/Parquet: messages, or instruction [+input] [+output]); 'builtin:seed_tasks', "
+        "'builtin:heldout_v1'."
     )
     self_instruct: int = opt(0, "Let the teacher write N prompts itself (Magpie-style) instead of --prompts.")
     out: str = opt("runs/capture", "Capture directory (created; an existing one is resumed).")
@@ -207,6 +208,7 @@ class TrainConfig:
     dist: str = opt("auto", "Under torchrun/accelerate launch: ddp, fsdp (FSDP2), or auto (= ddp).")
     grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, slower).")
     lr_schedule: str = opt("cosine", "After warm-up: cosine (decay to 10% at max_steps) or constant.")
+    freeze_embeddings: bool = opt(False, "Keep the token embedding (and an output head tied to it) as built: not trained.")
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):
@@ -234,6 +236,10 @@ class EvalConfig:
     batch_size: int = opt(8, "Batch size for scoring and generation.")
     labels: list[str] = opt([], "Row labels for the students (default: directory names).")
     tasks: list[str] = opt([], "Multiple-choice task JSONL files or builtin:potstill_mc; adds accuracy and % kept.")
+    heldout_prompts: str | None = opt(
+        None, "Held-out quality set from another source than the training prompts, with reference answers "
+        "(builtin:heldout_v1): top-1 agreement, KL and reference likelihood kept on its answers; its prompts "
+        "also feed the greedy answers scored for repetition.")
 
 
 STAGES = {"generate": GenerateConfig, "train": TrainConfig, "eval": EvalConfig}

@@ -118,13 +118,25 @@ def build_and_save_before(cfg: TrainConfig, out: Path, log=print):
     return model, tokenizer, info
 
 
+def heldout_set_tokens(teacher, spec: str | None) -> float:
+    """Prompt + reference tokens of eval's held-out quality set (what the plan charges for it)."""
+    if not spec:
+        return 0.0
+    from potstill.capture.prompts import load_prompts
+
+    return float(sum(len(teacher.encode_chat(p.messages)) + len(teacher.tokenizer(p.reference)["input_ids"]) + 1
+                     for p in load_prompts(spec) if p.reference))
+
+
 def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), run_dir: str | None = None,
-                 log=print) -> dict[str, Any]:
+                 log=print, cpu_clock: bool = False) -> dict[str, Any]:
     """`run_recipe` in `minutes` of wall-clock: measure this machine, size the stages (plan.py), keep to it.
 
     Fields given in `overrides` stay as given; the plan sizes the rest. A previous run's stage
     outputs in the run directory are replaced (a new plan means a new capture). The plan, each
-    stage's estimate and its actual wall and CPU seconds go to run_dir/plan.json.
+    stage's estimate and its actual wall and CPU seconds go to run_dir/plan.json. With `cpu_clock` the
+    budget, the rates and the deadlines are in CPU seconds of this process (`time.process_time`): the same
+    work whatever else the machine runs (what `study budget` compares recipes on).
     """
     import shutil
 
@@ -137,7 +149,8 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     from potstill.train.loop import train
     from potstill.utils import cpu_info, quiet_transformers, write_json
 
-    t_start, c_start = time.perf_counter(), time.process_time()
+    clock = time.process_time if cpu_clock else time.perf_counter
+    t_start, c_start, k_start = time.perf_counter(), time.process_time(), clock()
     budget = minutes * 60.0
     data = load_recipe(path, overrides)
     pinned = {".".join(k): v for k, v in (parse_override(o) for o in overrides) if len(k) == 2}
@@ -159,17 +172,17 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     eval0 = data.get("eval", {})
     prompts = dedupe(load_prompts(gen0.prompts))[0]
     teacher_dir = resolve_model_dir(gen0.teacher)  # a first run converts the embedded GGUF: not a load time
-    t = time.perf_counter()
-    parts = {"setup_s": t - t_start}
+    t = clock()
+    parts = {"setup_s": t - k_start}
     teacher = HFTeacher.load(gen0.teacher, dtype=gen0.dtype)
-    load_s = parts["teacher_load_s"] = time.perf_counter() - t
+    load_s = parts["teacher_load_s"] = clock() - t
     ids = [teacher.encode_chat(p.messages) for p in prompts]
     refs = [len(teacher.tokenizer(p.reference, add_special_tokens=False)["input_ids"]) + 1 for p in prompts if p.reference]
     gen_batch = min(gen0.batch_size, 32)
-    t = time.perf_counter()
+    t = clock()
     rates = measure_rates(teacher, ids, gen_batch, train0.student, teacher_dir, load_s, top_k=gen0.top_k,
-                          bf16=train0.bf16)
-    parts["probes_s"] = time.perf_counter() - t
+                          bf16=train0.bf16, clock=clock)
+    parts["probes_s"] = clock() - t
     workload = Workload(
         prompts_available=min(len(prompts), gen0.max_prompts or len(prompts)), prompt_tokens=sum(map(len, ids)) / len(ids),
         reference_tokens=sum(refs) / len(refs) if refs else 0.0, heldout=gen0.heldout,
@@ -177,8 +190,11 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
         warmup_steps=train0.warmup_steps, calibration=train0.calibration,
         gen_prompts=eval0.get("gen_prompts", EvalConfig.gen_prompts), gen_tokens=eval0.get("gen_tokens", EvalConfig.gen_tokens),
         eval_models=3 if data.get("eval_before") else 2, pinned=pinned,
+        heldout_set_tokens=heldout_set_tokens(teacher, eval0.get("heldout_prompts")),
+        teacher_forcing=gen0.answers == "reference",
     )
-    plan = {**size_plan(rates, workload, budget, spent_s=time.perf_counter() - t_start), "cpu": cpu_info(),
+    plan = {**size_plan(rates, workload, budget, spent_s=clock() - k_start), "cpu": cpu_info(),
+            "clock": "cpu" if cpu_clock else "wall",
             "measure_parts_s": parts}
     log(format_plan(plan))
     ov = plan["overrides"]
@@ -204,7 +220,7 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
         return out
 
     gen = build(GenerateConfig, {**stage_data["generate"], "out": str(run / "capture")}, f"{where}: generate")
-    gen_deadline = Deadline(est["generate"])
+    gen_deadline = Deadline(est["generate"], clock=clock)
     per_row = est["generate"] / max(gen.max_prompts, 1)
 
     def gen_stop(next_rows: int, done: int) -> bool:
@@ -218,8 +234,8 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     if data.get("eval_before"):
         built = timed("build student", lambda: build_and_save_before(train_cfg, run / "student-before", log))
     # training ends where the plan's training ends, whatever the stages before it took
-    left = budget * (1 - plan["margin"]) - (time.perf_counter() - t_start) - est["eval"]
-    stop = Deadline(min(est["train"], left)).train_stop()
+    left = budget * (1 - plan["margin"]) - (clock() - k_start) - est["eval"]
+    stop = Deadline(min(est["train"], left), clock=clock).train_stop()
     summary = timed("train", lambda: train(train_cfg, log=log, model=built[0], tokenizer=built[1],
                                            student_info=built[2], on_step=stop))
     before = bool(data.get("eval_before"))

@@ -61,6 +61,8 @@ class Workload:
     gen_tokens: int
     eval_models: int  # teacher + students (before and after)
     pinned: dict[str, Any]  # "stage.field" -> value the user set; the plan keeps these
+    heldout_set_tokens: float = 0.0  # prompt + reference tokens of eval's held-out quality set (0: none)
+    teacher_forcing: bool = False  # generate --answers reference: the answers are the references, scored at prefill speed
 
 
 def heldout_rows(n: int, fraction: float) -> int:
@@ -89,18 +91,22 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     pinned_c = "generate.max_new_tokens" in w.pinned
 
     # eval: m models x (load + fidelity on R held-out rows + reference NLL + a short batched speed run)
-    c_guess = _pin(w, "generate.max_new_tokens", w.max_new_tokens)
+    tf = w.teacher_forcing and ref > 0
+    c_guess = max(1, round(ref)) if tf else _pin(w, "generate.max_new_tokens", w.max_new_tokens)
     g = _pin(w, "eval.gen_prompts", min(w.gen_prompts, 8))
     t = _pin(w, "eval.gen_tokens", min(w.gen_tokens, 32))
     m = w.eval_models
     eval_share = EVAL_SHARE * usable
+    # the held-out set: the teacher scores it once, then every model reads it (one forward each)
+    heldout_s = (m + 1) * w.heldout_set_tokens / pre
+    eval_share = max(eval_share, heldout_s + EVAL_SHARE * usable / 2)
     speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
     per_row = ((p + c_guess) + (p + ref if ref else 0)) / pre
-    rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
+    rows_fit = math.floor((eval_share - heldout_s - m * (rates.load_s + speed_s)) / (m * per_row))
     if rows_fit < 4 and "eval.gen_prompts" not in w.pinned and "eval.gen_tokens" not in w.pinned:
         g, t = min(g, 4), min(t, 16)
         speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
-        rows_fit = math.floor((eval_share - m * (rates.load_s + speed_s)) / (m * per_row))
+        rows_fit = math.floor((eval_share - heldout_s - m * (rates.load_s + speed_s)) / (m * per_row))
     rows = _pin(w, "eval.max_rows", max(4, rows_fit))
 
     # build: the student from the teacher's weights, calibrated on its first rows (fewer where that would
@@ -111,21 +117,21 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     def eval_est(c: int, n: int) -> float:
         r = min(rows, max(1, heldout_rows(n, w.heldout)))
         row_s = ((p + c) + (p + ref if ref else 0)) / pre
-        return m * (rates.load_s + speed_s + r * row_s)
+        return m * (rates.load_s + speed_s + r * row_s) + heldout_s
 
     # generation + training share what is left: per prompt, its decode + prefill, and TARGET_EPOCHS passes
     work = usable - build_est
-    candidates = [c_guess] if pinned_c else _lengths(w.max_new_tokens)
+    candidates = [c_guess] if pinned_c or tf else _lengths(w.max_new_tokens)
     for c in candidates:
         b = _pin(w, "train.batch_size", w.train_batch)
-        per_prompt = c / rates.decode_tok_s + p / pre + TARGET_EPOCHS * (1 - w.heldout) * (p + c) / trn
+        per_prompt = (c / pre if tf else c / rates.decode_tok_s) + p / pre + TARGET_EPOCHS * (1 - w.heldout) * (p + c) / trn
         left = work - eval_est(c, w.prompts_available)
         n = _pin(w, "generate.max_prompts", min(w.prompts_available, max(2, math.floor(left / per_prompt))))
         n = min(n, w.prompts_available)
         if n >= min(MIN_PROMPTS, w.prompts_available) or c == candidates[-1]:
             break
     gen_batch = math.ceil(n / math.ceil(n / min(w.gen_batch, n)))  # even waves: 87 rows go as 3 x 29, not 32+32+23
-    gen_s = n * p / pre + decode_s(n, c, gen_batch, rates)
+    gen_s = n * (p + c) / pre if tf else n * p / pre + decode_s(n, c, gen_batch, rates)
     train_rows = max(1, n - heldout_rows(n, w.heldout))
     seq = p + c
     train_s = max(work - eval_est(c, n) - gen_s, 0.0)
@@ -141,7 +147,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     warmup = _pin(w, "train.warmup_steps", min(w.warmup_steps, max(1, steps // 10)))
     eval_rows = min(rows, max(1, heldout_rows(n, w.heldout)))
     stages = [
-        {"stage": "generate", "work": f"{n} prompts x {c} new tokens (batch {gen_batch})", "est_s": gen_s},
+        {"stage": "generate", "work": (f"{n} reference answers (~{c} tokens) by teacher forcing" if tf else
+                                       f"{n} prompts x {c} new tokens (batch {gen_batch})"), "est_s": gen_s},
         {"stage": "build student", "work": f"prune/build + {calib} calibration rows, saved as 'before'", "est_s": build_est},
         {"stage": "train", "work": f"{steps} steps x batch {b} (~{steps * b / train_rows:.1f} epochs of {train_rows} rows)",
          "est_s": train_s},
@@ -236,8 +243,9 @@ class Deadline:
 
 
 def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student: str, teacher_dir, load_s: float,
-                  top_k: int = 20, seq_len: int = 128, bf16: str = "auto") -> Rates:
-    """Time the teacher's batched decode + prefill and one training step of the student (a few seconds)."""
+                  top_k: int = 20, seq_len: int = 128, bf16: str = "auto", clock=time.perf_counter) -> Rates:
+    """Time the teacher's batched decode + prefill and one training step of the student (a few seconds),
+    on `clock` (wall by default; `time.process_time` gives rates per CPU-second)."""
     import torch
 
     from potstill.lm.types import SamplingParams
@@ -248,8 +256,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     params = SamplingParams(max_new_tokens=6, temperature=1.0, top_logprobs=top_k)
     teacher.complete_ids(prompt_ids[:1], SamplingParams(max_new_tokens=2, temperature=1.0, top_logprobs=top_k))
     stamps: list[tuple[float, int]] = []
-    t0 = time.perf_counter()
-    teacher.complete_ids(prompt_ids[:rows], params, on_token=lambda n, _: stamps.append((time.perf_counter(), n)),
+    t0 = clock()
+    teacher.complete_ids(prompt_ids[:rows], params, on_token=lambda n, _: stamps.append((clock(), n)),
                          batch_size=rows)
     # every row's first token comes out of its prefill; the rest are decode steps (the first of them, warm-up, skipped)
     seen, first = 0, 0
@@ -264,11 +272,11 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     else:  # every row stopped at once: fall back on the whole call
         decode = sum(n for _, n in stamps) / max(stamps[-1][0] - t0, 1e-6)
 
-    t = time.perf_counter()
+    t = clock()
     model = student_shaped(student, teacher_dir)
     if model is None:  # not a depth pruning: build it as the run will (on 4 prompts' calibration)
         model = build_student(student, teacher_dir, [list(p) for p in prompt_ids[:4]], seed=0)[0]
-        build_s = time.perf_counter() - t
+        build_s = clock() - t
     else:  # the run loads the teacher's weights, prunes, and saves the student (measured: about 1.1 loads)
         build_s = 1.5 * load_s
     model.train()
@@ -288,9 +296,9 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
         optimizer.zero_grad(set_to_none=True)
 
     step(1, 16)  # warm-up: optimizer state, allocator
-    t = time.perf_counter()
+    t = clock()
     step(2, seq_len)
-    train = 2 * seq_len / (time.perf_counter() - t)
+    train = 2 * seq_len / (clock() - t)
     return Rates(decode_tok_s=decode, prefill_tok_s=prefill, train_tok_s=train, load_s=load_s, build_s=build_s,
                  decode_batch=rows)
 

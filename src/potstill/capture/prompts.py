@@ -6,7 +6,8 @@ Accepted records (one JSON object per line, or one Parquet row):
 - instruction: `{"instruction", "input"?, "output"?}` -> one user message, instruction and
   input separated by a blank line;
 - self-instruct seed: `{"instruction", "instances": [{"input", "output"}, ...]}` -> one prompt
-  per instance (the format of `builtin:seed_tasks`, the 175 self-instruct seed tasks);
+  per instance (the format of `builtin:seed_tasks`, the 175 self-instruct seed tasks;
+  `builtin:heldout_v1`, 60 instructions with human answers written for potstill, is the held-out set);
 - plain: `{"prompt": str}` (reference as for chat).
 Every error names the file, line and field: `prompts.jsonl:17: field 'instruction' missing`.
 """
@@ -27,7 +28,7 @@ from potstill.errors import PotstillError
 from potstill.utils import jsonl_objects, stable_hash
 
 ROLES = ("system", "user", "assistant", "tool")
-BUILTIN = {"seed_tasks": "seed_tasks.jsonl"}
+BUILTIN = {"seed_tasks": "seed_tasks.jsonl", "heldout_v1": "heldout_v1.jsonl"}
 
 
 @dataclass

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from potstill.config import EvalConfig
+from potstill.evaluate.heldout import COLUMNS as HELDOUT_COLUMNS
+from potstill.evaluate.heldout import add_kept as add_heldout_kept
+from potstill.evaluate.heldout import equal_repetition
 from potstill.evaluate.tasks import task_columns
 from potstill.lm.tokens import pad_token_id
 from potstill.utils import atomic_path, quiet_transformers, write_json
@@ -21,13 +24,18 @@ COLUMNS = [
     ("top1_agreement", "top-1 agree ↑", "{:.3f}"),
     ("nll_teacher_tokens", "NLL teacher text ↓", "{:.3f}"),
     ("nll_reference", "NLL references ↓", "{:.3f}"),
+    *HELDOUT_COLUMNS,
     ("params", "params", "{:,}"),
     ("size_bytes", "size MB", None),
     ("gen_tokens_per_s", "gen tok/s", "{:.1f}"),
 ]
 
 
-def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConfig, name: str, tasks=()) -> dict[str, Any]:
+def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConfig, name: str, tasks=(),
+                   heldout=None) -> dict[str, Any]:
+    """One row: fidelity on the capture, reference NLL, size, tasks, the held-out set (`heldout`:
+    (teacher examples, prompts) or None), generation speed and the greedy answers' repetition."""
+    from potstill.evaluate import heldout as ho
     from potstill.evaluate.metrics import fidelity, generation_speed, reference_nll, size_stats
     from potstill.evaluate.tasks import task_metrics
 
@@ -37,13 +45,16 @@ def evaluate_model(model, tokenizer, model_dir, examples, prompts, cfg: EvalConf
     row.update(reference_nll(model, tokenizer, prompts, cfg.batch_size) or {})
     row.update(size_stats(model, model_dir))
     row.update(task_metrics(model, tokenizer, list(tasks), cfg.batch_size))
+    if heldout is not None:
+        row.update(ho.measure(model, tokenizer, heldout[0], cfg.batch_size))
     import torch
 
     # speed last, in the dtype the engine serves with (bf16 where the CPU has it): a fair race for every row
     from potstill.lm.loading import pick_dtype
 
     model.to(pick_dtype("auto"))
-    row.update(generation_speed(model, tokenizer, prompts, cfg.gen_prompts, cfg.gen_tokens, cfg.batch_size))
+    gen_prompts = heldout[1] if heldout is not None else prompts
+    row.update(generation_speed(model, tokenizer, gen_prompts, cfg.gen_prompts, cfg.gen_tokens, cfg.batch_size))
     model.to(torch.float32)
     return row
 
@@ -87,15 +98,27 @@ def run_eval(cfg: EvalConfig, log=print, teacher_model=None, teacher_tokenizer=N
     if teacher_model is None:
         teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir)
         teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    rows.append(evaluate_model(teacher_model, teacher_tokenizer, teacher_dir, examples, prompts, cfg, "teacher", tasks))
+    heldout = None
+    if cfg.heldout_prompts:
+        from potstill.capture.prompts import load_prompts
+        from potstill.evaluate.heldout import teacher_examples
+
+        ho_prompts = load_prompts(cfg.heldout_prompts)
+        heldout = (teacher_examples(teacher_model, teacher_tokenizer, ho_prompts, batch_size=cfg.batch_size), ho_prompts)
+        log(f"eval: held-out set {cfg.heldout_prompts}: {len(heldout[0])} reference answers")
+    rows.append(evaluate_model(teacher_model, teacher_tokenizer, teacher_dir, examples, prompts, cfg, "teacher", tasks,
+                               heldout))
     log(f"eval: teacher done ({rows[-1]['gen_tokens_per_s']:.0f} gen tok/s)")
     labels = cfg.labels or [Path(s).name for s in cfg.students]
     for path, label in zip(cfg.students, labels, strict=False):
         model = AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
-        rows.append(evaluate_model(model, tok, path, examples, prompts, cfg, label, tasks))
+        rows.append(evaluate_model(model, tok, path, examples, prompts, cfg, label, tasks, heldout))
         log(f"eval: {label} done")
     add_kept(rows, tasks)
+    add_heldout_kept(rows)
+    for row, rep in zip(rows, equal_repetition([r.pop("_answers", []) for r in rows]), strict=True):
+        row.update(rep)
     result = {"capture": cfg.capture, "split": cfg.split, "rows": rows, "config": cfg.__dict__, "tasks": describe(tasks)}
     out = Path(cfg.out)
     write_json(out / "eval.json", result)
@@ -127,6 +150,7 @@ def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
 
 def notes(rows: list[dict[str, Any]]) -> str:
     """What the KL and gen tok/s columns measure (written under the table in eval.md)."""
+    from potstill.evaluate.heldout import HELDOUT_NOTE, REPETITION_NOTE
     from potstill.evaluate.metrics import KL_NOTE
 
     lines = [f"- {KL_NOTE}"]
@@ -134,6 +158,10 @@ def notes(rows: list[dict[str, Any]]) -> str:
     if speed:
         lines.append(f"- gen tok/s: greedy, {speed['gen_prompts']} prompts x {speed['gen_new_tokens_per_prompt']} new "
                      f"tokens each (EOS ignored), batches of {speed['gen_batch_size']}.")
+    if any(r.get("loop_rate") is not None for r in rows):
+        lines.append(f"- {REPETITION_NOTE}")
+    if any(r.get("heldout_top1_agreement") is not None for r in rows):
+        lines.append(f"- {HELDOUT_NOTE}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@
 - NLL of reference answers (prompts that have an `output`/`reference`), per token, up to and
   including the chat template's end-of-turn token;
 - parameters, size on disk, greedy generation tokens/s at a fixed number of new tokens per prompt
-  (EOS ignored, batched, KV cache), so it measures speed and not how long a model's answers are.
+  (EOS ignored, batched, KV cache), so it measures speed and not how long a model's answers are;
+  the same greedy tokens, cut at the first end-of-turn, are the answers scored for repetition
+  (evaluate/heldout.py).
 """
 
 
@@ -108,12 +110,23 @@ def generation_speed(model, tokenizer, prompts, n_prompts: int = 16, max_new_tok
     from potstill.lm.types import SamplingParams
 
     engine = Engine(model, tokenizer, name="eval")
+    stop = set(engine.eos_ids or [])
     engine.eos_ids = [-1]  # no token has id -1: nothing stops a row before max_new_tokens
     ids = [engine.encode_chat(p.messages) for p in prompts[:n_prompts]]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, top_logprobs=0)
     engine.complete_ids(ids[:1], SamplingParams(max_new_tokens=2, temperature=0.0, top_logprobs=0))  # warm-up
     t0 = time.perf_counter()
-    tokens = sum(len(c.completion_ids) for c in engine.complete_ids(ids, params, batch_size=batch_size))
+    done = engine.complete_ids(ids, params, batch_size=batch_size)
     seconds = time.perf_counter() - t0
+    tokens = sum(len(c.completion_ids) for c in done)
+    answers = [_until(c.completion_ids, stop) for c in done]
     return {"gen_tokens_per_s": tokens / seconds, "gen_tokens": tokens, "gen_prompts": len(ids),
-            "gen_new_tokens_per_prompt": max_new_tokens, "gen_batch_size": batch_size}
+            "gen_new_tokens_per_prompt": max_new_tokens, "gen_batch_size": batch_size, "_answers": answers}
+
+
+def _until(ids: list[int], stop: set[int]) -> list[int]:
+    """A greedy answer as the model would end it: up to its first end-of-turn/EOS token."""
+    for i, t in enumerate(ids):
+        if t in stop:
+            return list(ids[:i])
+    return list(ids)

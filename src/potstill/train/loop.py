@@ -191,8 +191,10 @@ class _Run:
         self.forward = dist.wrap(model, ctx)  # DDP/FSDP under torchrun; before the optimizer (FSDP shards params)
         self.use_bf16 = autocast_enabled(cfg.bf16, self.device)
         self.pad_id = pad_token_id(self.tokenizer)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        if cfg.freeze_embeddings:  # a tied head is the same tensor: frozen with it
+            model.get_input_embeddings().weight.requires_grad_(False)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
