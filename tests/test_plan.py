@@ -182,6 +182,21 @@ def test_plan_charges_the_heldout_set_and_still_fits():
     assert held["total_est_s"] <= 600 * (1 - held["margin"]) + 1
 
 
+def test_heldout_set_is_skipped_where_it_would_eat_the_budget():
+    """On a machine whose prefill is 5x slower the held-out set would take ~4 x 3,900 / 120 = 130 s of a
+    10-minute budget: the plan skips it, says so, and trains instead; a pinned set is kept whatever it costs."""
+    crawl = Rates(decode_tok_s=20, prefill_tok_s=120, train_tok_s=70, load_s=6, build_s=8, decode_batch=32)
+    held = size_plan(crawl, workload(heldout_set_tokens=3900), 600, spent_s=20)
+    assert held["overrides"]["eval"]["heldout_prompts"] is None
+    assert "held-out quality set skipped" in next(s["work"] for s in held["stages"] if s["stage"] == "eval")
+    kept = size_plan(SLOW, workload(heldout_set_tokens=3900), 600, spent_s=20)
+    assert "heldout_prompts" not in kept["overrides"]["eval"]  # a normal machine keeps it
+    pinned = size_plan(crawl, workload(heldout_set_tokens=3900, pinned={"eval.heldout_prompts": "builtin:heldout_v1"}),
+                       600, spent_s=20)
+    assert pinned["overrides"]["eval"]["heldout_prompts"] == "builtin:heldout_v1"
+    assert steps_of(held) > steps_of(pinned)  # the time it frees goes to training
+
+
 def test_teacher_forcing_is_planned_at_prefill_speed():
     """--answers reference scores the references (no decoding): the same budget takes more prompts and more answer
     tokens, and the completion length is the references' (not a sampling length the plan could shorten)."""

@@ -24,6 +24,7 @@ from potstill.utils import cpu_line
 
 MARGIN = 0.12  # share of the budget kept back for what the estimates miss (saves, imports, noise)
 EVAL_SHARE = 0.15  # share of the usable budget the eval gets
+HELDOUT_MAX_SHARE = 0.2  # eval's held-out quality set is skipped (said in the plan) where it would take more
 MIN_PROMPTS = 64  # shorten completions before going under this many prompts
 MIN_NEW_TOKENS = 24
 TARGET_EPOCHS = 2.0  # passes over the training rows the sizing aims for when it trades data against steps
@@ -99,6 +100,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
     eval_share = EVAL_SHARE * usable
     # the held-out set: the teacher scores it once, then every model reads it (one forward each)
     heldout_s = (m + 1) * w.heldout_set_tokens / pre
+    skip_heldout = heldout_s > HELDOUT_MAX_SHARE * usable and "eval.heldout_prompts" not in w.pinned
+    skipped_s, heldout_s = (heldout_s, 0.0) if skip_heldout else (0.0, heldout_s)
     eval_share = max(eval_share, heldout_s + EVAL_SHARE * usable / 2)
     speed_s = g * p / pre + decode_s(g, t, 8, rates)  # eval decodes in batches of 8
     per_row = ((p + c_guess) + (p + ref if ref else 0)) / pre
@@ -152,7 +155,9 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
         {"stage": "build student", "work": f"prune/build + {calib} calibration rows, saved as 'before'", "est_s": build_est},
         {"stage": "train", "work": f"{steps} steps x batch {b} (~{steps * b / train_rows:.1f} epochs of {train_rows} rows)",
          "est_s": train_s},
-        {"stage": "eval", "work": f"{m} models x {eval_rows} held-out rows + {g} prompts x {t} tokens", "est_s": eval_est(c, n)},
+        {"stage": "eval", "work": f"{m} models x {eval_rows} held-out rows + {g} prompts x {t} tokens"
+         + (f" (held-out quality set skipped: ~{skipped_s:.0f} s at this machine's rates)" if skip_heldout else ""),
+         "est_s": eval_est(c, n)},
     ]
     total = spent_s + sum(s["est_s"] for s in stages)
     overrides = {
@@ -161,6 +166,8 @@ def size_plan(rates: Rates, w: Workload, budget_s: float, spent_s: float = 0.0, 
                   "calibration": calib},
         "eval": {"max_rows": eval_rows, "gen_prompts": g, "gen_tokens": t},
     }
+    if skip_heldout:
+        overrides["eval"]["heldout_prompts"] = None
     for key, value in w.pinned.items():  # what the user set wins, whatever the sizing thought
         stage, _, field = key.partition(".")
         if stage in overrides:
