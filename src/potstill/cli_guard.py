@@ -65,6 +65,8 @@ def watermark_config(key_env, key_file, gamma, delta, context_width, self_hash, 
 
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
+    from potstill.cli import field_options, make_config
+    from potstill.config import AntidistillConfig
 
     @app.command()
     @click.argument("model", default="embedded")
@@ -81,8 +83,9 @@ def register(app: click.Group) -> None:
                   help="Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone).")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
     @watermark_options
+    @field_options(AntidistillConfig)
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name,
-              watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash):
+              watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, **antidistill_flags):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
 
         The query log is hash-chained under the log key: $POTSTILL_LOG_KEY, else the file named by
@@ -95,10 +98,12 @@ def register(app: click.Group) -> None:
         wm = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, False)
         kw = {k: v for k, v in {"default_rpm": rpm, "default_tpm": tpm, "max_batch_size": max_batch_size}.items()
               if v is not None}
+        ad = make_config(AntidistillConfig, "serve", None, antidistill_flags).antidistill_config()
         cfg = ServeConfig(host=host, port=port, keys_url=keys_db, querylog_url=log_db, watermark=wm,
-                          max_tokens_cap=max_tokens_cap, model_name=name, docs=docs, **kw)
+                          max_tokens_cap=max_tokens_cap, model_name=name, docs=docs, antidistill=ad, **kw)
         quiet_transformers()
-        click.echo(f"serving {model} on http://{host}:{port}/v1 (watermark {'on' if wm else 'off'})", err=True)
+        click.echo(f"serving {model} on http://{host}:{port}/v1 (watermark {'on' if wm else 'off'}, "
+                   f"antidistill {'lambda ' + str(ad.antidistill) if ad else 'off'})", err=True)
         run_serve(model, cfg)
 
     @app.group()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
@@ -116,6 +116,8 @@ class ServeConfig:
     (a stream: an error event), charged for the tokens delivered."""
     docs: bool = False
     """Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone)."""
+    antidistill: Any = field(default=None, repr=False)
+    """A `config.AntidistillConfig` (anti-distillation sampling, guard/antidistill.py), or None (off)."""
 
     def __post_init__(self) -> None:
         home = potstill_home() / "guard"
@@ -137,8 +139,10 @@ class ServeConfig:
 
     def public_dict(self) -> dict[str, Any]:
         """The config without secrets (the watermark key never appears)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "watermark"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("watermark", "antidistill")}
         out["watermark"] = self.watermark.public_dict() if self.watermark is not None else None
+        ad = self.antidistill
+        out["antidistill"] = None if ad is None else {**asdict(ad), "top_logprobs": "tilted"}
         return out
 
 
@@ -156,6 +160,11 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
         from potstill.guard.watermark import Watermark
 
         processor = Watermark(cfg.watermark).logits_processor
+    if cfg.antidistill is not None and cfg.antidistill.antidistill > 0:  # both tilts in one sampler
+        from potstill.guard.antidistill import AntidistillProcessor
+        from potstill.lm.sampling import chain_processors
+
+        processor = chain_processors(AntidistillProcessor.load(cfg.antidistill, teacher), processor)
     svc = Service(teacher, cfg, limiter, processor)
 
     @asynccontextmanager
