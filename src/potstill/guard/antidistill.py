@@ -98,9 +98,11 @@ def protect_examples(tokenizer, prompts, stop_ids: list[int], max_len: int = 512
 
 def protect_loss_grad(model, examples: list[tuple[list[int], int]], batch_size: int = 8) -> tuple[float, list[torch.Tensor]]:
     """Mean per-token NLL of the answers and its gradient (one tensor per parameter)."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
     for p in params:
         p.grad = None
+        p.requires_grad_(True)
     total = sum(len(ids) - n for ids, n in examples)
     loss_sum = 0.0
     model.eval()
@@ -120,8 +122,9 @@ def protect_loss_grad(model, examples: list[tuple[list[int], int]], batch_size: 
             (nll / total).backward()
         loss_sum += float(nll.detach())
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-    for p in params:
+    for p, flag in zip(params, flags, strict=True):
         p.grad = None
+        p.requires_grad_(flag)
     return loss_sum / max(total, 1), grads
 
 
@@ -148,8 +151,6 @@ class AntidistillProcessor:
             raise PotstillError(f"antidistill: lambda must be >= 0 and eps > 0, got {lam}, {eps}")
         self.lam, self.eps = float(lam), float(eps)
         self.proxy = proxy.float().eval()
-        for p in self.proxy.parameters():
-            p.requires_grad_(True)
         from potstill.capture.generate import end_of_turn_ids
 
         stop = end_of_turn_ids(tokenizer, getattr(proxy, "generation_config", None))
