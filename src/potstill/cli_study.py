@@ -2,6 +2,7 @@
 
     potstill study transfer --seeds 3 --max-tokens 32000        # KD vs teacher text vs human text
     potstill study collapse --generations 3                     # distil a distillation, N times
+    potstill study antidistill --lambdas 0.5 1 2                # anti-distillation vs temperature
 
 Flags come from the typed configs in studies/transfer.py and studies/collapse.py (`--config FILE.yaml`
 works as for the other verbs); the library does the work, this prints the tables.
@@ -13,6 +14,7 @@ import sys
 
 import click
 
+from potstill.studies.antidistill import AntidistillStudyConfig
 from potstill.studies.collapse import CollapseConfig
 from potstill.studies.transfer import TransferConfig
 
@@ -47,6 +49,19 @@ def register(app: click.Group) -> None:
         cfg = make_config(CollapseConfig, "collapse", config_file, flags)
         result = run_collapse(cfg)
         _show(collapse_table(result), "potstill study collapse", [], cfg.out, ["results.json", "table.md", "drift.png"])
+
+
+    @study.command("antidistill")
+    @config_options(AntidistillStudyConfig)
+    def antidistill_cmd(config_file, **flags):
+        """Anti-distillation sampling vs temperature: teacher cost against the distilled student's loss."""
+        from potstill.studies.antidistill import run_antidistill
+        from potstill.studies.antidistill_report import summary_lines, table
+
+        cfg = make_config(AntidistillStudyConfig, "antidistill", config_file, flags)
+        result = run_antidistill(cfg)
+        _show(table(result), "potstill study antidistill", summary_lines(result), cfg.out,
+              ["results.json", "table.md", "tradeoff.png"])
 
 
 def _show(table, title: str, lines: list[str], out: str, files: list[str]) -> None:
