@@ -1,6 +1,6 @@
 """`potstill study antidistill`: what anti-distillation sampling costs the teacher and the distiller.
 
-    potstill study antidistill --lambdas 0.5 1 2 --temperatures 1.15 1.3 --out runs/study-antidistill
+    potstill study antidistill --target-costs 0.02 0.05 --out runs/study-antidistill
 
 One prompt set with reference answers, split (seeded, as `generate` splits it) into the prompts the
 teacher answers and a held-out part. The references of the answered prompts are the protect set
@@ -10,6 +10,10 @@ architecture built from the teacher as `train` builds it (default `prune:depth:0
 - `clean`: temperature 1, no tilt (the reference point of both costs);
 - `lambda=L`: temperature 1, tilted by L * Delta (anti-distillation sampling);
 - `T=t`: temperature t, no tilt (the baseline: a hotter teacher also teaches worse).
+
+For each `--target-costs` c, one L and one t are calibrated (bisection on the teacher-forced held-out
+reference NLL, computed once) so that both cost the teacher c nats: the comparison the goal asks for.
+`--lambdas` / `--temperatures` add arms at given values.
 
 Each arm captures the teacher's answers (`generate`, top-k log-probs of the distribution sampled from)
 and distils one student from the same initial weights with the same recipe and budget (`train`).
@@ -41,8 +45,10 @@ class AntidistillStudyConfig:
     prompts: str = opt("builtin:seed_tasks", "Prompts with reference answers (`output`).")
     out: str = opt("runs/study-antidistill", "Output directory (proxy, captures, students, results.json, table.md, PNG).")
     proxy: str = opt("prune:depth:0.5", "Proxy = student architecture, built from the teacher as train builds it.")
-    lambdas: list[float] = opt([0.5, 1.0, 2.0], "Anti-distillation tilts (lambda) to measure.")
-    temperatures: list[float] = opt([1.15, 1.3, 1.5], "Temperature baselines (no tilt).")
+    target_costs: list[float] = opt([0.02, 0.05], "Teacher costs (nats of held-out reference NLL) at which one lambda "
+                                    "and one temperature are calibrated (teacher-forced) and measured.")
+    lambdas: list[float] = opt([], "Extra anti-distillation tilts (lambda) to measure.")
+    temperatures: list[float] = opt([], "Extra temperature baselines (no tilt).")
     eps: float = opt(1e-3, "Finite-difference step of Delta.")
     max_prompts: int | None = opt(96, "Use at most this many prompts.")
     heldout: float = opt(0.25, "Fraction of prompts held out (teacher cost and student quality).")
@@ -60,15 +66,17 @@ class AntidistillStudyConfig:
     def __post_init__(self) -> None:
         self.lambdas = [float(x) for x in self.lambdas]
         self.temperatures = [float(x) for x in self.temperatures]
-        if any(x <= 0 for x in self.lambdas) or any(t <= 0 for t in self.temperatures):
-            raise PotstillError("study antidistill: lambdas and temperatures must be > 0")
+        self.target_costs = [float(x) for x in self.target_costs]
+        if any(x <= 0 for x in self.lambdas + self.temperatures + self.target_costs):
+            raise PotstillError("study antidistill: lambdas, temperatures and target costs must be > 0")
         if self.max_steps < 1 or self.batch_size < 1 or not 0 < self.heldout < 1:
             raise PotstillError("study antidistill: max_steps, batch_size >= 1 and heldout in (0, 1)")
 
-    def arms(self) -> list[tuple[str, float, float]]:
-        """(name, lambda, temperature) of every arm, `clean` first."""
-        return ([("clean", 0.0, 1.0)] + [(f"lambda={x:g}", x, 1.0) for x in self.lambdas]
-                + [(f"T={t:g}", 0.0, t) for t in self.temperatures])
+    def arms(self, lambdas: list[float], temperatures: list[float]) -> list[tuple[str, float, float]]:
+        """(name, lambda, temperature) of every arm, `clean` first, each once."""
+        arms = ([("clean", 0.0, 1.0)] + [(f"lambda={x:.3g}", x, 1.0) for x in self.lambdas + lambdas]
+                + [(f"T={t:.3g}", 0.0, t) for t in self.temperatures + temperatures])
+        return list({name: (name, lam, t) for name, lam, t in arms}.values())
 
 
 def split_prompts(cfg: AntidistillStudyConfig):
@@ -92,27 +100,49 @@ def write_prompts(path: Path, prompts) -> Path:
     return path
 
 
-def tilted_reference_nll(teacher, proc, prompts, lam: float, temperature: float) -> float:
-    """Per-token NLL of the prompts' references under softmax((teacher logits + lam * Delta) / temperature)."""
-    import torch
+class ReferenceScores:
+    """The teacher's logits and Delta at every held-out reference token, computed once (teacher-forced), so the
+    NLL of the references under any (lambda, temperature) is a log-softmax away."""
 
-    from potstill.capture.generate import answer_ids, end_of_turn_ids
+    def __init__(self, teacher, proc, prompts):
+        import torch
 
-    stop = end_of_turn_ids(teacher.tokenizer, teacher.model.generation_config)
-    nll = n = 0.0
-    with torch.no_grad():
-        for p in prompts:
-            prompt = teacher.encode_chat(p.messages)
-            ids = prompt + answer_ids(teacher.tokenizer, p.messages, p.reference, prompt, stop)
-            logits = teacher.model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1 : len(ids) - 1].float()
-            if lam:
-                d = proc.delta_forced(ids, len(prompt))
-                v = min(d.shape[1], logits.shape[1])
-                logits[:, :v] += lam * d[:, :v]
-            lp = torch.log_softmax(logits / temperature, -1)
-            nll -= float(lp.gather(1, torch.tensor(ids[len(prompt) :])[:, None]).sum())
-            n += len(ids) - len(prompt)
-    return nll / max(n, 1)
+        from potstill.capture.generate import answer_ids, end_of_turn_ids
+
+        stop = end_of_turn_ids(teacher.tokenizer, teacher.model.generation_config)
+        logits, deltas, targets = [], [], []
+        with torch.no_grad():
+            for p in prompts:
+                prompt = teacher.encode_chat(p.messages)
+                ids = prompt + answer_ids(teacher.tokenizer, p.messages, p.reference, prompt, stop)
+                logits.append(teacher.model(input_ids=torch.tensor([ids])).logits[0, len(prompt) - 1 : len(ids) - 1].float())
+                deltas.append(proc.delta_forced(ids, len(prompt)))
+                targets += ids[len(prompt) :]
+        self.logits, self.delta = torch.cat(logits), torch.cat(deltas)
+        self.targets = torch.tensor(targets)[:, None]
+        self.v = min(self.logits.shape[1], self.delta.shape[1])
+
+    def nll(self, lam: float, temperature: float) -> float:
+        """Per-token NLL of the references under softmax((teacher logits + lam * Delta) / temperature)."""
+        import torch
+
+        x = self.logits.clone()
+        x[:, : self.v] += lam * self.delta[:, : self.v]
+        return -float(torch.log_softmax(x / temperature, -1).gather(1, self.targets).mean())
+
+
+def calibrate(cost, target: float, lo: float, hi: float, steps: int = 30) -> float:
+    """The knob value in [lo, hi] whose cost is `target` (bisection in log space; cost rising with the knob)."""
+    import math
+
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(steps):
+        mid = (a + b) / 2
+        if cost(math.exp(mid)) < target:
+            a = mid
+        else:
+            b = mid
+    return math.exp((a + b) / 2)
 
 
 def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
@@ -139,16 +169,24 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     proxy_dir = out / "proxy"
     calibration = [teacher.encode_chat(p.messages) for p in answered[:32]]
     base, tok, info = build_student(cfg.proxy, teacher.model_dir, calibration, seed=cfg.seed)
-    if not (proxy_dir / "config.json").exists():
-        base.save_pretrained(proxy_dir)
-        tok.save_pretrained(proxy_dir)
+    base.save_pretrained(proxy_dir)  # what every tilted capture's processor loads
+    tok.save_pretrained(proxy_dir)
     proc = AntidistillProcessor(copy.deepcopy(base), tok, answered, lam=1.0, eps=cfg.eps)
     log(f"[antidistill] proxy {cfg.proxy}: {info.get('params', 0):,} params; protect loss {proc.protect_loss:.3f}, "
         f"|g| {proc.grad_norm:.3g}")
-    clean_nll = tilted_reference_nll(teacher, proc, heldout, 0.0, 1.0)
+    scores = ReferenceScores(teacher, proc, heldout)
+    clean_nll = scores.nll(0.0, 1.0)
+    lambdas = [calibrate(lambda x: scores.nll(x, 1.0) - clean_nll, c, 1e-5, 1e3) for c in cfg.target_costs]
+    temps = [calibrate(lambda t: scores.nll(0.0, 1.0 + t) - clean_nll, c, 1e-5, 10.0) + 1.0 for c in cfg.target_costs]
+    for c, lam, t in zip(cfg.target_costs, lambdas, temps, strict=True):
+        got = (scores.nll(lam, 1.0) - clean_nll, scores.nll(0.0, t) - clean_nll)
+        if max(abs(g - c) for g in got) > 0.2 * c:
+            log(f"[antidistill] warning: teacher cost {c} not reached (lambda {lam:.4g}: {got[0]:+.4f}, T {t:.4g}: {got[1]:+.4f})")
+    log(f"[antidistill] clean reference NLL {clean_nll:.4f} ({len(scores.targets)} tokens); for teacher costs "
+        f"{cfg.target_costs}: lambda {[round(x, 4) for x in lambdas]}, T {[round(t, 4) for t in temps]}")
 
     arms: list[dict[str, Any]] = []
-    for name, lam, temp in cfg.arms():
+    for name, lam, temp in cfg.arms(lambdas, temps):
         arm_dir = out / "arms" / name.replace("=", "")
         t0 = time.perf_counter()
         ad = AntidistillConfig(lam, str(proxy_dir), str(protect_file), cfg.eps) if lam else AntidistillConfig()
@@ -158,7 +196,7 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
                               **{k: v for k, v in asdict(ad).items()})
         manifest = generate(gcfg, teacher=teacher, log=lambda line: None)
         gen_s = time.perf_counter() - t0
-        cost = tilted_reference_nll(teacher, proc, heldout, lam, temp) - clean_nll
+        cost = scores.nll(lam, temp) - clean_nll
         tcfg = TrainConfig(capture=str(arm_dir / "capture"), out=str(arm_dir / "student"), teacher=str(teacher.model_dir),
                            student=cfg.proxy, loss=cfg.loss, lr=cfg.lr, warmup_steps=2, max_steps=cfg.max_steps,
                            batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, checkpoint_every=0, seed=cfg.seed,
