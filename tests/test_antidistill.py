@@ -156,3 +156,22 @@ def test_generate_records_the_tilt(tmp_path, tiny_model_dir, prompts_file):
     assert manifest["sampling"]["antidistill"]["lambda"] == 2.0
     bad = subprocess.run(args[:-6] + ["--antidistill", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--proxy" in bad.stderr
+
+
+@pytest.mark.slow
+def test_study_antidistill_writes_its_curve(tmp_path, tiny_model_dir, prompts_file):
+    """The study end to end on the tiny teacher: lambda calibrated to the asked teacher cost, artefacts written."""
+    from potstill.studies.antidistill import AntidistillStudyConfig, run_antidistill
+
+    cfg = AntidistillStudyConfig(teacher=str(tiny_model_dir), prompts=str(prompts_file), out=str(tmp_path / "s"),
+                                 target_costs=[0.05], temperatures=[1.5], max_prompts=None, heldout=0.3,
+                                 max_new_tokens=6, max_steps=2, batch_size=2, top_k=4)
+    with one_torch_thread():
+        result = run_antidistill(cfg, log=lambda line: None)
+    arms = {a["arm"]: a for a in result["arms"]}
+    tilted = [a for a in arms.values() if a["lambda"] > 0]
+    assert len(tilted) == 1 and tilted[0]["teacher_cost"] == pytest.approx(0.05, rel=0.05)
+    assert arms["clean"]["student_loss"] == 0 and "T=1.5" in arms
+    assert result["serving"]["slowdown"] > 0
+    for name in ("results.json", "table.md", "tradeoff.png"):
+        assert (tmp_path / "s" / name).stat().st_size > 0

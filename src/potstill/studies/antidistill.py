@@ -1,6 +1,6 @@
 """`potstill study antidistill`: what anti-distillation sampling costs the teacher and the distiller.
 
-    potstill study antidistill --target-costs 0.02 0.05 --out runs/study-antidistill
+    potstill study antidistill --target-costs 0.02 --target-costs 0.05 --out runs/study-antidistill
 
 One prompt set with reference answers, split (seeded, as `generate` splits it) into the prompts the
 teacher answers and a held-out part. The references of the answered prompts are the protect set
