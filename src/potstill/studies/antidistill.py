@@ -131,7 +131,7 @@ class ReferenceScores:
         return -float(torch.log_softmax(x / temperature, -1).gather(1, self.targets).mean())
 
 
-def calibrate(cost, target: float, lo: float, hi: float, steps: int = 30) -> float:
+def calibrate(cost, target: float, lo: float, hi: float, steps: int = 20) -> float:
     """The knob value in [lo, hi] whose cost is `target` (bisection in log space; cost rising with the knob)."""
     import math
 
