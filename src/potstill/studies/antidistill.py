@@ -223,6 +223,14 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     return result
 
 
+def best_tilt(arms: list[dict[str, Any]], max_cost: float) -> dict[str, Any] | None:
+    """The tilted arm with the largest student-loss ratio among those costing the teacher <= `max_cost`
+    (calibrated arms land on it up to the bisection's precision, hence the 0.1 % slack)."""
+    ok = [a for a in arms if a["lambda"] and a["teacher_cost"] <= max_cost * 1.001
+          and a.get("ratio_vs_temperature") is not None]
+    return max(ok, key=lambda a: a["ratio_vs_temperature"], default=None)
+
+
 def fmt(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -243,9 +251,7 @@ def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll
             base = float(np.interp(c, xs, ys)) if inside else None
             a["temperature_student_loss_at_cost"] = base
             a["ratio_vs_temperature"] = (a["student_loss"] / base if base and base > 0 else None)
-    ok = [a for a in arms if a["lambda"] and a["teacher_cost"] <= cfg.max_teacher_cost
-          and a.get("ratio_vs_temperature") is not None]
-    best = max(ok, key=lambda a: a["ratio_vs_temperature"], default=None)
+    best = best_tilt(arms, cfg.max_teacher_cost)
     clean_rate = clean["gen_tokens_per_s"]
     tilted_rates = [a["gen_tokens_per_s"] for a in arms if a["lambda"]]
     return {
