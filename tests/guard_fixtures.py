@@ -67,24 +67,40 @@ def live_server(teacher, tmp: Path, limiter=None, log_level: str = "warning", se
                 **cfg_kwargs):
     """Serve `teacher` with uvicorn in a thread; yields a LiveServer; stops (and flushes the log) on exit.
 
-    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig`."""
+    `server_kwargs` go to `uvicorn.Config` (e.g. root_path), the rest to `ServeConfig` (keys_url and
+    querylog_url default to SQLite files in `tmp`)."""
+    from potstill.guard.serve import create_app
+
+    with _running(lambda cfg, keys: create_app(teacher, cfg, keys=keys, limiter=limiter), tmp, log_level,
+                  server_kwargs, cfg_kwargs) as srv:
+        yield srv
+
+
+@contextmanager
+def live_gateway(upstream: str, tmp: Path, limiter=None, log_level: str = "warning", **cfg_kwargs):
+    """`potstill serve --upstream` in a thread (like `live_server`, no model)."""
+    from potstill.guard.gateway import create_gateway
+
+    with _running(lambda cfg, keys: create_gateway(cfg, keys=keys, limiter=limiter), tmp, log_level, None,
+                  {"upstream": upstream, **cfg_kwargs}) as srv:
+        yield srv
+
+
+@contextmanager
+def _running(build, tmp: Path, log_level: str, server_kwargs: dict | None, cfg_kwargs: dict):
     import uvicorn
 
     from potstill.guard.keys import KeyStore
-    from potstill.guard.serve import ServeConfig, create_app
+    from potstill.guard.middleware import uvicorn_options
+    from potstill.guard.serve import ServeConfig
 
-    cfg = ServeConfig(
-        host="127.0.0.1",
-        port=free_port(),
-        keys_url=str(tmp / "keys.db"),
-        querylog_url=str(tmp / "queries.db"),
-        **cfg_kwargs,
-    )
+    cfg = ServeConfig(**{"host": "127.0.0.1", "port": free_port(), "keys_url": str(tmp / "keys.db"),
+                         "querylog_url": str(tmp / "queries.db"), **cfg_kwargs})
     keys = KeyStore(cfg.keys_url)
-    app = create_app(teacher, cfg, keys=keys, limiter=limiter)
+    app = build(cfg, keys)
     server = uvicorn.Server(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, lifespan="on", backlog=2048,
-                      **(server_kwargs or {}))
+                       **{**uvicorn_options(), **(server_kwargs or {})})
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -37,3 +37,19 @@ def test_bench_codec_small(tmp_path):
     assert (tmp_path / "c.json").exists()
     text = json.dumps(res)
     assert "mass" in text and "f16" in text
+
+
+def test_bench_serve_tiny(tmp_path, tiny_model_dir):
+    """Served (real uvicorn app, concurrent clients, a seed each) and local runs decode the same tokens."""
+    from potstill.bench.serve import bench_serve, format_table
+    from potstill.teachers.hf import HFTeacher
+
+    teacher = HFTeacher.load(str(tiny_model_dir), dtype="float32")
+    prompts = [Prompt([{"role": "user", "content": f"Count to {i}."}]) for i in range(8)]
+    res = bench_serve(teacher, prompts, max_new_tokens=6, batch_size=4, clients=8, rounds=1,
+                      out_json=str(tmp_path / "serve.json"), log=lambda *_: None)
+    local, served = res["results"]
+    assert local["runs"][0]["tokens"] == served["runs"][0]["tokens"] > 0  # same seeds, same completions
+    assert res["server_batches"]["max_rows"] > 1  # the concurrent requests shared batches
+    assert json.loads((tmp_path / "serve.json").read_text())["served_vs_local"] > 0
+    assert "served / local" in format_table(res)

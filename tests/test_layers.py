@@ -31,15 +31,16 @@ def test_contracts_kept():
 
 
 def test_a_broken_rule_is_reported(tmp_path):
-    """The same contract without its two recorded exceptions must fail: the check looks at real imports."""
+    """A contract that the code really breaks must fail: the check looks at real imports (the guard's
+    suspect decoding goes through potstill.lm, so 'guard without lm' is broken)."""
     config = tmp_path / "contracts.toml"
     config.write_text(
         '[tool.importlinter]\nroot_package = "potstill"\n\n[[tool.importlinter.contracts]]\n'
-        'name = "train without teachers, no exceptions"\ntype = "forbidden"\n'
-        'source_modules = ["potstill.train"]\nforbidden_modules = ["potstill.teachers"]\n'
+        'name = "guard without lm"\ntype = "forbidden"\n'
+        'source_modules = ["potstill.guard"]\nforbidden_modules = ["potstill.lm"]\n'
     )
     res = lint_imports("--config", str(config))
-    assert res.returncode != 0 and "potstill.train.online -> potstill.teachers" in res.stdout, res.stdout[-2000:]
+    assert res.returncode != 0 and "potstill.guard.suspect -> potstill.lm" in res.stdout, res.stdout[-2000:]
 
 
 def test_cli_contract_covers_every_module():

@@ -1,4 +1,5 @@
-"""RateLimiter: per-key request and token buckets with an injected clock."""
+"""Rate limits: per-key request and token buckets with an injected clock, in memory (RateLimiter) and in a
+database (SharedRateLimiter on SQLite), which must behave the same."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import pytest
 
 from potstill.guard.ratelimit import RateLimited, RateLimiter
+from potstill.guard.sharedlimit import SharedRateLimiter
 
 
 class Clock:
@@ -17,9 +19,27 @@ class Clock:
         return self.t
 
 
-def test_requests_per_minute_burst_then_refill():
+@pytest.fixture(params=["memory", "sqlite"])
+def make(request, tmp_path):
+    """A limiter factory: RateLimiter, or SharedRateLimiter on a fresh SQLite file per limiter."""
+    made = []
+
+    def build(rpm=None, tpm=None, clock=None):
+        if request.param == "memory":
+            return RateLimiter(rpm, tpm, clock=clock)
+        from potstill.guard.db import make_engine
+
+        made.append(make_engine(tmp_path / f"limits{len(made)}.db"))
+        return SharedRateLimiter(made[-1], rpm, tpm, clock=clock)
+
+    yield build
+    for engine in made:
+        engine.dispose()
+
+
+def test_requests_per_minute_burst_then_refill(make):
     clock = Clock()
-    lim = RateLimiter(rpm=60, tpm=None, clock=clock)
+    lim = make(rpm=60, tpm=None, clock=clock)
     for _ in range(60):
         lim.acquire("k", tokens=10)
     with pytest.raises(RateLimited) as err:
@@ -32,9 +52,9 @@ def test_requests_per_minute_burst_then_refill():
     lim.acquire("other", tokens=10)  # keys are independent
 
 
-def test_tokens_charged_up_front_and_refunded():
+def test_tokens_charged_up_front_and_refunded(make):
     clock = Clock()
-    lim = RateLimiter(rpm=None, tpm=600, clock=clock)
+    lim = make(rpm=None, tpm=600, clock=clock)
     a = lim.acquire("k", tokens=400)  # prompt + max_tokens
     with pytest.raises(RateLimited) as err:
         lim.acquire("k", tokens=300)
@@ -48,9 +68,9 @@ def test_tokens_charged_up_front_and_refunded():
     lim.acquire("k", tokens=150)
 
 
-def test_request_larger_than_the_limit_and_retry_after_rounding():
+def test_request_larger_than_the_limit_and_retry_after_rounding(make):
     clock = Clock()
-    lim = RateLimiter(rpm=7, tpm=100, clock=clock)
+    lim = make(rpm=7, tpm=100, clock=clock)
     with pytest.raises(RateLimited, match="Request too large"):
         lim.acquire("k", tokens=101)
     for _ in range(7):
@@ -61,16 +81,16 @@ def test_request_larger_than_the_limit_and_retry_after_rounding():
     assert err.value.retry_after == 1  # ceil(0.57 s), never 0
 
 
-def test_per_key_limits_override_defaults_and_changes_apply_at_once():
+def test_per_key_limits_override_defaults_and_changes_apply_at_once(make):
     clock = Clock()
-    lim = RateLimiter(rpm=100, tpm=None, clock=clock)
+    lim = make(rpm=100, tpm=None, clock=clock)
     for _ in range(3):
         lim.acquire("k", tokens=1, rpm=3)
     with pytest.raises(RateLimited):
         lim.acquire("k", tokens=1, rpm=3)
     lim.acquire("k", tokens=1, rpm=None)  # raised to the default: the extra 97 are available at once
     assert lim.limits(None, 5) == (100, 5)
-    lim2 = RateLimiter(rpm=100, clock=clock)
+    lim2 = make(rpm=100, clock=clock)
     for _ in range(50):
         lim2.acquire("k", tokens=1)
     for _ in range(10):  # throttled to 10/min: the 50 left clamp to 10
@@ -79,46 +99,62 @@ def test_per_key_limits_override_defaults_and_changes_apply_at_once():
         lim2.acquire("k", tokens=1, rpm=10)
 
 
-def test_thread_safe_exact_admissions():
-    lim = RateLimiter(rpm=500, tpm=None, clock=Clock())
+def admitted_by_threads(lim, threads: int = 10, each: int = 100) -> int:
+    """Requests admitted when `threads` threads each try `each` acquisitions of one key at once."""
     ok = []
 
     def worker():
-        for _ in range(100):
+        for _ in range(each):
             try:
                 lim.acquire("k", tokens=1)
                 ok.append(1)
             except RateLimited:
                 pass
 
-    threads = [threading.Thread(target=worker) for _ in range(10)]
-    for t in threads:
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join()
-    assert len(ok) == 500
+    return len(ok)
 
 
-def test_unlimited():
-    lim = RateLimiter(rpm=None, tpm=None, clock=Clock())
+def test_thread_safe_exact_admissions(make):
+    assert admitted_by_threads(make(rpm=500, tpm=None, clock=Clock())) == 500
+
+
+def test_unlimited(make):
+    lim = make(rpm=None, tpm=None, clock=Clock())
     for _ in range(10_000):
         lim.acquire("k", tokens=10**6)
 
 
-def test_resize_charges_the_prompt_after_tokenising():
+def test_resize_charges_the_prompt_after_tokenising(make):
     """The server charges max_tokens + 1 before tokenising, then resizes to prompt + max_tokens."""
     clock = Clock()
-    lim = RateLimiter(rpm=None, tpm=1000, clock=clock)
+    lim = make(rpm=None, tpm=1000, clock=clock)
     res = lim.acquire("k", tokens=101)
     lim.resize(res, 300)  # the prompt turned out to be 200 tokens
-    assert lim._tokens["k"].level == 700
+    assert lim.level("k") == 700
     with pytest.raises(RateLimited, match="Request too large"):
         lim.resize(res, 1001)
     other = lim.acquire("k", tokens=600)
     with pytest.raises(RateLimited) as err:
         lim.resize(other, 701)  # 101 more than the 100 left
-    assert err.value.limit == "tokens" and err.value.retry_after >= 1 and lim._tokens["k"].level == 100
+    assert err.value.limit == "tokens" and err.value.retry_after >= 1 and lim.level("k") == 100
     lim.settle(other, 0)  # refused after the charge: its tokens come back, the request stays counted
     lim.resize(res, 250)  # shrinking refunds the difference
     lim.settle(res, 250)
-    assert lim._tokens["k"].level == 750
+    assert lim.level("k") == 750
+
+
+def test_settling_more_than_reserved_charges_the_excess(make):
+    """The gateway settles to the upstream's usage, which may exceed its estimate: the excess is charged (debt)."""
+    clock = Clock()
+    lim = make(rpm=None, tpm=600, clock=clock)
+    res = lim.acquire("k", tokens=500)
+    lim.settle(res, used_tokens=700)  # 200 more than reserved
+    assert lim.level("k") == -100
+    with pytest.raises(RateLimited) as err:
+        lim.acquire("k", tokens=1)
+    assert err.value.retry_after == 11  # 101 tokens at 10/s

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import asdict
@@ -24,6 +23,7 @@ import torch
 import yaml
 
 from potstill.errors import PotstillError
+from tests.browser_fixtures import chromium, headless_flags
 from tests.pipeline_fixtures import PROMPTS, gen_cfg, train_cfg
 
 ROOT = Path(__file__).parents[1]
@@ -277,18 +277,6 @@ def test_cli_report(runs, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def chromium() -> str:
-    """The Chromium binary; a failure when CI=1 or POTSTILL_REQUIRE_CHROMIUM=1 asks for it, else a skip."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path:
-        return path
-    required = os.environ.get("CI") == "1" or os.environ.get("POTSTILL_REQUIRE_CHROMIUM") == "1"
-    message = "chromium is not installed (apt-get install chromium; `make test` does it)"
-    if required:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.mark.subprocess
 def test_report_renders_in_chromium(report, tmp_path):
     from PIL import Image
@@ -296,8 +284,7 @@ def test_report_renders_in_chromium(report, tmp_path):
     exe = chromium()
     out, _ = report
     url = (out / "report.html").resolve().as_uri()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = headless_flags(tmp_path)
     dom = subprocess.run([exe, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = Page(dom.stdout)
@@ -350,8 +337,7 @@ def test_report_on_embedded_teacher(tmp_path):
     assert any("SmolLM2-135M-Instruct" in text for t in prov for r in t["rows"] for _, text in r["cells"])
     exe = chromium()
     shot = tmp_path / "report.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = headless_flags(tmp_path)
     res = subprocess.run([exe, *flags, f"--screenshot={shot}", "--window-size=1280,4000",
                           (out / "report.html").resolve().as_uri()], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]

@@ -272,6 +272,30 @@ def bench_generate_cmd(teacher, prompts, n, max_new_tokens, batch_size, k, dtype
     click.echo(f"wrote {out}")
 
 
+@bench.command("serve")
+@click.option("--teacher", default="embedded", show_default=True, help="Model served and decoded locally.")
+@click.option("--prompts", default="builtin:seed_tasks", show_default=True, help="Prompts file.")
+@click.option("--n", default=64, show_default=True, help="Prompts (one request each).")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens per completion.")
+@click.option("--batch-size", default=32, show_default=True, help="Rows decoded together, locally and by the server.")
+@click.option("--clients", default=64, show_default=True, help="Concurrent HTTP clients, each request its own seed.")
+@click.option("--rounds", default=2, show_default=True, help="Alternating local/served rounds (medians reported).")
+@click.option("--dtype", default="auto", show_default=True, help="auto, float32 or bfloat16.")
+@click.option("--out", default="runs/bench/serve.json", show_default=True, help="JSON results.")
+def bench_serve_cmd(teacher, prompts, n, max_new_tokens, batch_size, clients, rounds, dtype, out):
+    """Completion tokens/s served over HTTP to concurrent clients with distinct seeds vs the local engine."""
+    from potstill.bench.serve import bench_serve, format_table
+    from potstill.capture.prompts import load_prompts
+    from potstill.teachers.hf import HFTeacher
+    from potstill.utils import quiet_transformers
+
+    quiet_transformers()
+    result = bench_serve(HFTeacher.load(teacher, dtype=dtype), load_prompts(prompts)[:n], max_new_tokens, batch_size,
+                         clients, rounds, out_json=out)
+    click.echo(format_table(result))
+    click.echo(f"wrote {out}")
+
+
 @bench.command("watermark", context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_watermark_cmd(args):
@@ -284,7 +308,7 @@ def bench_watermark_cmd(args):
 
 
 # verbs that live in their own modules, each with a `register(app)`
-for _module in ("cli_guard", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
+for _module in ("cli_guard", "cli_case", "cli_report", "cli_tasks", "cli_study", "cli_agent"):
     __import__(f"potstill.{_module}", fromlist=["register"]).register(app)
 
 

@@ -63,6 +63,37 @@ def watermark_config(key_env, key_file, gamma, delta, context_width, self_hash, 
         raise PotstillError(f"watermark: {e}") from None
 
 
+SERVE_DERIVED = {  # ServeConfig field -> flag; default and help come from the field (flag omitted -> its default)
+    "upstream": "--upstream", "upstream_key_env": "--upstream-key-env", "upstream_timeout_s": "--upstream-timeout-s",
+    "trusted_proxies": "--trusted-proxy", "shared_limits": "--shared-limits/--no-shared-limits",
+    "max_concurrent_per_key": "--max-concurrent-per-key", "max_pending": "--max-pending",
+    "request_timeout_s": "--request-timeout-s", "max_body_bytes": "--max-body-bytes",
+    "max_top_logprobs": "--max-top-logprobs", "batch_window_ms": "--batch-window-ms",
+    "max_batch_tokens": "--max-batch-tokens",
+}
+
+
+def serve_options(fn):
+    """The SERVE_DERIVED flags of `potstill serve`, each from its ServeConfig field."""
+    import typing
+
+    from potstill.cli import _click_type, _shown_default
+    from potstill.guard.serve_config import ServeConfig
+
+    hints = typing.get_type_hints(ServeConfig)
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    for name, flag in reversed(SERVE_DERIVED.items()):
+        f, tp = fields[name], hints[name]
+        helptext = f.metadata["help"] + _shown_default(f)
+        if typing.get_origin(tp) is list:
+            fn = click.option(flag, name, multiple=True, default=(), help=helptext + " (repeatable)")(fn)
+        elif tp is bool:
+            fn = click.option(flag, name, default=None, help=helptext)(fn)
+        else:
+            fn = click.option(flag, name, type=_click_type(tp), default=None, help=helptext)(fn)
+    return fn
+
+
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
     from potstill.cli import field_options, make_config
@@ -82,12 +113,15 @@ def register(app: click.Group) -> None:
     @click.option("--docs/--no-docs", default=False, show_default=True,
                   help="Serve /docs, /redoc and /openapi.json (off: they describe the API to anyone).")
     @click.option("--name", default=None, help="Model id reported by /v1/models.")
+    @serve_options
     @watermark_options
     @field_options(AntidistillConfig)
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name,
-              watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, **antidistill_flags):
+              watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, **derived):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
 
+        With --upstream URL no model is loaded: the same guard runs in front of that OpenAI-compatible
+        server (vLLM, llama.cpp, TGI, Ollama, potstill serve); its API key comes from --upstream-key-env.
         The query log is hash-chained under the log key: $POTSTILL_LOG_KEY, else the file named by
         $POTSTILL_LOG_KEY_FILE, else $POTSTILL_HOME/guard/log.key (created). Check it with `potstill log verify`.
         """
@@ -96,13 +130,16 @@ def register(app: click.Group) -> None:
         from potstill.utils import quiet_transformers
 
         wm = watermark_config(watermark_key_env, watermark_key_file, gamma, delta, context_width, self_hash, False)
-        kw = {k: v for k, v in {"default_rpm": rpm, "default_tpm": tpm, "max_batch_size": max_batch_size}.items()
-              if v is not None}
-        ad = make_config(AntidistillConfig, "serve", None, antidistill_flags).antidistill_config()
+        ad_flags = {f.name: derived.pop(f.name) for f in dataclasses.fields(AntidistillConfig)}
+        ad = make_config(AntidistillConfig, "serve", None, ad_flags).antidistill_config()
+        kw = {k: (list(v) if isinstance(v, tuple) else v)
+              for k, v in {"default_rpm": rpm, "default_tpm": tpm, "max_batch_size": max_batch_size, **derived}.items()
+              if v is not None and v != ()}
         cfg = ServeConfig(host=host, port=port, keys_url=keys_db, querylog_url=log_db, watermark=wm,
                           max_tokens_cap=max_tokens_cap, model_name=name, docs=docs, antidistill=ad, **kw)
         quiet_transformers()
-        click.echo(f"serving {model} on http://{host}:{port}/v1 (watermark {'on' if wm else 'off'}, "
+        what = f"gateway to {cfg.upstream}" if cfg.upstream else model
+        click.echo(f"serving {what} on http://{host}:{port}/v1 (watermark {'on' if wm else 'off'}, "
                    f"antidistill {'lambda ' + str(ad.antidistill) if ad else 'off'})", err=True)
         run_serve(model, cfg)
 

@@ -108,18 +108,11 @@ def run_stages(generate_stage, train_cfg: TrainConfig, eval_stage, run: Path, ev
 def build_and_save_before(cfg: TrainConfig, out: Path, log=print):
     """Build the student as `train` would and save it untrained, as the 'before' baseline."""
     from potstill.capture.store import Capture
-    from potstill.lm.loading import resolve_model_dir
-    from potstill.students import build_student
     from potstill.train.data import examples_from_capture
+    from potstill.train.loop import student_for
 
-    capture = Capture.open(cfg.capture)
-    examples = examples_from_capture(capture, split="train", max_seq_len=cfg.max_seq_len)
-    calibration = [e.input_ids.tolist() for e in examples[: cfg.calibration]]
-    model, tokenizer, info = build_student(cfg.student, resolve_model_dir(cfg.teacher), calibration, seed=cfg.seed)
-    if info.get("dropped_layers") is not None:
-        log(f"student: {cfg.student}: dropped layers {info['dropped_layers']} (least block influence)")
-    if info.get("summary"):
-        log(f"student: {cfg.student}: {info['summary']}")
+    examples = examples_from_capture(Capture.open(cfg.capture), split="train", max_seq_len=cfg.max_seq_len)
+    model, tokenizer, info = student_for(cfg, examples, log)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model, tokenizer, info

@@ -12,8 +12,8 @@ sampling parameters, the same log-prob use and similar timing. Two keys are link
 and their skeleton Jaccard is at least MIN_SKELETON (no shared template, no link: people who happen to
 use default parameters are not a campaign). Groups are the connected components; each group's rows are
 pooled and scored by `monitor.score_rows` as if they were one key; a group's risk is the higher of that
-and its riskiest key's. The query log records no client
-address, so it is not used.
+and its riskiest key's. The log's client address (`client`, recorded since the gateway work) is not
+used here yet.
 """
 
 from __future__ import annotations

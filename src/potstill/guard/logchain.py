@@ -68,10 +68,16 @@ def _canon(value: Any) -> Any:
     return bool(value) if isinstance(value, bool) else value
 
 
+ADDED_FIELDS = ("client",)
+"""Columns added after the chain's format was fixed: covered as [name, value] after the others when set, so
+rows written before they existed (NULL there) keep their MACs."""
+
+
 def row_mac(key: Secret, seq: int, prev: str, row: dict[str, Any], fields: list[str]) -> str:
     """The chain MAC of one row (its `fields` as stored, after the previous row's MAC)."""
-    body = json.dumps([seq, prev] + [_canon(row.get(f)) for f in fields], ensure_ascii=True,
-                      separators=(",", ":"))
+    values = [_canon(row.get(f)) for f in fields if f not in ADDED_FIELDS]
+    values += [[f, _canon(row.get(f))] for f in fields if f in ADDED_FIELDS and row.get(f) is not None]
+    body = json.dumps([seq, prev] + values, ensure_ascii=True, separators=(",", ":"))
     return hmac.new(key.reveal(), b"potstill-log-v1|" + body.encode("ascii"), hashlib.sha256).hexdigest()
 
 

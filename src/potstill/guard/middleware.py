@@ -7,15 +7,27 @@ a route dependency that reads only the headers (guard/serve.py), so a request wi
 key is answered 401 before its body is read. After the app returns, the request's cleanups run
 (settling a ticket whose stream was cut, guard/service.py) and its row is recorded; the prompt
 of a refused request (status >= 400) is stored as a bounded prefix with its length and sha256.
+
+Each row records the client's address (`client_address`): the TCP peer, unless the peer is one
+of `cfg.trusted_proxies`, in which case X-Forwarded-For is walked from the right past trusted
+proxies to the first address they vouch for. A client that sends its own X-Forwarded-For
+directly, or through a trusted proxy that appends to it, cannot choose the logged address.
+uvicorn's own proxy-header rewriting is off (`uvicorn_options`), so the peer seen here is the
+socket's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import ipaddress
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
+
+import anyio
 
 from potstill.guard.openai_api import APIError
 from potstill.guard.querylog import QueryLog
@@ -35,17 +47,48 @@ def bounded_prompt(prompt: Any, limit: int = REFUSED_PROMPT_CHARS) -> Any:
     return {"truncated": True, "prefix": text[:limit], "chars": len(text), "sha256": digest}
 
 
+def uvicorn_options() -> dict[str, Any]:
+    """uvicorn settings every guarded app runs with: the peer address untouched (the middleware decides
+    whom to believe, from `trusted_proxies`), no Server header."""
+    return {"proxy_headers": False, "server_header": False}
+
+
+def _ip(text: str):
+    try:
+        return ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+def client_address(scope, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
+    """The client's IP: the peer, or (peer a trusted proxy) the rightmost X-Forwarded-For entry that is not one."""
+    peer = (scope.get("client") or (None,))[0]
+    addr = _ip(peer) if peer else None
+    if addr is None:
+        return peer[:64] if peer else None
+    hops = [h for k, v in scope.get("headers") or [] if k == b"x-forwarded-for"
+            for h in v.decode("latin-1").split(",")]
+    while any(addr in net for net in trusted) and hops:
+        prior = _ip(hops.pop())
+        if prior is None:  # garbage in the chain: believe no further than the last trusted hop
+            break
+        addr = prior
+    return str(addr)
+
+
 class GuardMiddleware:
     """Pure ASGI middleware: 413 on the body's size; one query-log row per request."""
 
     def __init__(self, app, cfg, querylog: QueryLog):
         self.app, self.cfg, self.querylog = app, cfg, querylog
+        self.trusted = [ipaddress.ip_network(c, strict=False) for c in getattr(cfg, "trusted_proxies", ())]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"ts": time.time(), "method": scope["method"], "endpoint": scope["path"][:256]}
+        row: dict[str, Any] = {"ts": time.time(), "method": scope["method"], "endpoint": scope["path"][:256],
+                               "client": client_address(scope, self.trusted)}
         state = scope.setdefault("state", {})
         state["qlog"] = row
         started = False
@@ -85,7 +128,10 @@ class GuardMiddleware:
             await APIError(500, "internal server error", "server_error").response()(scope, receive, send_logged)
         finally:
             for cleanup in state.pop("cleanup", ()):
-                cleanup()
+                done = cleanup()
+                if inspect.isawaitable(done):  # e.g. the gateway closing its upstream stream
+                    with anyio.CancelScope(shield=True):
+                        await done
             row.setdefault("status", 499)
             if row["status"] >= 400 and row.get("prompt") is not None:
                 row["prompt"] = bounded_prompt(row["prompt"])

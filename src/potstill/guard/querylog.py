@@ -76,6 +76,7 @@ queries = Table(
     Column("prompt_kind", String(16)),  # chat | text | ids | batch | json (see `prompt_kind`)
     Column("seq", BigInteger, unique=True, index=True),  # place in the hash chain (None: legacy rows)
     Column("mac", String(64)),  # HMAC chaining this row to the previous one (guard/logchain.py)
+    Column("client", String(64), index=True),  # the client's IP address (X-Forwarded-For only from a trusted proxy)
 )
 log_head = Table(  # one row: the chain's head; writers lock it to append in order
     "log_head",
@@ -101,7 +102,7 @@ checkpoints = Table(  # signed (seq, head mac) pairs: catch rows cut off the end
     Column("mac", String(64), nullable=False),
 )
 
-FIELDS = [c.name for c in queries.columns if c.name not in ("id", "seq", "mac")]
+FIELDS = [c.name for c in queries.columns if c.name not in ("id", "seq", "mac")]  # `client`: ADDED_FIELDS
 CHAINED = FIELDS
 """The fields each row's chain MAC covers (with its seq and the previous MAC)."""
 _STOP = object()

@@ -3,7 +3,9 @@
 Each key has two buckets whose capacity is its per-minute limit and which refill continuously
 at limit/60 per second, so a key may burst up to one minute's allowance and then sustains its
 limit. A request is charged 1 request and `prompt + max_tokens` tokens up front (both or
-neither); when it finishes, `settle` refunds the tokens it did not generate. Limits are read
+neither); when it finishes, `settle` refunds the tokens it did not generate. These buckets live
+in this process; `sharedlimit.SharedRateLimiter` keeps the same buckets in a database, shared by
+every worker and replica (`ServeConfig.shared_limits`, the default). Limits are read
 per call, so a changed limit (`KeyStore.set_limits`, `monitor.throttle`) applies at once.
 
     limiter = RateLimiter(rpm=60, tpm=10_000, clock=fake_clock)
@@ -32,6 +34,21 @@ class RateLimited(Exception):
         super().__init__(message)
         self.retry_after = retry_after
         self.limit = limit  # "requests" | "tokens"
+
+
+def too_large(tokens: int, tpm: int) -> RateLimited:
+    """A request that can never fit this key's tokens-per-minute limit."""
+    return RateLimited(
+        f"Request too large: it needs {tokens} tokens (prompt + max_tokens) but this key's "
+        f"limit is {tpm} tokens per minute; lower max_tokens or shorten the prompt.",
+        retry_after=60, limit="tokens")
+
+
+def too_soon(kind: str, limit: int | None, wait: float) -> RateLimited:
+    """Over the `kind` ("requests" | "tokens") limit for `wait` more seconds."""
+    retry = max(1, math.ceil(wait)) if math.isfinite(wait) else 60
+    return RateLimited(f"Rate limit reached for {kind} per minute (limit {limit}); retry in {retry} s.",
+                       retry_after=retry, limit=kind)
 
 
 class TokenBucket:
@@ -71,6 +88,8 @@ class Reservation:
     key_id: str
     tokens: int
     settled: bool = False
+    metered: bool = True
+    """Whether a token bucket was charged (False: the key's tokens are unlimited)."""
 
 
 class RateLimiter:
@@ -96,22 +115,12 @@ class RateLimiter:
             req = self._bucket(self._requests, key_id, rpm, now)
             tok = self._bucket(self._tokens, key_id, tpm, now)
             if tok is not None and tokens > tok.capacity:
-                raise RateLimited(
-                    f"Request too large: it needs {tokens} tokens (prompt + max_tokens) but this key's "
-                    f"limit is {tpm} tokens per minute; lower max_tokens or shorten the prompt.",
-                    retry_after=60,
-                    limit="tokens",
-                )
+                raise too_large(tokens, tpm)
             wait_req = req.wait(1) if req is not None else 0.0
             wait_tok = tok.wait(tokens) if tok is not None else 0.0
             if wait_req > 0 or wait_tok > 0:
                 kind, limit = ("requests", rpm) if wait_req >= wait_tok else ("tokens", tpm)
-                retry = max(1, math.ceil(max(wait_req, wait_tok)))
-                raise RateLimited(
-                    f"Rate limit reached for {kind} per minute (limit {limit}); retry in {retry} s.",
-                    retry_after=retry,
-                    limit=kind,
-                )
+                raise too_soon(kind, limit, max(wait_req, wait_tok))
             if req is not None:
                 req.level -= 1
             if tok is not None:
@@ -131,30 +140,34 @@ class RateLimiter:
                 tok.refill(self.clock())
                 if extra > 0:
                     if tokens > tok.capacity:
-                        raise RateLimited(
-                            f"Request too large: it needs {tokens} tokens (prompt + max_tokens) but this key's "
-                            f"limit is {int(tok.capacity)} tokens per minute; lower max_tokens or shorten the prompt.",
-                            retry_after=60, limit="tokens")
+                        raise too_large(tokens, int(tok.capacity))
                     wait = tok.wait(extra)
                     if wait > 0:
-                        retry = max(1, math.ceil(wait))
-                        raise RateLimited(
-                            f"Rate limit reached for tokens per minute (limit {int(tok.capacity)}); retry in {retry} s.",
-                            retry_after=retry, limit="tokens")
+                        raise too_soon("tokens", int(tok.capacity), wait)
                 tok.level = min(tok.capacity, tok.level - extra)
             reservation.tokens = tokens
 
     def settle(self, reservation: Reservation, used_tokens: int) -> None:
-        """Refund the tokens charged up front but not used (once per reservation)."""
+        """Refund the tokens charged up front but not used, or charge those used beyond it (a gateway's
+        upstream may report more than was reserved; the level may go below 0). Once per reservation."""
         with self._lock:
             if reservation.settled:
                 return
             reservation.settled = True
             refund = reservation.tokens - max(0, used_tokens)
             tok = self._tokens.get(reservation.key_id)
-            if tok is not None and refund > 0:
+            if tok is not None and refund != 0:
                 tok.refill(self.clock())
                 tok.level = min(tok.capacity, tok.level + refund)
+
+    def level(self, key_id: str, kind: str = "tokens") -> float | None:
+        """The bucket's level now (None before the key's first metered request)."""
+        with self._lock:
+            bucket = (self._tokens if kind == "tokens" else self._requests).get(key_id)
+            if bucket is None:
+                return None
+            bucket.refill(self.clock())
+            return bucket.level
 
     def _bucket(self, buckets: dict[str, TokenBucket], key_id: str, limit: int | None, now: float):
         if limit is None:

@@ -26,6 +26,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -54,11 +55,12 @@ def _rate_error(err: RateLimited) -> APIError:
 class Ticket:
     """One admitted request's accounting; `close` runs once (idempotent)."""
 
-    def __init__(self, svc: Service, request: Request, reservation: Reservation, max_tokens: int):
+    def __init__(self, svc: Admission, request: Request, reservation: Reservation, max_tokens: int):
         self.svc, self.row, self.reservation = svc, request.state.qlog, reservation
         self.key_id = request.state.key.key_id
         self.max_tokens = max_tokens
         self.job: Job | None = None
+        self.started = False  # handed to the decoder (or the upstream): from here the row reports tokens
         self.prompt_tokens = 0
         self.used = 0  # completion tokens delivered (charged)
         self.text: str | None = None
@@ -74,53 +76,38 @@ class Ticket:
         self.closed = True
         if self.job is not None and not self.job.future.done():
             self.job.abandoned = True  # the batcher stops decoding this row
-        if not self.finished and error_type and self.job is not None:
+        if not self.finished and error_type and self.started:
             self.row["error_type"] = error_type
         self.svc.limiter.settle(self.reservation, self.prompt_tokens + self.used)
         self.svc.release(self.key_id)
         self.svc.open.discard(self)
-        if self.job is not None:
+        if self.started:
             self.row["tokens_out"] = self.used
             self.row["completion"] = self.text
             self.row["completion_ids"] = self.ids
 
 
-class Service:
-    """The teacher, limits, batcher and token texts the routes share."""
+def check_caps(cfg, req: RequestBase, top_k: int, max_tokens: int | None) -> None:
+    """The server's caps every completion route applies before any work: n, best_of, top_logprobs, max_tokens."""
+    if (req.n or 1) != 1:
+        raise APIError(400, "Only n=1 is supported.", param="n")
+    if getattr(req, "best_of", None) not in (None, 1):
+        raise APIError(400, "Only best_of=1 is supported.", param="best_of")
+    if top_k > cfg.max_top_logprobs:
+        raise APIError(400, f"top_logprobs must be <= {cfg.max_top_logprobs}.", param="top_logprobs")
+    if max_tokens is not None and max_tokens > cfg.max_tokens_cap:
+        raise APIError(400, f"max_tokens={max_tokens} is above this server's cap of {cfg.max_tokens_cap}.",
+                       param="max_tokens")
 
-    def __init__(self, teacher, cfg, limiter: RateLimiter, processor):
-        self.teacher, self.cfg, self.limiter = teacher, cfg, limiter
-        self.name = cfg.model_name or teacher.name
-        self.batcher = Batcher(teacher, cfg, processor)
-        self.tokens = TokenText(teacher.tokenizer)
-        config = teacher.model.config
-        self.context = int(getattr(config, "max_position_embeddings", None) or 2048)
-        self.vocab = int(getattr(config, "vocab_size", None) or len(teacher.tokenizer))
-        tok = teacher.tokenizer
-        self.start_id = next(i for i in (tok.bos_token_id, tok.eos_token_id, teacher.pad_id) if i is not None)
+
+class Admission:
+    """Per-key concurrency, the pending bound and the rate limits: `charge` hands out Tickets."""
+
+    def __init__(self, cfg, limiter: RateLimiter):
+        self.cfg, self.limiter = cfg, limiter
         self.inflight: dict[str, int] = {}  # key id -> requests in flight
         self.open: set[Ticket] = set()  # admitted requests not yet answered
-
-    # ---- checks that need no model work ------------------------------------------------------
-    def check(self, req: RequestBase, top_k: int, max_tokens: int | None) -> None:
-        if (req.n or 1) != 1:
-            raise APIError(400, "Only n=1 is supported.", param="n")
-        if getattr(req, "best_of", None) not in (None, 1):
-            raise APIError(400, "Only best_of=1 is supported.", param="best_of")
-        if getattr(req, "echo", False):
-            raise APIError(400, "echo is not supported.", param="echo")
-        if getattr(req, "suffix", None):
-            raise APIError(400, "suffix is not supported.", param="suffix")
-        for p in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, p):
-                raise APIError(400, f"{p} is not supported (must be 0).", param=p)
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported.", param="logit_bias")
-        if top_k > self.cfg.max_top_logprobs:
-            raise APIError(400, f"top_logprobs must be <= {self.cfg.max_top_logprobs}.", param="top_logprobs")
-        cap = self.cfg.max_tokens_cap
-        if max_tokens is not None and max_tokens > cap:
-            raise APIError(400, f"max_tokens={max_tokens} is above this server's cap of {cap}.", param="max_tokens")
+        self.charging = 0  # requests waiting for the limiter
 
     def release(self, key_id: str) -> None:
         n = self.inflight.get(key_id, 0) - 1
@@ -129,7 +116,7 @@ class Service:
         else:
             self.inflight.pop(key_id, None)
 
-    def charge(self, request: Request, max_tokens: int) -> Ticket:
+    async def charge(self, request: Request, max_tokens: int) -> Ticket:
         """Concurrency, queue and rate limits, before any tokenising: a Ticket, or 429/503."""
         if not request.app.state.querylog.health()["ok"]:  # fail closed: no model work that cannot be logged
             raise APIError(503, "The query log is unavailable; try again later.", type="server_error",
@@ -142,20 +129,66 @@ class Service:
         if self.queued() >= self.cfg.max_pending:
             raise APIError(503, "The server is at capacity; retry shortly.", type="server_error",
                            code="server_overloaded", headers={"Retry-After": "1"})
+        self.inflight[key.key_id] = self.inflight.get(key.key_id, 0) + 1  # held while the limiter decides
+        self.charging += 1
         try:
-            reservation = self.limiter.acquire(key.key_id, max_tokens + 1, key.rpm, key.tpm)
-        except RateLimited as err:
-            raise _rate_error(err) from None
-        self.inflight[key.key_id] = self.inflight.get(key.key_id, 0) + 1
+            reservation = await self.limit(self.limiter.acquire, key.key_id, max_tokens + 1, key.rpm, key.tpm)
+        except BaseException:
+            self.release(key.key_id)
+            raise
+        finally:
+            self.charging -= 1
         ticket = Ticket(self, request, reservation, max_tokens)
         self.open.add(ticket)
         return ticket
 
+    async def limit(self, fn, *args):
+        """Call the limiter: in a worker thread when it waits on a database (the event loop never blocks)."""
+        try:
+            if getattr(self.limiter, "blocking", False):
+                return await anyio.to_thread.run_sync(fn, *args)
+            return fn(*args)
+        except RateLimited as err:
+            raise _rate_error(err) from None
+
+    def queued(self) -> int:
+        """Admitted requests still waiting (the gateway: all in flight upstream)."""
+        return len(self.open) + self.charging
+
+
+class Service(Admission):
+    """The teacher, limits, batcher and token texts the routes share."""
+
+    def __init__(self, teacher, cfg, limiter: RateLimiter, processor):
+        super().__init__(cfg, limiter)
+        self.teacher = teacher
+        self.name = cfg.model_name or teacher.name
+        self.batcher = Batcher(teacher, cfg, processor)
+        self.tokens = TokenText(teacher.tokenizer)
+        config = teacher.model.config
+        self.context = int(getattr(config, "max_position_embeddings", None) or 2048)
+        self.vocab = int(getattr(config, "vocab_size", None) or len(teacher.tokenizer))
+        tok = teacher.tokenizer
+        self.start_id = next(i for i in (tok.bos_token_id, tok.eos_token_id, teacher.pad_id) if i is not None)
+
+    # ---- checks that need no model work ------------------------------------------------------
+    def check(self, req: RequestBase, top_k: int, max_tokens: int | None) -> None:
+        check_caps(self.cfg, req, top_k, max_tokens)
+        if getattr(req, "echo", False):
+            raise APIError(400, "echo is not supported.", param="echo")
+        if getattr(req, "suffix", None):
+            raise APIError(400, "suffix is not supported.", param="suffix")
+        for p in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, p):
+                raise APIError(400, f"{p} is not supported (must be 0).", param=p)
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported.", param="logit_bias")
+
     def queued(self) -> int:
         """Admitted requests not yet decoding (tokenising, or waiting for a batch)."""
-        return sum(t.job is None or not t.job.started for t in self.open)
+        return sum(t.job is None or not t.job.started for t in self.open) + self.charging
 
-    def admit(self, ticket: Ticket, req: RequestBase, prompt_ids: list[int], max_tokens: int | None, top_k: int) -> Job:
+    async def admit(self, ticket: Ticket, req: RequestBase, prompt_ids: list[int], max_tokens: int | None, top_k: int) -> Job:
         """After tokenising: context length (400), the prompt's tokens charged (429); the Job."""
         if not prompt_ids:
             prompt_ids = [self.start_id]
@@ -173,15 +206,13 @@ class Service:
                 code="context_length_exceeded",
             )
         ticket.row["tokens_in"] = len(prompt_ids)
-        try:
-            self.limiter.resize(ticket.reservation, len(prompt_ids) + max_tokens)
-        except RateLimited as err:
-            raise _rate_error(err) from None
+        await self.limit(self.limiter.resize, ticket.reservation, len(prompt_ids) + max_tokens)
         ticket.prompt_tokens = len(prompt_ids)
         temperature = 1.0 if req.temperature is None else float(req.temperature)
         top_p = 1.0 if req.top_p is None else max(float(req.top_p), 1e-9)
         seed = secrets.randbits(63) if req.seed is None else req.seed & ((1 << 63) - 1)
         loop = asyncio.get_running_loop()
+        ticket.started = True
         ticket.job = Job(prompt_ids, max_tokens, top_k, temperature, top_p, req.stops(), seed, loop.create_future(),
                          tokens=asyncio.Queue() if req.stream else None)
         return ticket.job
@@ -193,6 +224,16 @@ class Service:
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def wait_or_leave(request: Request, work: asyncio.Future, timeout: float) -> str:
+    """Wait for `work`, the client leaving or `timeout` seconds: "done", "gone" or "timeout"."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    return "done" if work in done else "gone" if gone in done else "timeout"
 
 
 def _deadline_error() -> APIError:
@@ -209,15 +250,10 @@ async def respond(svc: Service, request: Request, req: RequestBase, ticket: Tick
             "model": svc.name, "system_fingerprint": None}
     await svc.batcher.submit(job)
     if not req.stream:
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            done, _ = await asyncio.wait({job.future, gone}, timeout=svc.remaining(job),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
+        outcome = await wait_or_leave(request, job.future, svc.remaining(job))
         if not job.future.done():  # the client left, or the deadline passed: stop decoding, charge what ran
             ticket.used = job.decoded
-            if gone in done:
+            if outcome == "gone":
                 ticket.close("client_closed")
                 return Response(status_code=499)
             ticket.close("deadline_exceeded")

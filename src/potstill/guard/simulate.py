@@ -9,7 +9,8 @@ times, steady), `rag_app` (long templated retrieve-then-answer prompts). Extract
 steady, templated, log-probs), `slow_low` (under rate limits, jittered timing, some requests without
 log-probs), `paraphrase` (templates rewritten per request), and `campaign` (one operator spread over
 `campaign_keys` keys, each small and slow, sharing templates, topics and sampling parameters).
-The query log has no client address column, so campaigns share everything except that.
+The simulated rows carry no client address (the grouping does not use it yet), so campaigns share
+everything except that.
 """
 
 from __future__ import annotations

@@ -119,6 +119,24 @@ def train(
     return run.finish()
 
 
+def student_for(cfg: TrainConfig, examples, log=print, ctx: dist.Dist | None = None):
+    """(model, tokenizer, info): `cfg.student` built from `cfg.teacher`'s weights as `train` builds it,
+    calibrated on the first `cfg.calibration` training `examples` (rows of the capture)."""
+    from potstill.lm.loading import resolve_model_dir
+    from potstill.students import build_student
+
+    teacher_dir = None
+    if not cfg.student.startswith("pretrained:"):  # rank 0 first: it may convert a GGUF into the cache
+        teacher_dir = (ctx or dist.Dist()).main_first(resolve_model_dir, cfg.teacher)
+    calibration = [e.input_ids.tolist() for e in examples[: cfg.calibration]]
+    model, tokenizer, info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
+    if info.get("dropped_layers") is not None:
+        log(f"student: {cfg.student}: dropped layers {info['dropped_layers']} (least block influence)")
+    if info.get("summary"):
+        log(f"student: {cfg.student}: {info['summary']}")
+    return model, tokenizer, info
+
+
 class _Run:
     """One training run's state, set up and driven by `train` in named steps."""
 
@@ -152,18 +170,7 @@ class _Run:
         """The given student, or one built from `cfg.student`; checked against the capture's tokenizer."""
         cfg, ctx = self.cfg, self.ctx
         if model is None:
-            from potstill.lm.loading import resolve_model_dir
-            from potstill.students import build_student
-
-            teacher_dir = None
-            if not cfg.student.startswith("pretrained:"):  # rank 0 first: it may convert a GGUF into the cache
-                teacher_dir = ctx.main_first(resolve_model_dir, cfg.teacher)
-            calibration = [e.input_ids.tolist() for e in self.examples[: cfg.calibration]]
-            model, tokenizer, student_info = build_student(cfg.student, teacher_dir, calibration, seed=cfg.seed)
-            if student_info.get("dropped_layers") is not None:
-                self.log(f"student: {cfg.student}: dropped layers {student_info['dropped_layers']} (least block influence)")
-            if student_info.get("summary"):
-                self.log(f"student: {cfg.student}: {student_info['summary']}")
+            model, tokenizer, student_info = student_for(cfg, self.examples, self.log, ctx)
         check_tokenizer(self.capture.manifest, tokenizer, cfg.capture, cross_tokenizer=self.xtok)
         self.model, self.tokenizer, self.student_info = model, tokenizer, student_info
         self.plan = None
