@@ -63,6 +63,16 @@ def _shown_default(f: dataclasses.Field) -> str:
 
 def config_options(cls):
     """Decorator: one --flag per dataclass field, help from the field's metadata; plus --config YAML."""
+
+    def deco(fn):
+        fn = field_options(cls)(fn)
+        return click.option("--config", "config_file", type=click.Path(), help="YAML file with these fields.")(fn)
+
+    return deco
+
+
+def field_options(cls):
+    """Decorator: one --flag per dataclass field (default None: the dataclass decides), help from its metadata."""
     hints = typing.get_type_hints(cls)
 
     def deco(fn):
@@ -76,7 +86,7 @@ def config_options(cls):
                 fn = click.option(name, multiple=True, default=(), help=helptext + " (repeatable)")(fn)
             else:
                 fn = click.option(name, type=_click_type(tp), default=None, help=helptext)(fn)
-        return click.option("--config", "config_file", type=click.Path(), help="YAML file with these fields.")(fn)
+        return fn
 
     return deco
 

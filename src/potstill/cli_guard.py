@@ -101,7 +101,8 @@ def serve_options(fn):
 
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
-    from potstill.cli import config_options, make_config
+    from potstill.cli import config_options, field_options, make_config
+    from potstill.config import AntidistillConfig
     from potstill.guard.suspect import DetectConfig
 
     @app.command()
@@ -122,6 +123,7 @@ def register(app: click.Group) -> None:
     @serve_options
     @served_logprobs_option
     @watermark_options
+    @field_options(AntidistillConfig)
     def serve(model, host, port, keys_db, log_db, rpm, tpm, max_tokens_cap, max_batch_size, docs, name, **flags):
         """Serve MODEL behind an OpenAI-compatible API with keys, limits, watermark and query log.
 
@@ -136,16 +138,19 @@ def register(app: click.Group) -> None:
 
         derived = {k: flags.pop(k) for k in list(flags) if k in SERVE_DERIVED}
         served_logprobs = flags.pop("served_logprobs")
+        ad_flags = {f.name: flags.pop(f.name) for f in dataclasses.fields(AntidistillConfig)}
+        ad = make_config(AntidistillConfig, "serve", None, ad_flags).antidistill_config()
         wm = watermark_config(flags, required=False)
         if wm is not None:
             wm = dataclasses.replace(wm, served_logprobs=served_logprobs)
         kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in derived.items() if v is not None and v != ()}
-        cfg = ServeConfig(keys_url=keys_db, querylog_url=log_db, watermark=wm, model_name=name,
+        cfg = ServeConfig(keys_url=keys_db, querylog_url=log_db, watermark=wm, model_name=name, antidistill=ad,
                           **_given(host=host, port=port, default_rpm=rpm, default_tpm=tpm, docs=docs,
                                    max_tokens_cap=max_tokens_cap, max_batch_size=max_batch_size), **kw)
         quiet_transformers()
         what = f"gateway to {cfg.upstream}" if cfg.upstream else model
-        click.echo(f"serving {what} on http://{cfg.host}:{cfg.port}/v1 (watermark {'on' if wm else 'off'})", err=True)
+        click.echo(f"serving {what} on http://{cfg.host}:{cfg.port}/v1 (watermark {'on' if wm else 'off'}, "
+                   f"antidistill {'lambda ' + str(ad.antidistill) if ad else 'off'})", err=True)
         run_serve(model, cfg)
 
     @app.group()

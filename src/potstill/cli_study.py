@@ -5,6 +5,7 @@
     potstill study agent-anchor --max-steps 40                  # agents: SFT on text vs top-k KD
     potstill study detect-power                                 # served tokens a distiller needs before we catch it
     potstill study budget --minutes 3                           # recipes compared per CPU-minute
+    potstill study antidistill --lambdas 0.5 1 2                # anti-distillation vs temperature
 
 Flags come from the typed configs in studies/transfer.py, collapse.py and budget.py (`--config FILE.yaml`
 works as for the other verbs); the library does the work, this prints the tables.
@@ -17,6 +18,7 @@ import sys
 import click
 
 from potstill.studies.agent_anchor import AgentAnchorConfig
+from potstill.studies.antidistill import AntidistillStudyConfig
 from potstill.studies.budget import BudgetConfig
 from potstill.studies.collapse import CollapseConfig
 from potstill.studies.detect_power import DetectPowerConfig
@@ -90,6 +92,19 @@ def register(app: click.Group) -> None:
         result = run_detect_power(cfg)
         _show(power_table(result), "potstill study detect-power", summary_lines(result), cfg.out,
               ["results.json", "table.md", "power.png"])
+
+
+    @study.command("antidistill")
+    @config_options(AntidistillStudyConfig)
+    def antidistill_cmd(config_file, **flags):
+        """Anti-distillation sampling vs temperature: teacher cost against the distilled student's loss."""
+        from potstill.studies.antidistill import run_antidistill
+        from potstill.studies.antidistill_report import summary_lines, table
+
+        cfg = make_config(AntidistillStudyConfig, "antidistill", config_file, flags)
+        result = run_antidistill(cfg)
+        _show(table(result), "potstill study antidistill", summary_lines(result), cfg.out,
+              ["results.json", "table.md", "tradeoff.png"])
 
 
 def _show(table, title: str, lines: list[str], out: str, files: list[str]) -> None:

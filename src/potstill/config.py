@@ -97,8 +97,32 @@ class HttpConfig:
         }
 
 
+class AntidistillConfig:
+    """Anti-distillation sampling (guard/antidistill.py): one declaration for `generate` and `serve`."""
+
+    antidistill: float = opt(
+        0.0, "Anti-distillation tilt lambda: sample from teacher logits + lambda * Delta, Delta = how much a proxy "
+        "student's loss on --protect would rise from training on each token (0 = off).")
+    proxy: str | None = opt(None, "Anti-distillation proxy student (model dir or .gguf; the teacher's tokenizer).")
+    protect: str | None = opt(None, "Prompts with reference answers whose proxy loss anti-distillation protects.")
+    antidistill_eps: float = opt(1e-3, "Finite-difference step along the unit gradient of the protect loss.")
+
+    def __post_init__(self) -> None:
+        if not (self.antidistill >= 0 and self.antidistill_eps > 0):
+            raise PotstillError(f"antidistill must be >= 0 and antidistill_eps > 0, got {self.antidistill}, "
+                                f"{self.antidistill_eps}")
+        if self.antidistill > 0 and not (self.proxy and self.protect):
+            raise PotstillError("--antidistill needs --proxy DIR and --protect FILE")
+
+    def antidistill_config(self) -> AntidistillConfig | None:
+        """These settings alone, or None when anti-distillation is off."""
+        if not self.antidistill:
+            return None
+        return AntidistillConfig(self.antidistill, self.proxy, self.protect, self.antidistill_eps)
+
+
 @dataclass
-class GenerateConfig(HttpConfig):
+class GenerateConfig(HttpConfig, AntidistillConfig):
     teacher: str = opt("embedded", "Teacher: 'embedded', a model dir, a .gguf file or an http(s)://…/v1 URL.")
     model: str | None = opt(None, "Model name to request from an HTTP teacher.")
     tokenizer: str | None = opt(None, "Tokenizer (model dir) that maps an HTTP teacher's tokens to ids.")
@@ -127,7 +151,8 @@ class GenerateConfig(HttpConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        HttpConfig.__post_init__(self)
+        AntidistillConfig.__post_init__(self)
         if not self.prompts and not self.self_instruct:
             raise PotstillError("generate: give --prompts FILE or --self-instruct N")
         if self.top_k < 0 or self.batch_size < 1 or self.samples < 1 or self.max_new_tokens < 1:

@@ -126,11 +126,22 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
                 f"(field 'output', 'reference' or a final assistant message)",
                 where=missing[0].where,
             )
+    processor = None
+    if cfg.antidistill_config() is not None:  # the tilt is a sampler: refused where nothing is sampled locally
+        if scoring or not teacher.local_ids:
+            raise PotstillError("--antidistill needs a local teacher that samples (not --answers reference or HTTP)")
+        from potstill.guard.antidistill import AntidistillProcessor
+
+        processor = AntidistillProcessor.load(cfg.antidistill_config(), teacher)
+        log(f"antidistill: lambda {cfg.antidistill}, proxy {cfg.proxy}, {processor.protect_count} protect references")
     identity = teacher.identity()
     # a remote teacher without a tokenizer has no known vocab: ids then take 32 bits
     codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=cfg.top_k)
     # scored rows are a different thing from sampled ones: their ids (and the manifest) say so
     sampling = {**params.to_dict(), "answers": "reference"} if scoring else params.to_dict()
+    if processor is not None:  # tilted rows are other rows than clean ones (ids, resume)
+        sampling["antidistill"] = {"lambda": cfg.antidistill, "eps": cfg.antidistill_eps, "proxy": cfg.proxy,
+                                   "protect": cfg.protect}
     manifest = {
         "teacher": identity,
         "sampling": sampling,
@@ -141,6 +152,8 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
         # local teachers keep the EOS token (and its top-k) at the end of a stopped completion
         "eos_in_completion": teacher.local_ids,
     }
+    if processor is not None:  # top_logprobs and sampled_logprob are the tilted distribution's
+        manifest["antidistill"] = processor.public_dict()
 
     todo = []
     with CaptureWriter(cfg.out, manifest, codec, shard_rows=cfg.shard_rows) as writer:
@@ -181,7 +194,8 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
                 elif encoded[order[0][0]] is not None:  # local: one call, continuous refill keeps the batch full
                     outs = teacher.complete_ids([encoded[rid] for rid, _, _ in order], params,
                                                 [row_seed(cfg.seed, rid) for rid, _, _ in order],
-                                                on_token=tick, batch_size=cfg.batch_size, include_eos=True)
+                                                on_token=tick, batch_size=cfg.batch_size, include_eos=True,
+                                                logits_processor=processor)
                     results = {rid: c for (rid, _, _), c in zip(order, outs, strict=True)}
                 else:
                     for start in range(0, len(order), cfg.batch_size):

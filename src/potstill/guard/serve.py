@@ -15,8 +15,8 @@ outcome; refused requests' prompts stored as a bounded prefix, length and sha256
 limits (429/503 with `Retry-After`) before any tokenising, the context length (400) after, then
 the `Batcher` (`guard/batcher.py`), which decodes concurrent requests together in a worker
 thread, with a deadline (`request_timeout_s`, 504). A client that leaves stops its row and is
-charged what it was sent. The watermark (when configured) is the logits processor of every
-batch: it shapes both the sampled tokens and the returned log-probs. /docs and /openapi.json
+charged what it was sent. The watermark and anti-distillation sampling (each when configured) are
+the logits processor of every batch: they shape both the sampled tokens and the returned log-probs. /docs and /openapi.json
 are off unless `docs=True`.
 
 This file builds the app in named steps (`create_app`) and holds its completion routes; the
@@ -83,7 +83,7 @@ def create_app(teacher, cfg: ServeConfig, *, keys: KeyStore | None = None, query
                limiter: Any = None) -> FastAPI:
     """The FastAPI app serving `teacher` (an `HFTeacher`). Stores/limiter may be injected (tests)."""
     stores = open_stores(cfg, keys, querylog, limiter)
-    svc = Service(teacher, cfg, stores.limiter, *watermark_processors(cfg))
+    svc = Service(teacher, cfg, stores.limiter, *sampling_processors(cfg, teacher))
     app = base_app(cfg, stores, batcher_lifespan(svc, stores), title="potstill serve")
     app.state.service = svc
     keyed = [Depends(authenticator(stores.keys))]
@@ -105,6 +105,32 @@ def watermark_processors(cfg: ServeConfig):
 
     wm = Watermark(cfg.watermark)
     return wm.logits_processor, wm.report_processor()
+
+
+def sampling_processors(cfg: ServeConfig, teacher):
+    """(logits processor sampled from, report processor for the served log-probs): the watermark's pair, with
+    the anti-distillation tilt (when configured) applied first in both, computed once per step."""
+    processor, report = watermark_processors(cfg)
+    if cfg.antidistill is None or not cfg.antidistill.antidistill > 0:
+        return processor, report
+    from potstill.guard.antidistill import AntidistillProcessor
+    from potstill.lm.sampling import chain_processors
+
+    tilt = AntidistillProcessor.load(cfg.antidistill, teacher)
+    step: dict = {}
+
+    def tilted(contexts, logits):  # the sampling side: computes the tilt and remembers it for the report
+        base = logits.clone()
+        out = tilt(contexts, logits)
+        step["delta"] = out - base
+        return out
+
+    def tilted_report(contexts, logits):  # the served log-probs: the same tilt, never the clean distribution
+        return logits + step["delta"]
+
+    # with no watermark the report is the sampled (tilted) distribution itself: no report processor needed
+    return (chain_processors(tilted, processor),
+            chain_processors(tilted_report, report) if report is not None else None)
 
 
 def batcher_lifespan(svc: Service, stores: Stores):

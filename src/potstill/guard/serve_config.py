@@ -6,7 +6,7 @@ Kept apart from the server's code so `potstill serve --help` and the gateway nee
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from potstill.config import opt
@@ -61,6 +61,8 @@ class ServeConfig:
                                           "the next stream chunk (504 past it).")
     trusted_proxies: list[str] = opt([], "CIDRs of reverse proxies whose X-Forwarded-For is believed for the "
                                          "logged client address (others' is ignored).")
+    antidistill: Any = field(default=None, repr=False, metadata={
+        "help": "A `config.AntidistillConfig` (anti-distillation sampling, guard/antidistill.py), or None (off)."})
 
     def __post_init__(self) -> None:
         home = potstill_home() / "guard"
@@ -82,6 +84,8 @@ class ServeConfig:
                 raise PotstillError(f"{name} must be >= 1 or None (unlimited)")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise PotstillError(f"upstream must be an http(s):// URL, got {self.upstream[:200]!r}")
+        if self.upstream is not None and self.antidistill is not None:
+            raise PotstillError("--antidistill tilts a local teacher's sampler; a gateway (--upstream) has none")
         self.trusted_proxies = list(self.trusted_proxies)
         for cidr in self.trusted_proxies:
             try:
@@ -91,6 +95,8 @@ class ServeConfig:
 
     def public_dict(self) -> dict[str, Any]:
         """The config without secrets (the watermark key never appears)."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "watermark"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("watermark", "antidistill")}
         out["watermark"] = self.watermark.public_dict() if self.watermark is not None else None
+        ad = self.antidistill  # returned log-probs are the tilted distribution's
+        out["antidistill"] = None if ad is None else {**asdict(ad), "top_logprobs": "tilted"}
         return out

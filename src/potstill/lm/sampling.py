@@ -68,3 +68,17 @@ def sample_rows(probs: torch.Tensor, top_ids: torch.Tensor, r: torch.Tensor, top
     u = (r - probs.gather(1, top_ids).sum(-1)).clamp(min=0.0)
     idx = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
     return idx.clamp(max=cdf.shape[1] - 1)
+
+
+def chain_processors(*processors):
+    """One logits processor applying each given one in turn (None entries skipped); None when none is left."""
+    procs = [p for p in processors if p is not None]
+    if len(procs) <= 1:
+        return procs[0] if procs else None
+
+    def chained(contexts, logits):
+        for p in procs:
+            logits = p(contexts, logits)
+        return logits
+
+    return chained
