@@ -97,6 +97,7 @@ class HttpConfig:
         }
 
 
+@dataclass
 class AntidistillConfig:
     """Anti-distillation sampling (guard/antidistill.py): one declaration for `generate` and `serve`."""
 
