@@ -44,7 +44,8 @@ def test_watermark_still_detected_under_the_tilt(setup):
 
 
 def test_top_logprobs_are_the_tilted_distributions(setup):
-    """The first token's returned top-5 equal teacher + watermark + lambda * Delta computed here, not the clean ones."""
+    """The first token's returned top-5 equal teacher + lambda * Delta + the served watermark bias (the decoy key's
+    under the default served-log-prob policy) computed here, not the clean ones."""
     from potstill.guard.antidistill import AntidistillProcessor
 
     teacher, ad, wm, _, client = setup
@@ -54,8 +55,9 @@ def test_top_logprobs_are_the_tilted_distributions(setup):
     params = SamplingParams(max_new_tokens=1, top_logprobs=5, seed=3)
     with one_torch_thread():
         tilt = AntidistillProcessor.load(ad, teacher)
-        tilted = teacher.complete_ids(ids, params, logits_processor=chain_processors(tilt, Watermark(wm)))[0]
-        clean = teacher.complete_ids(ids, params, logits_processor=Watermark(wm))[0]
+        report = Watermark(wm).report_processor()
+        tilted = teacher.complete_ids(ids, params, logits_processor=chain_processors(tilt, report))[0]
+        clean = teacher.complete_ids(ids, params, logits_processor=report)[0]
 
     def as_dict(c):
         return {teacher.tokenizer.decode([int(i)]).strip(): float(v) for i, v in zip(c.topk_ids[0], c.topk_logprobs[0], strict=True)}
