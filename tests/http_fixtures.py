@@ -72,6 +72,10 @@ class FakeOpenAIServer:
         include_eos: bool | str = False,
         raw_vocab_tokens: bool = False,
     ) -> FakeOpenAIServer:
+        # a previous test's request still being answered (its client gave up) would skew the in-flight count
+        deadline = time.monotonic() + 15
+        while getattr(self, "in_flight", 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.mode = mode
         self.failures = list(failures)
         self.always_status = always_status
