@@ -37,6 +37,6 @@ def test_demo_recipe_small(tmp_path):
     manifest = json.loads((run / "capture" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["teacher"]["name"] == "SmolLM2-135M-Instruct"
     prov = json.loads((run / "student" / "provenance.json").read_text())
-    assert len(prov["student"]["dropped_layers"]) == 15
+    assert len(prov["student"]["dropped_layers"]) == 16  # prune:depth:14 keeps 14 of the 30 layers
     assert (run / "student" / "model.safetensors").exists()
     assert Path(run / "eval.md").read_text().count("|") > 10
