@@ -126,11 +126,17 @@ def _derived_configs():
     from potstill.evaluate.report_config import ReportConfig
     from potstill.guard.case import CaseConfig
     from potstill.guard.suspect import DetectConfig
+    from potstill.studies.agent_anchor import AgentAnchorConfig
+    from potstill.studies.antidistill import AntidistillStudyConfig
+    from potstill.studies.budget import BudgetConfig
     from potstill.studies.collapse import CollapseConfig
+    from potstill.studies.detect_power import DetectPowerConfig
     from potstill.studies.transfer import TransferConfig
 
     return {("generate",): GenerateConfig, ("train",): TrainConfig, ("eval",): EvalConfig,
             ("report",): ReportConfig, ("study", "transfer"): TransferConfig, ("study", "collapse"): CollapseConfig,
+            ("study", "budget"): BudgetConfig, ("study", "agent-anchor"): AgentAnchorConfig,
+            ("study", "detect-power"): DetectPowerConfig, ("study", "antidistill"): AntidistillStudyConfig,
             ("bench", "train"): BenchTrainConfig, ("bench", "generate"): BenchGenerateConfig,
             ("bench", "serve"): BenchServeConfig,
             ("agent", "generate"): AgentGenerateConfig, ("agent", "eval"): AgentEvalConfig, ("case",): CaseConfig,
@@ -186,6 +192,7 @@ NOT_THE_SAME_SETTING = {
     "CaseConfig.samples": "sample requests shown in the case, not completions per prompt",
     "DetectConfig.tokenizer": "the suspect's generations' tokenizer, not the map of an HTTP teacher's tokens",
     "DetectConfig.top_k": "the suspect's tokens read per scored position, not a capture's stored top-k",
+    "AntidistillStudyConfig.proxy": "a student architecture built from the teacher, not a proxy model's directory",
 }
 
 

@@ -125,8 +125,8 @@ def test_thread_safe_exact_admissions(make):
 
 def test_unlimited(make):
     lim = make(rpm=None, tpm=None, clock=Clock())
-    for _ in range(10_000):
-        lim.acquire("k", tokens=10**6)
+    for _ in range(10_000):  # raises RateLimited at the first refusal
+        assert lim.acquire("k", tokens=10**6).tokens == 10**6
 
 
 def test_resize_charges_the_prompt_after_tokenising(make):

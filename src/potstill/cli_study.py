@@ -1,4 +1,4 @@
-"""Study verbs of the CLI: `potstill study transfer`, `collapse` and `detect-power`. Thin, like cli.py.
+"""Study verbs of the CLI: `potstill study …`, one table of commands. Thin, like cli.py.
 
     potstill study transfer --seeds 3 --max-tokens 32000        # KD vs teacher text vs human text
     potstill study collapse --generations 3                     # distil a distillation, N times
@@ -7,7 +7,7 @@
     potstill study budget --minutes 3                           # recipes compared per CPU-minute
     potstill study antidistill --lambdas 0.5 1 2                # anti-distillation vs temperature
 
-Flags come from the typed configs in studies/transfer.py, collapse.py and budget.py (`--config FILE.yaml`
+Flags come from each study's typed config (studies/*.py) (`--config FILE.yaml`
 works as for the other verbs); the library does the work, this prints the tables.
 """
 
@@ -24,87 +24,59 @@ from potstill.studies.collapse import CollapseConfig
 from potstill.studies.detect_power import DetectPowerConfig
 from potstill.studies.transfer import TransferConfig
 
+# command, config, YAML section, runner, table, summary lines ("module:function" under potstill.studies,
+# imported when the command runs), artefacts under --out, help
+_STUDIES = (
+    ("transfer", TransferConfig, "transfer", "transfer:run_transfer", "report:transfer_table", "report:ratio_lines",
+     "results.json table.md quality_vs_tokens.png",
+     "Tokens to reach a quality: KD on top-k vs CE on teacher text vs CE on human references."),
+    ("collapse", CollapseConfig, "collapse", "collapse:run_collapse", "report:collapse_table", None,
+     "results.json table.md drift.png",
+     "Each generation's student teaches the next: diversity, fidelity to gen 0, reference NLL."),
+    ("budget", BudgetConfig, "budget", "budget:run_budget", "budget:budget_table", "budget:summary_lines",
+     "results.json table.md quality_vs_cpu.png",
+     "Recipes (compression, data, training) compared by held-out quality kept per CPU-minute."),
+    ("agent-anchor", AgentAnchorConfig, "agent_anchor", "agent_anchor:run_agent_anchor", "agent_anchor:anchor_rows",
+     "agent_anchor:anchor_lines", "results.json table.md eval/",
+     "Agents: SFT on verified trajectories' text (the anchor) vs top-k KD, same init, then agent eval."),
+    ("detect-power", DetectPowerConfig, "detect-power", "detect_power:run_detect_power",
+     "detect_power_report:power_table", "detect_power_report:summary_lines", "results.json table.md power.png",
+     "Detection p-value (green mass vs argmax) against served tokens and steps, fkl and ce, with null controls."),
+    ("antidistill", AntidistillStudyConfig, "antidistill", "antidistill:run_antidistill", "antidistill_report:table",
+     "antidistill_report:summary_lines", "results.json table.md tradeoff.png",
+     "Anti-distillation sampling vs temperature: teacher cost against the distilled student's loss."),
+)
+
 
 def register(app: click.Group) -> None:
     """Attach the `study` group to the main CLI group."""
-    from potstill.cli import config_options, make_config
 
     @app.group()
     def study():
         """Studies composed from the pipeline's stages (JSON + table + PNG under --out)."""
 
-    @study.command("transfer")
-    @config_options(TransferConfig)
-    def transfer_cmd(config_file, **flags):
-        """Tokens to reach a quality: KD on top-k vs CE on teacher text vs CE on human references."""
-        from potstill.studies.report import ratio_lines, transfer_table
-        from potstill.studies.transfer import run_transfer
-
-        cfg = make_config(TransferConfig, "transfer", config_file, flags)
-        result = run_transfer(cfg)
-        _show(transfer_table(result), "potstill study transfer", ratio_lines(result), cfg.out,
-              ["results.json", "table.md", "quality_vs_tokens.png"])
-
-    @study.command("collapse")
-    @config_options(CollapseConfig)
-    def collapse_cmd(config_file, **flags):
-        """Each generation's student teaches the next: diversity, fidelity to gen 0, reference NLL."""
-        from potstill.studies.collapse import run_collapse
-        from potstill.studies.report import collapse_table
-
-        cfg = make_config(CollapseConfig, "collapse", config_file, flags)
-        result = run_collapse(cfg)
-        _show(collapse_table(result), "potstill study collapse", [], cfg.out, ["results.json", "table.md", "drift.png"])
-
-    @study.command("budget")
-    @config_options(BudgetConfig)
-    def budget_cmd(config_file, **flags):
-        """Recipes (compression, data, training) compared by held-out quality kept per CPU-minute."""
-        from potstill.studies.budget import budget_table, run_budget, summary_lines
-
-        cfg = make_config(BudgetConfig, "budget", config_file, flags)
-        result = run_budget(cfg)
-        _show(budget_table(result), "potstill study budget", summary_lines(result), cfg.out,
-              ["results.json", "table.md", "quality_vs_cpu.png"])
+    for spec in _STUDIES:
+        _add_study(study, *spec)
 
 
-    @study.command("agent-anchor")
-    @config_options(AgentAnchorConfig)
-    def agent_anchor_cmd(config_file, **flags):
-        """Agents: SFT on verified trajectories' text (the anchor) vs top-k KD, same init, then agent eval."""
-        from potstill.studies.agent_anchor import anchor_rows, run_agent_anchor
+def _add_study(group: click.Group, name: str, cls: type, section: str, runner: str, table: str,
+               lines: str | None, files: str, doc: str) -> None:
+    from potstill.cli import config_options, make_config
 
-        cfg = make_config(AgentAnchorConfig, "agent_anchor", config_file, flags)
-        result = run_agent_anchor(cfg)
-        d = result["discordant"]
-        _show(anchor_rows(result), "potstill study agent-anchor",
-              [f"tool mode, same tasks: SFT only {d.get('sft_only')}, KD only {d.get('kd_only')}, both {d.get('both')}"],
-              cfg.out, ["results.json", "table.md", "eval/"])
-
-    @study.command("detect-power")
-    @config_options(DetectPowerConfig)
-    def detect_power_cmd(config_file, **flags):
-        """Detection p-value (green mass vs argmax) against served tokens and steps, fkl and ce, with null controls."""
-        from potstill.studies.detect_power import run_detect_power
-        from potstill.studies.detect_power_report import power_table, summary_lines
-
-        cfg = make_config(DetectPowerConfig, "detect-power", config_file, flags)
-        result = run_detect_power(cfg)
-        _show(power_table(result), "potstill study detect-power", summary_lines(result), cfg.out,
-              ["results.json", "table.md", "power.png"])
+    @group.command(name, help=doc)
+    @config_options(cls)
+    def command(config_file, **flags):
+        cfg = make_config(cls, section, config_file, flags)
+        result = _study_function(runner)(cfg)
+        _show(_study_function(table)(result), f"potstill study {name}",
+              _study_function(lines)(result) if lines else [], cfg.out, files.split())
 
 
-    @study.command("antidistill")
-    @config_options(AntidistillStudyConfig)
-    def antidistill_cmd(config_file, **flags):
-        """Anti-distillation sampling vs temperature: teacher cost against the distilled student's loss."""
-        from potstill.studies.antidistill import run_antidistill
-        from potstill.studies.antidistill_report import summary_lines, table
+def _study_function(ref: str):
+    import importlib
 
-        cfg = make_config(AntidistillStudyConfig, "antidistill", config_file, flags)
-        result = run_antidistill(cfg)
-        _show(table(result), "potstill study antidistill", summary_lines(result), cfg.out,
-              ["results.json", "table.md", "tradeoff.png"])
+    module, function = ref.split(":")
+    return getattr(importlib.import_module(f"potstill.studies.{module}"), function)
 
 
 def _show(table, title: str, lines: list[str], out: str, files: list[str]) -> None:

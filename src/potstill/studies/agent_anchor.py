@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import GenerateConfig, TrainConfig, derive, opt
 from potstill.utils import write_json
 
 ARMS = ("sft", "kd")
@@ -36,20 +36,21 @@ ARMS = ("sft", "kd")
 @dataclass
 class AgentAnchorConfig:
     tasks: str = opt("builtin:potstill_tools", "Task set (built-in templates only: the solver is scripted per template).")
-    teacher: str = opt("embedded", "Model teacher-forced on the scripted trajectories (KD targets) and the student's source.")
-    student: str = opt("prune:depth:0.5", "Student init, the same for both arms.")
+    teacher: str = derive(GenerateConfig, "teacher", note="Teacher-forced on the scripted trajectories (KD targets); "
+                           "the student's source.")
+    student: str = derive(TrainConfig, "student", note="The same init for both arms.")
     train_tasks: int = opt(48, "Scripted trajectories to train on (tasks of the train split).")
     heldout_tasks: int = opt(24, "Scripted trajectories on held-out tasks (NLL / KL after training).")
     eval_tasks: int = opt(12, "Agent-eval tasks per held-out split (heldout, heldout_template).")
-    kd_loss: str = opt("fkl", "potstill's arm: fkl, rkl, jsd, skl, srkl, tvd.")
-    top_k: int = opt(20, "Top log-probs kept per model-written token.")
-    max_steps: int = opt(40, "Training steps per arm.")
-    batch_size: int = opt(4, "Trajectories per step.")
-    lr: float = opt(3.0e-4, "Learning rate (both arms).")
+    kd_loss: str = derive(TrainConfig, "loss", note="potstill's (KD) arm.")
+    top_k: int = derive(GenerateConfig, "top_k", note="On model-written tokens.")
+    max_steps: int = derive(TrainConfig, "max_steps", 40, "Per arm.")
+    batch_size: int = derive(TrainConfig, "batch_size", 4, "Trajectories.")
+    lr: float = derive(TrainConfig, "lr", note="Both arms.")
     max_turns: int = opt(2, "Agent eval: most assistant turns.")
-    max_new_tokens: int = opt(128, "Agent eval: most tokens per turn.")
-    seed: int = opt(0, "Seed of the tasks, the init and the data order.")
-    dtype: str = opt("float32", "Model dtype.")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", note="Agent eval: per turn.")
+    seed: int = derive(TrainConfig, "seed", note="Also of the tasks.")
+    dtype: str = derive(GenerateConfig, "dtype", "float32")
     out: str = opt("runs/study-agent-anchor", "Output directory.")
     unsafe_sandbox: bool = opt(False, "Run code without namespace isolation where none is available (unsafe).")
 
@@ -156,6 +157,12 @@ def discordant(eval_dir: Path) -> dict[str, Any]:
             solved.setdefault(e["model"], set()).add(e["task"])
     sft, kd = (next((v for k, v in solved.items() if k.startswith(p)), set()) for p in ("sft", "kd"))
     return {"sft_only": len(sft - kd), "kd_only": len(kd - sft), "both": len(sft & kd)}
+
+
+def anchor_lines(result: dict[str, Any]) -> list[str]:
+    """The discordant pairs of the tool-mode eval, one line."""
+    d = result["discordant"]
+    return [f"tool mode, same tasks: SFT only {d.get('sft_only')}, KD only {d.get('kd_only')}, both {d.get('both')}"]
 
 
 def anchor_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

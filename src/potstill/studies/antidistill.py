@@ -35,14 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import GenerateConfig, TrainConfig, derive, opt
 from potstill.errors import PotstillError
 
 
 @dataclass
 class AntidistillStudyConfig:
-    teacher: str = opt("embedded", "Teacher: 'embedded', a model dir or a .gguf file.")
-    prompts: str = opt("builtin:seed_tasks", "Prompts with reference answers (`output`).")
+    teacher: str = derive(GenerateConfig, "teacher", note="A local one (the tilt needs its logits).")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks", "The study needs reference answers (`output`).")
     out: str = opt("runs/study-antidistill", "Output directory (proxy, captures, students, results.json, table.md, PNG).")
     proxy: str = opt("prune:depth:0.5", "Proxy = student architecture, built from the teacher as train builds it.")
     target_costs: list[float] = opt([0.02, 0.05], "Teacher costs (nats of held-out reference NLL) at which one lambda "
@@ -50,18 +50,18 @@ class AntidistillStudyConfig:
     lambdas: list[float] = opt([], "Extra anti-distillation tilts (lambda) to measure.")
     temperatures: list[float] = opt([], "Extra temperature baselines (no tilt).")
     eps: float = opt(1e-3, "Finite-difference step of Delta.")
-    max_prompts: int | None = opt(96, "Use at most this many prompts.")
-    heldout: float = opt(0.25, "Fraction of prompts held out (teacher cost and student quality).")
-    max_new_tokens: int = opt(48, "Teacher completion length.")
-    top_k: int = opt(20, "Teacher top-k stored per token (what the distiller sees).")
-    loss: str = opt("fkl", "Distillation loss of every student (fkl on top-k, or ce on the text).")
-    max_steps: int = opt(30, "Optimizer steps per student (same for every arm).")
-    batch_size: int = opt(4, "Sequences per optimizer step.")
-    lr: float = opt(1e-4, "Learning rate (constant after warm-up).")
-    max_seq_len: int = opt(192, "Truncate prompt+completion to this many tokens.")
-    gen_batch_size: int = opt(16, "Teacher decoding batch size.")
+    max_prompts: int | None = derive(GenerateConfig, "max_prompts", 96)
+    heldout: float = derive(GenerateConfig, "heldout", 0.25, "Teacher cost and student quality are measured on it.")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 48)
+    top_k: int = derive(GenerateConfig, "top_k", note="What the distiller sees.")
+    loss: str = derive(TrainConfig, "loss", note="Of every student.")
+    max_steps: int = derive(TrainConfig, "max_steps", 30, "The same for every arm.")
+    batch_size: int = derive(TrainConfig, "batch_size", 4)
+    lr: float = derive(TrainConfig, "lr", 1e-4, "Constant after warm-up in this study.")
+    max_seq_len: int = derive(TrainConfig, "max_seq_len", 192)
+    gen_batch_size: int = derive(GenerateConfig, "batch_size", 16)
     max_teacher_cost: float = opt(0.05, "Goal: teacher cost (nats of reference NLL) at which student losses are compared.")
-    seed: int = opt(0, "Seed for the split, sampling, data order.")
+    seed: int = derive(GenerateConfig, "seed", note="Also of the data order.")
 
     def __post_init__(self) -> None:
         self.lambdas = [float(x) for x in self.lambdas]

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import EvalConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.studies.common import markdown_table, pyplot, save_figure, write_text
 from potstill.utils import write_json
@@ -61,9 +61,9 @@ class BudgetConfig:
     arms: list[str] = opt(["depth0.5", "depth14", "depth0.33", "reference", "T0.7", "lr1e-3", "freeze-emb", "jsd"],
                           f"Arms: {', '.join(ARMS)}; A+B makes both changes; NAME@MINUTES runs one at another budget.")
     recipe: str = opt("demo", "Recipe the arms vary: a YAML file or a built-in recipe name.")
-    heldout_prompts: str = opt("builtin:heldout_v1", "Held-out quality set (prompts with human reference answers).")
-    gen_prompts: int = opt(12, "Held-out prompts each model answers greedily (repetition).")
-    gen_tokens: int = opt(48, "Most tokens per greedy answer.")
+    heldout_prompts: str = derive(EvalConfig, "heldout_prompts", "builtin:heldout_v1")
+    gen_prompts: int = derive(EvalConfig, "gen_prompts", 12, "Held-out prompts each model answers greedily.")
+    gen_tokens: int = derive(EvalConfig, "gen_tokens", 48)
     out: str = opt("runs/study-budget", "Output directory (arms/, results.json, table.md, quality_vs_cpu.png).")
 
     def __post_init__(self) -> None:

@@ -27,34 +27,34 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from potstill.config import opt
+from potstill.config import GenerateConfig, TrainConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.utils import write_json
 
 
 @dataclass
 class DetectPowerConfig:
-    teacher: str = opt("embedded", "The watermarked teacher: 'embedded' or a model dir.")
-    prompts: str = opt("builtin:seed_tasks", "Prompts the distiller sends.")
+    teacher: str = derive(GenerateConfig, "teacher", note="Watermarked as `potstill serve` does.")
+    prompts: str = derive(GenerateConfig, "prompts", "builtin:seed_tasks", "The prompts the distiller sends.")
     out: str = opt("runs/study-detect-power", "Output directory (captures, results.json, table.md, power.png).")
     budgets: list[int] = opt([2500, 5000, 10000, 20000], "Served completion tokens the distiller trains on (nested).")
     losses: list[str] = opt(["ce", "fkl"], "Distillation losses (ce: text only; fkl: the returned top-k).")
     steps: list[int] = opt([10, 20, 40], "Optimizer steps at which each student is scored (one constant-LR run).")
-    student: str = opt("prune:depth:8", "Student architecture (the same init for every run).")
-    lr: float = opt(5e-4, "Learning rate (constant after warm-up).")
-    batch_size: int = opt(8, "Sequences per optimizer step.")
-    max_prompts: int | None = opt(None, "Use at most this many prompts for the watermarked capture.")
-    samples: int = opt(2, "Completions per prompt in the watermarked capture.")
-    max_new_tokens: int = opt(64, "Completion length.")
-    top_k: int = opt(20, "Top-k log-probs served (fkl learns them).")
-    gen_batch_size: int = opt(32, "Decoding batch size.")
+    student: str = derive(TrainConfig, "student", "prune:depth:8", "The same init for every run.")
+    lr: float = derive(TrainConfig, "lr", 5e-4, "Constant after warm-up in this study.")
+    batch_size: int = derive(TrainConfig, "batch_size", 8)
+    max_prompts: int | None = derive(GenerateConfig, "max_prompts", note="For the watermarked capture.")
+    samples: int = derive(GenerateConfig, "samples", 2, "In the watermarked capture.")
+    max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 64)
+    top_k: int = derive(GenerateConfig, "top_k", note="Served; fkl learns them.")
+    gen_batch_size: int = derive(GenerateConfig, "batch_size", 32)
     clean_prompts: int = opt(48, "Prompts (x samples) of the unwatermarked capture (control student, perplexity).")
     statistic: str = opt("mass", "Open-weights statistic (mass or logit; argmax is always reported beside it).")
     detect_top_k: int = opt(64, "Suspect tokens read per position.")
     null_keys: int = opt(200, "Random keys calibrating each detection.")
     wrong_keys: int = opt(10, "Wrong-key controls on each of the largest ce and fkl students.")
     ppl_rows: int = opt(96, "Completions of each kind whose perplexity is measured.")
-    seed: int = opt(0, "Seed for the watermark key, sampling and training.")
+    seed: int = derive(GenerateConfig, "seed", note="Also of the watermark key and training.")
 
     def __post_init__(self) -> None:
         if not self.budgets or min(self.budgets) < 1 or not self.steps or min(self.steps) < 1:
