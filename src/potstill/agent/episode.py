@@ -252,8 +252,11 @@ class EpisodeRunner:
 
     def _after_eos(self, suffix: str) -> str:
         """Template text after a turn that the model already ended with its own end-of-turn token."""
-        eos_text = self.tok.decode([self.teacher.eos_ids[0]], skip_special_tokens=False)
-        return suffix[len(eos_text):] if suffix.startswith(eos_text) else suffix
+        for eos in self.teacher.eos_ids:  # Gemma ends a turn with <end_of_turn>, not its EOS
+            eos_text = self.tok.decode([eos], skip_special_tokens=False)
+            if eos_text and suffix.startswith(eos_text):
+                return suffix[len(eos_text):]
+        return suffix
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])

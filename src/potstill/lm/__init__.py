@@ -2,7 +2,8 @@
 
 - `loading`: model specs ('embedded', a model dir, a .gguf file) to a local directory; dtypes and
   CPU bf16 detection;
-- `embedded`: the embedded SmolLM2-135M-Instruct GGUF, converted once to a cached model directory;
+- `embedded`: the embedded SmolLM2-135M-Instruct GGUF (and the optional Gemma 3 270M), converted once to a
+  cached model directory;
 - `tokens`: tokenizer identity (vocabulary hash), pad id, chat-template ids, per-row sampling seeds and
   the bytes each token id spells;
 - `engine`: the batched decode (`complete_ids`) and teacher-forcing (`score_ids`) engine, with

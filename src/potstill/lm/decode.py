@@ -163,6 +163,10 @@ class DecodeRun:
         e, n = self.engine, len(self.prompt_ids)
         # shortest prompts first: rows prefilled together have similar lengths, so little padding
         self.queue = sorted(range(n), key=lambda i: len(self.prompt_ids[i]))
+        # a sliding window counts positions, the prefill's mask columns: padding between a shared prefix and a
+        # prompt's own tokens would hide prefix tokens the window reaches, so long prompts are prefilled whole
+        window = e.sliding_window
+        share_prefix = share_prefix and not (window and max(map(len, self.prompt_ids)) > window)
         self.prefix = e._shared_prefix(self.prompt_ids) if share_prefix else None
         self.prefix_ids = self.prompt_ids[0][: self.prefix[0]] if self.prefix else None
         self.max_len = max(map(len, self.prompt_ids)) + self.params.max_new_tokens
@@ -206,7 +210,8 @@ class DecodeRun:
                 new_cache.batch_select_indices(idx)
                 new_attn, toks = new_attn[idx], toks[idx]
             if self.slab is None:
-                self.slab = SlabCache(new_cache, new_attn, min(self.cap, len(keep) + len(self.queue)), self.max_len)
+                self.slab = SlabCache(new_cache, new_attn, min(self.cap, len(keep) + len(self.queue)), self.max_len,
+                                      window=e.sliding_window)
                 self.attn, self.step_ids = new_attn, toks[:, None]
             else:
                 self.attn = self.slab.add_rows(new_cache, self.attn, new_attn)

@@ -25,7 +25,7 @@ import torch
 from potstill.errors import PotstillError
 from potstill.lm.attention import use_decode_attention
 from potstill.lm.decode import DecodeRun, Feed
-from potstill.lm.kvslab import available_memory, kv_bytes_per_token, rows_that_fit
+from potstill.lm.kvslab import available_memory, kv_bytes_per_token, rows_that_fit, sliding_window
 from potstill.lm.tokens import chat_ids, pad_token_id
 from potstill.lm.types import Completion, LogitsProcessor, SamplingParams
 
@@ -44,6 +44,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.pad_id = pad_token_id(tokenizer, fallback=self.eos_ids[0])
         self._kv_token_bytes: int | None = None
+        self.sliding_window = sliding_window(model)
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -132,7 +133,11 @@ class Engine:
         if len(common) < min_tokens:
             return None
         ids = torch.tensor([common], device=self.device)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache() if self.sliding_window else None  # a window would crop a long prefix's keys
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True,
+                         logits_to_keep=1)
         return len(common), [(layer.keys, layer.values) for layer in out.cache.layers]
 
     def _prefill(self, prompts: list[list[int]], prefix=None):
@@ -154,7 +159,7 @@ class Engine:
             attn[i, p + width - len(q) :] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        cache = None
+        cache = DynamicCache() if self.sliding_window else None  # full layers: the slab masks the window
         if prefix:
             b = len(prompts)
             cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))

@@ -37,6 +37,14 @@ from potstill.errors import PotstillError
 SLACK = 32  # free columns a new buffer gets to the right of the window
 
 
+def sliding_window(model) -> int | None:
+    """The window of a model's sliding-window attention layers (Gemma 3: 512), None when it has none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return getattr(config, "sliding_window", None)
+    return None
+
+
 class SlabLayer(DynamicLayer):
     """One layer's keys and values in preallocated buffers; geometry (rows, lo, hi) kept by SlabCache."""
 
@@ -72,15 +80,17 @@ class SlabLayer(DynamicLayer):
 class SlabCache:
     """The engine's handle on a model cache whose layers are `SlabLayer`s (`.cache` goes to the model)."""
 
-    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, max_len: int, slack: int = SLACK):
+    def __init__(self, prefill_cache, attn: torch.Tensor, row_capacity: int, max_len: int, slack: int = SLACK,
+                 window: int | None = None):
         layers = prefill_cache.layers
         for layer in layers:  # sliding-window layers are full attention while every sequence fits the window
-            window = getattr(layer, "sliding_window", None)
-            if type(layer) is DynamicLayer or (isinstance(layer, DynamicLayer) and window and max_len <= window):
+            own = getattr(layer, "sliding_window", None)
+            if type(layer) is DynamicLayer or (isinstance(layer, DynamicLayer) and own and max_len <= own):
                 continue
             raise PotstillError(f"batched decoding needs full-attention KV caches: {type(layer).__name__}"
-                                + (f" with a {window}-token window < prompt + new tokens ({max_len})" if window else ""))
+                                + (f" with a {own}-token window < prompt + new tokens ({max_len})" if own else ""))
         self.slack = slack
+        self.window = window  # the model's sliding-window layers (full caches here): masked in `step_mask`
         self.row_capacity = max(row_capacity, attn.shape[0])
         width = attn.shape[1]
         self.rows, self.lo, self.hi, self.columns = 0, width, width, width + slack  # empty window
@@ -110,14 +120,22 @@ class SlabCache:
         for layer in self.layers:
             layer._views()
 
-    def step_mask(self, attn: torch.Tensor) -> torch.Tensor:
+    def step_mask(self, attn: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """Make room for one more column; the 4-D boolean mask over all buffer columns for a decode
-        step, from the window-aligned 2-D mask `attn` (live rows x window + 1, new column included)."""
+        step, from the window-aligned 2-D mask `attn` (live rows x window + 1, new column included).
+
+        With a sliding `window` (Gemma 3's local layers), a mask per layer type: those layers see
+        each row's last `window` visible columns, the new one included (transformers' sliding mask)."""
         if self.hi + 1 > self.columns:
             self._rebuffer(self.hi - self.lo + self.slack, 0)
         mask = torch.zeros((self.rows, 1, 1, self.columns), dtype=torch.bool, device=attn.device)
         mask[:, 0, 0, self.lo : self.hi + 1] = attn.bool()
-        return mask
+        if self.window is None:
+            return mask
+        local = mask
+        if int(attn.sum(-1).max()) > self.window:
+            local = mask & (mask.flip(-1).cumsum(-1).flip(-1) <= self.window)
+        return {"full_attention": mask, "sliding_attention": local}
 
     def advance(self) -> None:
         """The decode step wrote column `hi`: it joins the window."""

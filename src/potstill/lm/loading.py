@@ -1,6 +1,7 @@
 """Loading: a model spec to a local directory, and the dtype to run it in.
 
     resolve_model_dir("embedded")          # -> $POTSTILL_HOME/models/... (converted from GGUF once)
+    resolve_model_dir("embedded:gemma3-270m")  # the optional Gemma 3 270M, if its package is installed
     pick_dtype("auto")                     # bf16 where the CPU/GPU has it natively, else float32
 """
 
@@ -14,16 +15,16 @@ from potstill.errors import PotstillError
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """'embedded' | model dir | .gguf file -> a local HF model directory."""
-    from potstill.lm.embedded import convert_gguf, embedded_model_dir
+    """'embedded' | 'embedded:KEY' | model dir | .gguf file -> a local HF model directory."""
+    from potstill.lm.embedded import convert_gguf, embedded_model_dir, is_embedded
 
-    if spec == "embedded":
-        return embedded_model_dir()
+    if is_embedded(spec):
+        return embedded_model_dir(spec)
     path = Path(spec)
     if path.suffix == ".gguf":
         return convert_gguf(path)
     if not (path / "config.json").exists():
-        raise PotstillError(f"{spec}: not a model directory (no config.json), .gguf file or 'embedded'")
+        raise PotstillError(f"{spec}: not a model directory (no config.json), .gguf file or 'embedded[:KEY]'")
     return path
 
 

@@ -1,7 +1,7 @@
 """Local transformers teacher: the batched engine (potstill.lm.engine) plus what makes it a teacher.
 
-`HFTeacher.load(spec)` accepts "embedded", a model directory (safetensors) or a `.gguf` file
-(converted once and cached, see potstill.lm.embedded). Decoding, sampling and teacher forcing are
+`HFTeacher.load(spec)` accepts "embedded" (or "embedded:gemma3-270m"), a model directory (safetensors)
+or a `.gguf` file (converted once and cached, see potstill.lm.embedded). Decoding, sampling and teacher forcing are
 the engine's; a teacher adds loading from a spec, its identity for the capture manifest and
 chat-message prompts.
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from potstill.lm.embedded import embedded_model, is_embedded
 from potstill.lm.engine import Engine, timed  # noqa: F401  (re-exported)
 from potstill.lm.loading import cpu_has_bf16 as _cpu_has_bf16  # noqa: F401  (re-exported, old name)
 from potstill.lm.loading import pick_dtype, resolve_model_dir  # noqa: F401  (re-exported)
@@ -30,6 +31,7 @@ class HFTeacher(Engine):
 
     local_ids = True  # decodes token ids itself: complete_ids, encode_chat, EOS kept in completions
     can_score = True  # teacher forcing: score_ids
+    licence: str | None = None  # set for an embedded model whose terms reach its derivatives (Gemma)
 
     def __init__(self, model, tokenizer, name: str, model_dir: Path | None = None):
         super().__init__(model, tokenizer, name)
@@ -43,8 +45,11 @@ class HFTeacher(Engine):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(dtype)).to(device)
-        name = "SmolLM2-135M-Instruct" if spec == "embedded" else Path(spec).name
-        return cls(model, tok, name=name, model_dir=model_dir)
+        name = embedded_model(spec).name if is_embedded(spec) else Path(spec).name
+        teacher = cls(model, tok, name=name, model_dir=model_dir)
+        if is_embedded(spec) and embedded_model(spec).notice:  # its terms follow what is distilled from it
+            teacher.licence = embedded_model(spec).licence
+        return teacher
 
     # ---- identity -------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -60,6 +65,7 @@ class HFTeacher(Engine):
             "tokenizer_sha256": tokenizer_hash(self.tokenizer),
             "chat_template_sha256": sha256_text(self.tokenizer.chat_template or ""),
             "vocab_size": max(len(vocab), self.model.config.vocab_size),
+            **({"licence": self.licence} if self.licence else {}),
         }
 
     def complete(

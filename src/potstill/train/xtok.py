@@ -216,16 +216,18 @@ def xtok_collate(examples: list[XtokExample], pad_id: int) -> XtokBatch:
 
 
 def load_teacher_tokenizer(manifest: dict, spec: str, capture_dir: str):
-    """The teacher's tokenizer: `spec` (--teacher), else the embedded teacher's; it must match the capture's hash."""
+    """The teacher's tokenizer: `spec` (--teacher), else the embedded model's of that name; it must match the
+    capture's hash."""
     from transformers import AutoTokenizer
 
+    from potstill.lm.embedded import EMBEDDED
     from potstill.lm.loading import resolve_model_dir
     from potstill.lm.tokens import tokenizer_hash
 
     teacher = manifest.get("teacher") or {}
     want = teacher.get("tokenizer_sha256")
     tried = []
-    candidates = [spec] + (["embedded"] if teacher.get("name") == "SmolLM2-135M-Instruct" else [])
+    candidates = [spec] + [f"embedded:{key}" for key, m in EMBEDDED.items() if m.name == teacher.get("name")]
     for candidate in dict.fromkeys(candidates):
         try:
             tok = AutoTokenizer.from_pretrained(resolve_model_dir(candidate))
