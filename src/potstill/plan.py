@@ -195,6 +195,22 @@ def _lengths(c0: int) -> list[int]:
     return out
 
 
+def resize_train(plan: dict, counts: dict, left_s: float) -> dict | None:
+    """Training re-sized on the capture it got, once generation is done: the seconds left for it at the
+    measured train rate over the capture's own tokens per training row (the plan had to assume every
+    completion runs to `max_new_tokens`), at most MAX_EPOCHS passes. None where there is nothing to size."""
+    train = (counts.get("splits") or {}).get("train") or {}
+    rows = train.get("rows") or 0
+    if rows < 1:
+        return None
+    per_row = (train.get("prompt_tokens", 0) + train.get("completion_tokens", 0)) / rows
+    b = plan["overrides"]["train"]["batch_size"]
+    rate = plan["rates"]["train_tok_s"]
+    steps = max(1, min(math.floor(max(left_s, 0.0) * rate / (b * per_row)), math.floor(MAX_EPOCHS * rows / b)))
+    return {"planned_steps": plan["overrides"]["train"]["max_steps"], "max_steps": steps, "tokens_per_row": per_row,
+            "left_s": left_s, "est_s": steps * b * per_row / rate}
+
+
 def format_plan(plan: dict) -> str:
     """The plan as a plain-text table (stage, work, estimated seconds; actual seconds once known)."""
     actual = plan.get("actual_s", {})
@@ -218,6 +234,10 @@ def format_plan(plan: dict) -> str:
     if actual:
         total += f" {actual.get('total', float('nan')):>9.0f}"
     lines.append(total)
+    if plan.get("train_resized"):
+        r = plan["train_resized"]
+        lines.append(f"  train re-sized after generation: {r['planned_steps']} -> {r['max_steps']} steps "
+                     f"({r['tokens_per_row']:.0f} tokens per training row in the capture, {r['left_s']:.0f}s left for it)")
     if plan["total_est_s"] > plan["budget_s"]:
         lines.append(f"  note: this machine is too slow (or too busy) for a {plan['budget_s']:.0f}s budget; "
                      "the smallest run it can size will overrun it")
