@@ -31,6 +31,7 @@ TARGET_EPOCHS = 2.0  # passes over the training rows the sizing aims for when it
 MAX_EPOCHS = 8.0  # more passes than this over a small capture do not buy a better student
 MIN_STEPS = 8  # halve the train batch (down to 2) before planning fewer optimizer steps
 PROBE_ROWS = 16  # the decode probe's batch (a larger planned batch decodes at least as fast per token)
+PROBE_TRAIN_ROWS = 4  # the training probe's batch
 
 
 @dataclass
@@ -313,10 +314,16 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     gen = torch.Generator().manual_seed(0)
     use_bf16 = autocast_enabled(bf16, torch.device("cpu"))
 
+    inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+
     def step(batch: int, length: int) -> None:
         ids = torch.randint(0, vocab, (batch, length), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(input_ids=ids).logits
+            if inner is not None and head is not None:  # as training does: the head only on learned positions
+                logits = head(inner(input_ids=ids).last_hidden_state[:, length // 2 - 1:])  # (about half: the answer)
+                ids = ids[:, length // 2 - 1:]
+            else:
+                logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
@@ -324,8 +331,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
 
     step(1, 16)  # warm-up: optimizer state, allocator
     t = clock()
-    step(2, seq_len)
-    train = 2 * seq_len / (clock() - t)
+    step(PROBE_TRAIN_ROWS, seq_len)  # a batch nearer the run's (GEMMs on 2 rows run below the run's rate)
+    train = PROBE_TRAIN_ROWS * seq_len / (clock() - t)
     return Rates(decode_tok_s=decode, prefill_tok_s=prefill, train_tok_s=train, load_s=load_s, build_s=build_s,
                  decode_batch=rows)
 
