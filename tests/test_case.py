@@ -32,8 +32,8 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("case")
     wm = WatermarkConfig(key=wm_key("case"), delta=4.0)
     with one_torch_thread(), live_server(tiny_teacher(), tmp, watermark=wm, max_tokens_cap=24) as srv:
-        mallory, m_sec = srv.keys.create("mallory", rpm=10_000, tpm=10**7)
-        alice, a_sec = srv.keys.create("alice", rpm=10_000, tpm=10**7)
+        mallory, m_sec = srv.keys.create("mallory", rpm=10_000, tpm=10**7, max_top_logprobs=5)
+        alice, a_sec = srv.keys.create("alice", rpm=10_000, tpm=10**7, max_top_logprobs=5)
         def ask(i: int) -> int:  # sent together: the server batches them
             if i >= 16:
                 return httpx.post(srv.base + "/completions", timeout=120, headers={"Authorization": f"Bearer {a_sec}"},
