@@ -100,8 +100,8 @@ def test_trusted_key_gets_its_allowance_and_no_more(served):
     key_id, secret = served.keys.create("trusted", max_top_logprobs=2)
     r = post(served, "/completions", {"prompt": "Once upon a time", "max_tokens": 3, "logprobs": 2}, secret)
     assert r.status_code == 200, r.text[:300]
-    tops = [len(t) for t in r.json()["choices"][0]["logprobs"]["top_logprobs"]]
-    assert tops and set(tops) == {2}, r.text[:300]
+    tops = [len(t) for t in r.json()["choices"][0]["logprobs"]["top_logprobs"]]  # {text: lp}: texts may collide
+    assert tops and max(tops) == 2, r.text[:300]
     body = {"messages": CHAT, "max_tokens": 3, "logprobs": True, "top_logprobs": 2, "stream": True}
     with httpx.stream("POST", served.base + "/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {secret}"}) as s:

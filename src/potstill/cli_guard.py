@@ -102,15 +102,6 @@ def serve_options(fn):
 _UNSET = object()
 
 
-def _default_top() -> int:
-    """The log-prob allowance of a new key (declared once: `KeyStore.create`)."""
-    import inspect
-
-    from potstill.guard.keys import KeyStore
-
-    return inspect.signature(KeyStore.create).parameters["max_top_logprobs"].default
-
-
 def _top_logprobs(ctx, param, value):
     """--max-top-logprobs / N|server: an int >= 0, 'server' (None: the server's cap), or unset."""
     if value is None:
@@ -134,6 +125,7 @@ def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
     from potstill.cli import config_options, field_options, make_config
     from potstill.config import AntidistillConfig
+    from potstill.guard.serve_config import TEXT_ONLY
     from potstill.guard.suspect import DetectConfig
 
     @app.command()
@@ -200,8 +192,8 @@ def register(app: click.Group) -> None:
     @click.option("--rpm", default=None, type=int, help="Requests per minute for this key.")
     @click.option("--tpm", default=None, type=int, help="Tokens per minute for this key.")
     @click.option("--max-top-logprobs", "top", default=None, metavar="N|server", callback=_top_logprobs,
-                  help=f"Log-probs this key may receive: N top alternatives, 0 = text only, 'server' = the "
-                       f"server's --max-top-logprobs [default: {_default_top()} (text only)].")
+                  help="Log-probs this key may receive: N top alternatives, 0 = text only, 'server' = the "
+                       f"server's --max-top-logprobs [default: {TEXT_ONLY} (text only)].")
     def keys_create(name, db, rpm, tpm, top):
         """Create a key; the secret is printed once and stored only as a hash."""
         given = {} if top is _UNSET else {"max_top_logprobs": top}  # unset: KeyStore.create's default

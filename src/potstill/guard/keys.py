@@ -33,12 +33,11 @@ from sqlalchemy import Column, Float, Integer, MetaData, String, Table, insert, 
 from potstill.errors import PotstillError
 from potstill.guard.db import add_missing_columns
 from potstill.guard.querylog import db_url, make_engine
+from potstill.guard.serve_config import TEXT_ONLY
 
 log = logging.getLogger(__name__)
 
 PREFIX = "psk"
-TEXT_ONLY = 0
-"""`max_top_logprobs` of a key that gets no log-probs at all (the default for new keys)."""
 
 metadata = MetaData()
 api_keys = Table(

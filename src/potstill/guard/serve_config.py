@@ -14,6 +14,9 @@ from potstill.errors import PotstillError
 from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
 from potstill.utils import potstill_home
 
+TEXT_ONLY = 0
+"""A key's `max_top_logprobs` when it may receive no log-probs at all: what new keys get (`KeyStore.create`)."""
+
 
 @dataclass
 class ServeConfig:
