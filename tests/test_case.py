@@ -62,6 +62,7 @@ def test_case_file_holds_who_what_evidence_integrity(served, tmp_path):
     saved = json.loads((tmp_path / "c" / "case.json").read_text())
     assert saved["case"] == served["mallory"] and saved["who"][0]["name"] == "mallory"
     assert saved["who"][0]["rpm"] == 10_000 and saved["who"][0]["created_at"].endswith("Z")
+    assert saved["who"][0]["max_top_logprobs"] == 5  # what the key was allowed to read
     what = saved["what"]
     assert what["requests"] == 16 and what["status"] == {"200": 16} and what["logprob_requests"] == 16
     assert sum(p["requests"] for p in what["timeline"]["points"]) == 16
