@@ -6,9 +6,9 @@
 The same app skeleton as `potstill serve` (guard/app.py: keys from the headers before the body,
 the middleware's one log row per request with the client address, /health) and the same
 admission (guard/service.py: each key's log-prob allowance, also in llama.cpp/TGI/vLLM's own
-fields, per-key concurrency, the in-flight bound, rate limits shared through the database) put in front of `/v1/chat/completions`, `/v1/completions` and
-`/v1/models`, which are forwarded (httpx, async) with the upstream's key
-(`ServeConfig.upstream_key_env`).
+fields, per-key concurrency, the in-flight bound, rate limits shared through the database) put
+in front of `/v1/chat/completions`, `/v1/completions` and `/v1/models`, which are forwarded
+(httpx, async) with the upstream's key (`ServeConfig.upstream_key_env`).
 
 Metering without the model's tokenizer: a request is charged up front for `max_tokens` (set to
 the server's cap when absent, so no upstream decodes unbounded) plus an estimate of its prompt

@@ -11,8 +11,8 @@ once, received bytes counted as they arrive; exactly one query-log row per reque
 outcome; refused requests' prompts stored as a bounded prefix, length and sha256), the route's
 `authenticate` dependency (bearer key from the headers, before any body byte is read ->
 401), the body parsed by pydantic (-> 400 naming the field), the key's log-prob allowance (-> 403),
-server caps (`n`, `max_tokens` -> 400), then `guard/service.py`: the key's concurrency cap, the pending-queue bound and rate
-limits (429/503 with `Retry-After`) before any tokenising, the context length (400) after, then
+server caps (`n`, `max_tokens` -> 400), then `guard/service.py`: the key's concurrency cap, the
+pending-queue bound and rate limits (429/503 with `Retry-After`) before any tokenising, the context length (400) after, then
 the `Batcher` (`guard/batcher.py`), which decodes concurrent requests together in a worker
 thread, with a deadline (`request_timeout_s`, 504). A client that leaves stops its row and is
 charged what it was sent. The watermark and anti-distillation sampling (each when configured) are
