@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from potstill.cli import app
 from potstill.errors import PotstillError
 from potstill.guard.case import CaseConfig, build_case, write_case
+from potstill.guard.querylog import read_log
 from potstill.guard.watermark_config import WatermarkConfig
 from tests.browser_fixtures import chromium, headless_flags
 from tests.guard_fixtures import live_server, one_torch_thread, tiny_teacher, wm_key
@@ -45,7 +47,10 @@ def served(tmp_path_factory):
 
         with ThreadPoolExecutor(20) as pool:
             assert list(pool.map(ask, range(20))) == [200] * 20
-        srv.flush()
+        deadline = time.time() + 10  # each row is written just after its response went out
+        while len(read_log(srv.querylog_url)) < 20 and time.time() < deadline:
+            srv.flush()
+            time.sleep(0.05)
         yield {"log": srv.querylog_url, "keys": str(tmp / "keys.db"), "wm": wm, "mallory": mallory, "alice": alice,
                "tmp": tmp}
 
