@@ -64,3 +64,80 @@ def test_any_sqlalchemy_url(tmp_path):
     mem = KeyStore("sqlite://")
     _, secret2 = mem.create("y")
     assert mem.verify(secret2) is not None
+
+
+OLD_KEYS_DDL = ("CREATE TABLE api_keys (key_id VARCHAR(32) PRIMARY KEY, name VARCHAR(256) NOT NULL, "
+                "secret_sha256 VARCHAR(64) NOT NULL, rpm INTEGER, tpm INTEGER, created_at FLOAT NOT NULL, "
+                "revoked_at FLOAT)")
+
+
+def old_key_store(url: str) -> str:
+    """A key store as potstill made it before per-key log-probs (no max_top_logprobs column), one key; its secret."""
+    import hashlib
+
+    from sqlalchemy import create_engine, text
+
+    secret = "psk-0ld0ld0ld0ld-" + "s" * 43
+    eng = create_engine(url)
+    with eng.begin() as conn:
+        conn.execute(text(OLD_KEYS_DDL))
+        conn.execute(text("INSERT INTO api_keys VALUES ('0ld0ld0ld0ld', 'legacy', :h, NULL, NULL, 1.0, NULL)"),
+                     {"h": hashlib.sha256(secret.encode()).hexdigest()})
+    eng.dispose()
+    return secret
+
+
+def check_migrated(url: str) -> None:
+    """The old key still verifies and keeps the server's log-prob cap (None); a new key is text only."""
+    secret = old_key_store(url)
+    store = KeyStore(url)
+    old = store.verify(secret)
+    assert old is not None and old.name == "legacy" and old.max_top_logprobs is None
+    _, new = store.create("new")
+    assert store.verify(new).max_top_logprobs == 0
+    store.close()
+    again = KeyStore(url)  # a second start finds nothing to migrate
+    assert again.verify(secret).max_top_logprobs is None and len(again.list()) == 2
+    again.close()
+
+
+def test_old_key_store_is_migrated(tmp_path, caplog):
+    check_migrated(f"sqlite:///{tmp_path / 'old.db'}")
+    assert "key store: migrated an older schema (added max_top_logprobs" in caplog.text
+
+
+def test_logprob_allowance(store):
+    a, sa = store.create("a")
+    assert store.verify(sa).max_top_logprobs == 0  # new keys: text only
+    _, sb = store.create("b", max_top_logprobs=None)
+    assert store.verify(sb).max_top_logprobs is None
+    store.set_max_top_logprobs(a, 5)
+    assert store.get(a).max_top_logprobs == 5
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(PotstillError, match="max_top_logprobs"):
+            store.set_max_top_logprobs(a, bad)
+    with pytest.raises(PotstillError, match="max_top_logprobs"):
+        store.create("c", max_top_logprobs=-2)
+
+
+def test_cli_keys_logprobs(tmp_path):
+    from click.testing import CliRunner
+
+    from potstill.cli import app
+
+    db = str(tmp_path / "k.db")
+
+    def keys(*args: str):
+        return CliRunner().invoke(app, ["keys", *args, "--db", db])
+
+    assert keys("create", "plain").exit_code == 0
+    assert keys("create", "trusted", "--max-top-logprobs", "5").exit_code == 0
+    assert keys("create", "legacy-like", "--max-top-logprobs", "server").exit_code == 0
+    bad = keys("create", "x", "--max-top-logprobs", "-1")
+    assert bad.exit_code == 2 and "expected an integer >= 0 or 'server'" in bad.output
+    listed = {line.split("\t")[1]: line.split("\t") for line in keys("list").output.splitlines()}
+    assert {n: row[4] for n, row in listed.items()} == {
+        "plain": "top_logprobs=0 (text only)", "trusted": "top_logprobs=5", "legacy-like": "top_logprobs=server"}
+    res = keys("set-logprobs", listed["plain"][0], "3")
+    assert res.exit_code == 0 and "top_logprobs=3" in res.output
+    assert KeyStore(db).get(listed["plain"][0]).max_top_logprobs == 3

@@ -39,7 +39,7 @@ def server(teacher, wm_cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secret(server):
-    return server.keys.create("tester")[1]
+    return server.keys.create("tester", max_top_logprobs=None)[1]  # the server's cap
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_every_request_logged_once_and_no_secret_leaks(teacher, wm_cfg, tmp_path
     clock_limiter = RateLimiter(rpm=3, tpm=None)
     with live_server(teacher, tmp_path, limiter=clock_limiter, log_level="debug", watermark=wm_cfg,
                      max_tokens_cap=16) as srv:
-        key_id, sec = srv.keys.create("audited")
+        key_id, sec = srv.keys.create("audited", max_top_logprobs=None)
         c = openai.OpenAI(base_url=srv.base, api_key=sec, max_retries=0)
         sent = []
         c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=2)

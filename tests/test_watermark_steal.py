@@ -41,7 +41,7 @@ def wm_cfg(teacher):
 @pytest.fixture(scope="module")
 def server(teacher, wm_cfg, tmp_path_factory):
     with live_server(teacher, tmp_path_factory.mktemp("steal"), watermark=wm_cfg) as srv:
-        yield srv, srv.keys.create("attacker")[1]
+        yield srv, srv.keys.create("attacker", max_top_logprobs=None)[1]
 
 
 def text_to_id(teacher) -> dict[str, int]:

@@ -140,7 +140,8 @@ ERROR_SCHEMA = {"application/json": {"schema": {"type": "object", "properties": 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when stream=true"},
     **{s: {"description": d, "content": ERROR_SCHEMA} for s, d in [
-        (400, "Invalid request"), (401, "Missing, unknown or revoked API key"), (413, "Body too large"),
+        (400, "Invalid request"), (401, "Missing, unknown or revoked API key"),
+        (403, "More log-probs than this key may receive"), (413, "Body too large"),
         (429, "Rate limit reached (see Retry-After)"),
     ]},
 }
