@@ -17,10 +17,12 @@ from potstill.studies.antidistill_http import teacher_protect_cost
 from tests.antidistill_fixtures import RECIPE, build_setting, run_arm, serving
 from tests.guard_fixtures import one_torch_thread
 
-LAMBDA = 10.0
+pytestmark = pytest.mark.slow  # 21-26 s on the shared 2-core CPU (two servers, two captures, two trainings)
+
+LAMBDA = 3.0
 SEED = 0
-MARGIN = 0.0  # nats of protect NLL: set from the measurement (test docstring)
-MAX_TEACHER_COST = 10.0  # nats: the teacher's cost at LAMBDA, measured (test docstring), with room
+MARGIN = 0.25  # nats of protect NLL: the measured one-seed 97.5 % prediction bound (test docstring)
+MAX_TEACHER_COST = 2.0  # nats: the teacher's measured cost at LAMBDA is 1.29 (teacher-forced, deterministic)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,18 @@ def setting(tmp_path_factory):
 
 
 def test_defended_outputs_teach_the_protect_set_worse(setting, record_property):
-    """Measured (`python -m tests.antidistill_fixtures`, this setting): TODO."""
+    """The defended student's protect NLL exceeds the undefended one's by >= MARGIN nats (seed SEED).
+
+    Measured (`python -m tests.antidistill_fixtures --seeds 10 --lambdas 1 3 10 --temperature-baseline`, this
+    setting, AMD EPYC Zen 3 AVX2, OMP_NUM_THREADS=1, ~3 s per arm): at lambda 3, defended - undefended student
+    protect NLL over seeds 0-9 (paired) = +0.423 nats, 95 % t-interval [+0.371, +0.474], sd 0.072, n = 10,
+    10/10 positive (per seed +0.424 +0.364 +0.414 +0.486 +0.415 +0.465 +0.502 +0.269 +0.385 +0.502). MARGIN is
+    the one-seed 97.5 % t-prediction bound mean - t(9) * sd * sqrt(1 + 1/10) = +0.251, rounded down: a seed
+    drawn anew would fail it with ~2.5 % chance; seed 0 measured +0.424. The teacher's side of the trade-off:
+    its protect NLL under the distribution served at lambda 3 is 1.348 nats vs 0.059 clean (cost +1.29).
+    Against anti-distillation off on the "defended" server (LAMBDA = 0) the two captures are the same and the
+    test fails (gap +0.000).
+    """
     with one_torch_thread():
         with serving(setting, LAMBDA) as url:
             defended = run_arm(setting, url, SEED, setting.root / "defended")
