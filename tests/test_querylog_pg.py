@@ -10,8 +10,8 @@ from sqlalchemy import create_engine, text
 from potstill.guard.keys import KeyStore
 from potstill.guard.logchain import load_log_key, verify
 from potstill.guard.querylog import QueryLog, read_log
+from tests.keys_fixtures import check_migrated
 from tests.pg_fixtures import postgres_server
-from tests.test_keys import check_migrated
 
 LOG_KEY = "pg-test-log-key-8d1f3a5c7e9b2d4f6a8c0e1f3b5d7f9a"
 
