@@ -70,7 +70,7 @@ def test_two_extractors_rank_above_every_person(traffic):
 def test_report_table_and_throttle(traffic, tmp_path):
     url, rows, humans, rng, t0 = traffic
     store = KeyStore(tmp_path / "keys.db")
-    kid, _ = store.create("suspect", rpm=100, tpm=None)
+    kid, _ = store.create("suspect", rpm=100, tpm=None, max_top_logprobs=20)
     rows += extractor_rows(rng, kid, t0, 300, TEMPLATES_A, steady=True)
     write_rows(url, rows)
     risks = score_keys(url)
@@ -83,6 +83,7 @@ def test_report_table_and_throttle(traffic, tmp_path):
     assert new == {kid: (10, 5_000)}
     rec = store.get(kid)
     assert (rec.rpm, rec.tpm) == (10, 5_000)
+    assert rec.max_top_logprobs == 0  # a flagged key keeps text only: no more log-probs to distil from
 
 
 def test_time_window_and_min_requests(traffic):

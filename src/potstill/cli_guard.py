@@ -280,7 +280,7 @@ def register(app: click.Group) -> None:
     @click.option("--keys-db", default=None, help="Key store (for --throttle).")
     @click.option("--since-hours", default=None, type=float, help="Only the last N hours of traffic.")
     @click.option("--out", default=None, help="Write the ranked report as JSON here.")
-    @click.option("--throttle", is_flag=True, help="Lower the limits of flagged keys.")
+    @click.option("--throttle", is_flag=True, help="Lower the limits of flagged keys and withdraw their log-probs (text only).")
     @click.option("--factor", default=0.1, show_default=True, help="Multiply flagged keys' limits by this.")
     @click.option("--campaigns", is_flag=True, help="Group keys that behave alike and score each group's pooled "
                   "traffic (--throttle then lowers every key of a flagged group).")
@@ -312,7 +312,7 @@ def register(app: click.Group) -> None:
             if note:
                 click.echo(note, err=True)
             for k, (rpm, tpm) in new.items():
-                click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
+                click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}, log-probs withdrawn (text only)")
 
     @app.group("log")
     def log_group():
