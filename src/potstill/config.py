@@ -167,9 +167,10 @@ class GenerateConfig(HttpConfig, AntidistillConfig):
             raise PotstillError(f"generate: answers must be 'sample' or 'reference', not {self.answers!r}")
         if self.answers == "reference" and (self.samples != 1 or self.self_instruct):
             raise PotstillError("generate: --answers reference scores each prompt's one reference (samples 1, no self-instruct)")
-        if self.quantize not in ("none", "int8") or (self.quantize == "int8" and self.dtype in ("bfloat16", "float16")):
-            raise PotstillError(f"generate: quantize must be 'none' or 'int8' (int8: a float32 teacher), not {self.quantize!r}"
-                                f" with dtype {self.dtype!r}")
+        if self.quantize not in ("none", "int8") or self.quantize == "int8" and (
+                self.dtype in ("bfloat16", "float16") or self.teacher.startswith(("http://", "https://"))):
+            raise PotstillError(f"generate: quantize must be 'none' or 'int8' (int8: a local float32 teacher), not "
+                                f"{self.quantize!r} with dtype {self.dtype!r}")
 
 
 MODES = ("offline", "online", "on-policy")
