@@ -29,7 +29,8 @@ QUANTIZE_MODES = ("none", "int8")
 MAX_KL = 1e-3
 """The fidelity bar: top-k (+ tail) KL of the int8 model to the float32 one, nats per token."""
 QUANTIZE_HEAD = False
-"""Quantise the (tied, 49,152-wide) output head too. Measured on the embedded teacher: see README/bench."""
+"""Quantise the (tied, 49,152-wide) output head too. On the embedded teacher (bench generate, 32 prompts,
+1,844 tokens) the head added speed but KL (1.27 -> 1.34 nats/token): it stays float32."""
 CALIBRATION_PROMPTS = 8
 CALIBRATION_TOKENS = 32
 
