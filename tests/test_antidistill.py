@@ -175,3 +175,16 @@ def test_study_antidistill_writes_its_curve(tmp_path, tiny_model_dir, prompts_fi
     assert result["serving"]["slowdown"] > 0
     for name in ("results.json", "table.md", "tradeoff.png"):
         assert (tmp_path / "s" / name).stat().st_size > 0
+
+
+def test_paired_difference_interval_and_prediction_bound():
+    """The e2e test's margin comes from this: per-seed differences, the mean's 95 % t-interval, and the one-seed
+    97.5 % t-prediction bound mean - t(n-1) * sd * sqrt(1 + 1/n)."""
+    from potstill.studies.antidistill_http import paired_difference
+
+    d = paired_difference([1.0, 2.0, 3.5, 2.5, 3.0], [0.5, 1.0, 2.0, 2.0, 1.5])  # diffs 0.5 1 1.5 0.5 1.5
+    assert d["per_seed"] == [0.5, 1.0, 1.5, 0.5, 1.5] and d["n"] == 5 and d["positive"] == 5
+    assert d["mean"] == pytest.approx(1.0) and d["sd"] == pytest.approx(0.5)
+    assert d["low"] == pytest.approx(1.0 - 2.776 * 0.5 / 5**0.5) and d["high"] == pytest.approx(1.0 + 2.776 * 0.5 / 5**0.5)
+    assert d["predict_low"] == pytest.approx(1.0 - 2.776 * 0.5 * 1.2**0.5)
+    assert paired_difference([1.0], [0.0])["predict_low"] is None

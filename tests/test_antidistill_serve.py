@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
         ad = AntidistillConfig(antidistill=LAMBDA, proxy=str(tmp / "proxy"), protect=str(tmp / "protect.jsonl"))
         wm = WatermarkConfig(key=WATERMARK_KEY, gamma=0.25, delta=4.0, vocab_size=len(teacher.tokenizer))
         with live_server(teacher, tmp, watermark=wm, antidistill=ad, max_tokens_cap=64) as srv:
-            secret = srv.keys.create("tester")[1]
+            secret = srv.keys.create("tester", max_top_logprobs=None)[1]
             yield teacher, ad, wm, srv, openai.OpenAI(base_url=srv.base, api_key=secret, max_retries=0, timeout=60)
 
 

@@ -84,7 +84,16 @@ def test_budget_study_end_to_end_and_reuse(tmp_path, tiny_model_dir, prompts_fil
     assert (out / "teacher" / "teacher.json").exists() and (out / "teacher" / "examples.npz").exists()
     # a rerun reuses the teacher's side and both arms: nothing is trained again
     stamp = (out / "arms" / "depth0.5+lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns
-    again = run_budget(cfg, log=lambda *_: None)
+    from click.testing import CliRunner
+
+    from potstill.cli import app
+
+    res = CliRunner().invoke(app, ["study", "budget", "--minutes", "0.2", "--arms", "depth0.5", "--arms", "depth0.5+lr1e-3",
+                                   "--recipe", str(recipe), "--heldout-prompts", str(prompts_file), "--gen-prompts", "3",
+                                   "--gen-tokens", "6", "--out", str(out)])  # the same study, through the CLI
+    assert res.exit_code == 0, res.output
+    assert "potstill study budget" in res.output and "depth0.5+lr1e-3" in res.output and "quality_vs_cpu.png" in res.output
+    again = json.loads((out / "results.json").read_text())
     assert [r["cpu_s"] for r in again["arms"]] == [r["cpu_s"] for r in result["arms"]]
     assert again["teacher"] == result["teacher"]
     assert (out / "arms" / "depth0.5+lr1e-3" / "student" / "model.safetensors").stat().st_mtime_ns == stamp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from potstill.cli import app
 from potstill.errors import PotstillError
 from potstill.guard.case import CaseConfig, build_case, write_case
+from potstill.guard.querylog import read_log
 from potstill.guard.watermark_config import WatermarkConfig
 from tests.browser_fixtures import chromium, headless_flags
 from tests.guard_fixtures import live_server, one_torch_thread, tiny_teacher, wm_key
@@ -32,8 +34,8 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("case")
     wm = WatermarkConfig(key=wm_key("case"), delta=4.0)
     with one_torch_thread(), live_server(tiny_teacher(), tmp, watermark=wm, max_tokens_cap=24) as srv:
-        mallory, m_sec = srv.keys.create("mallory", rpm=10_000, tpm=10**7)
-        alice, a_sec = srv.keys.create("alice", rpm=10_000, tpm=10**7)
+        mallory, m_sec = srv.keys.create("mallory", rpm=10_000, tpm=10**7, max_top_logprobs=5)
+        alice, a_sec = srv.keys.create("alice", rpm=10_000, tpm=10**7, max_top_logprobs=5)
         def ask(i: int) -> int:  # sent together: the server batches them
             if i >= 16:
                 return httpx.post(srv.base + "/completions", timeout=120, headers={"Authorization": f"Bearer {a_sec}"},
@@ -45,7 +47,10 @@ def served(tmp_path_factory):
 
         with ThreadPoolExecutor(20) as pool:
             assert list(pool.map(ask, range(20))) == [200] * 20
-        srv.flush()
+        deadline = time.time() + 10  # each row is written just after its response went out
+        while len(read_log(srv.querylog_url)) < 20 and time.time() < deadline:
+            srv.flush()
+            time.sleep(0.05)
         yield {"log": srv.querylog_url, "keys": str(tmp / "keys.db"), "wm": wm, "mallory": mallory, "alice": alice,
                "tmp": tmp}
 
@@ -62,6 +67,7 @@ def test_case_file_holds_who_what_evidence_integrity(served, tmp_path):
     saved = json.loads((tmp_path / "c" / "case.json").read_text())
     assert saved["case"] == served["mallory"] and saved["who"][0]["name"] == "mallory"
     assert saved["who"][0]["rpm"] == 10_000 and saved["who"][0]["created_at"].endswith("Z")
+    assert saved["who"][0]["max_top_logprobs"] == 5  # what the key was allowed to read
     what = saved["what"]
     assert what["requests"] == 16 and what["status"] == {"200": 16} and what["logprob_requests"] == 16
     assert sum(p["requests"] for p in what["timeline"]["points"]) == 16

@@ -68,3 +68,13 @@ def test_bad_recipe_field(tmp_path):
     recipe.write_text("train:\n  max_stepz: 3\n")
     res = potstill("run", str(recipe))
     assert res.returncode == 2 and "max_stepz" in res.stderr
+
+
+def test_every_study_command_names_functions_that_exist():
+    """The study commands are one table (cli_study._STUDIES): each runner / table / lines reference resolves."""
+    from potstill.cli_study import _STUDIES, _study_function
+
+    for name, cls, _section, runner, table, lines, files, _doc in _STUDIES:
+        for ref in filter(None, (runner, table, lines)):
+            assert callable(_study_function(ref)), (name, ref)
+        assert cls.__dataclass_fields__["out"] and files.split()[0] == "results.json"

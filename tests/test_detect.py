@@ -13,9 +13,9 @@ import torch
 
 from potstill.guard.detect import DetectResult, detect_generations, detect_model
 from potstill.guard.watermark import Watermark, WatermarkConfig
+from tests.detect_fixtures import V, random_sequences, tiny_llama
 from tests.guard_fixtures import wm_key
 
-V = 32
 KEY = wm_key("radioactive-secret")
 
 
@@ -26,22 +26,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_llama(seed: int, vocab: int = V):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @torch.no_grad()
@@ -55,11 +39,6 @@ def sample(model, wm: Watermark | None, n: int, length: int, seed: int) -> list[
             logits = wm.logits_processor(ids.tolist(), logits)
         ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1, generator=g)], dim=1)
     return ids.tolist()
-
-
-def random_sequences(n: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (n, length), generator=g).tolist()
 
 
 @pytest.fixture(scope="module")

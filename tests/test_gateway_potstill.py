@@ -27,10 +27,10 @@ def teacher():
 
 def test_gateway_in_front_of_potstill_serve(teacher, tmp_path, monkeypatch):
     with live_server(teacher, tmp_path / "up") as up:
-        _, upstream_secret = up.keys.create("the-gateway")
+        _, upstream_secret = up.keys.create("the-gateway", max_top_logprobs=None)
         monkeypatch.setenv("POTSTILL_UPSTREAM_KEY", upstream_secret)
         with live_gateway(up.base, tmp_path / "gw") as gw, httpx.Client(timeout=60) as http:
-            key_id, secret = gw.keys.create("client")
+            key_id, secret = gw.keys.create("client", max_top_logprobs=2)
             h = {"Authorization": f"Bearer {secret}"}
             r = http.post(gw.base + "/completions", headers=h,
                           json={"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 7})

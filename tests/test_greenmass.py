@@ -26,8 +26,8 @@ from potstill.guard.greenmass import (
     suspect_table,
 )
 from potstill.guard.watermark import Watermark, WatermarkConfig
+from tests.detect_fixtures import tiny_llama as tiny_llama_v
 from tests.guard_fixtures import one_torch_thread, wm_key
-from tests.test_detect import tiny_llama as tiny_llama_v
 
 V = 256
 KEY = wm_key("greenmass-secret")

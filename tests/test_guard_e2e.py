@@ -47,6 +47,7 @@ def run_flow(root, watermark: bool, losses: dict[str, int], n_prompts: int, samp
     server_env = dict(env) if watermark else {k: v for k, v in os.environ.items() if k != "POTSTILL_WATERMARK_KEY"}
     keys_db, log_db = str(root / "keys.db"), str(root / "queries.db")
     secret = cli("keys", "create", "distiller", "--db", keys_db, "--rpm", "100000", "--tpm", "100000000",
+                 "--max-top-logprobs", "server",
                  env=env).stdout.strip()
     port = free_port()
     server = subprocess.Popen(

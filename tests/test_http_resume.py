@@ -40,7 +40,7 @@ def test_http_capture_resumes_after_kill9(tmp_path, tiny_model_dir):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     with one_torch_thread(), live_server(HFTeacher.load(str(tiny_model_dir), dtype="float32"), tmp_path) as server:
-        _, secret = server.keys.create("distiller")
+        _, secret = server.keys.create("distiller", max_top_logprobs=None)
         env = {**os.environ, "PYTHONPATH": SRC, "OPENAI_API_KEY": secret, "OMP_NUM_THREADS": "1"}
         killed = tmp_path / "killed"
         proc = subprocess.Popen(_cmd(server, tiny_model_dir, prompts, killed, slow=True), env=env,

@@ -6,6 +6,7 @@ import pytest
 
 from potstill.errors import PotstillError
 from potstill.guard.keys import KeyStore, key_id_of
+from tests.keys_fixtures import check_migrated
 
 
 @pytest.fixture
@@ -64,3 +65,45 @@ def test_any_sqlalchemy_url(tmp_path):
     mem = KeyStore("sqlite://")
     _, secret2 = mem.create("y")
     assert mem.verify(secret2) is not None
+
+
+def test_old_key_store_is_migrated(tmp_path, caplog):
+    check_migrated(f"sqlite:///{tmp_path / 'old.db'}")
+    assert "key store: migrated an older schema (added max_top_logprobs" in caplog.text
+
+
+def test_logprob_allowance(store):
+    a, sa = store.create("a")
+    assert store.verify(sa).max_top_logprobs == 0  # new keys: text only
+    _, sb = store.create("b", max_top_logprobs=None)
+    assert store.verify(sb).max_top_logprobs is None
+    store.set_max_top_logprobs(a, 5)
+    assert store.get(a).max_top_logprobs == 5
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(PotstillError, match="max_top_logprobs"):
+            store.set_max_top_logprobs(a, bad)
+    with pytest.raises(PotstillError, match="max_top_logprobs"):
+        store.create("c", max_top_logprobs=-2)
+
+
+def test_cli_keys_logprobs(tmp_path):
+    from click.testing import CliRunner
+
+    from potstill.cli import app
+
+    db = str(tmp_path / "k.db")
+
+    def keys(*args: str):
+        return CliRunner().invoke(app, ["keys", *args, "--db", db])
+
+    assert keys("create", "plain").exit_code == 0
+    assert keys("create", "trusted", "--max-top-logprobs", "5").exit_code == 0
+    assert keys("create", "legacy-like", "--max-top-logprobs", "server").exit_code == 0
+    bad = keys("create", "x", "--max-top-logprobs", "-1")
+    assert bad.exit_code == 2 and "expected an integer >= 0 or 'server'" in bad.output
+    listed = {line.split("\t")[1]: line.split("\t") for line in keys("list").output.splitlines()}
+    assert {n: row[4] for n, row in listed.items()} == {
+        "plain": "top_logprobs=0 (text only)", "trusted": "top_logprobs=5", "legacy-like": "top_logprobs=server"}
+    res = keys("set-logprobs", listed["plain"][0], "3")
+    assert res.exit_code == 0 and "top_logprobs=3" in res.output
+    assert KeyStore(db).get(listed["plain"][0]).max_top_logprobs == 3

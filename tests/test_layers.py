@@ -55,3 +55,16 @@ def test_cli_contract_covers_every_module():
     cli = {n for n in names if n == "cli" or n.startswith("cli_")}
     assert {f"potstill.{n}" for n in cli} == set(contract["forbidden_modules"])
     assert {f"potstill.{n}" for n in names - cli} == set(contract["source_modules"])
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared test helpers live in tests/*_fixtures.py (and tests/tiny.py), not in another test module."""
+    import re
+
+    here = Path(__file__).parent
+    found = []
+    for path in sorted(here.glob("test_*.py")):
+        for m in re.finditer(r"(?:from|import)\s+tests\.(test_\w+)", path.read_text()):
+            if m.group(1) != path.stem:  # a module's own subprocess script may import it
+                found.append(f"{path.name} imports tests.{m.group(1)}")
+    assert not found, found

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from potstill.plan import MAX_EPOCHS, Deadline, Rates, Workload, format_plan, size_plan
+from potstill.plan import MAX_EPOCHS, Deadline, Rates, Workload, format_plan, resize_train, size_plan
 from tests.pipeline_fixtures import PROMPTS, gen_cfg
 
 # about this CPU (2 cores, fp32): the embedded teacher and the half-depth student
@@ -124,7 +124,9 @@ def test_budgeted_run_on_tiny_model(tmp_path, tiny_model_dir, prompts_file):
     # kept to its plan (wall-clock on a shared CPU is noisy: a gross overrun only, e.g. a stage ignoring the plan)
     assert plan["actual_s"]["total"] <= 3 * max(plan["total_est_s"], minutes * 60)
     assert plan["capture_rows"] == result["capture"]["counts"]["rows"] <= plan["overrides"]["generate"]["max_prompts"]
-    assert 1 <= plan["train_steps_done"] <= plan["overrides"]["train"]["max_steps"]
+    resized = plan["train_resized"]  # sized again on the capture it got
+    assert resized["planned_steps"] == plan["overrides"]["train"]["max_steps"]
+    assert 1 <= plan["train_steps_done"] <= resized["max_steps"]
     rows = {r["model"]: r for r in result["eval"]["rows"]}
     assert set(rows) == {"teacher", "student before", "student after"}
     assert (tmp_path / "run" / "recipe.budgeted.yaml").exists()
@@ -208,3 +210,23 @@ def test_teacher_forcing_is_planned_at_prefill_speed():
     assert gen["f"]["max_new_tokens"] == 60  # the mean reference length of workload()
     assert "teacher forcing" in format_plan(forced)
     assert forced["total_est_s"] <= 300 * (1 - forced["margin"]) + 1
+
+
+def test_training_resized_on_the_capture_it_got():
+    """Completions that end before max_new_tokens leave time: training gets it (at the same train rate), at most
+    MAX_EPOCHS passes; time already gone gives fewer steps; the plan's table says so."""
+    plan = size_plan(SLOW, workload(), 600)
+    planned, b = steps_of(plan), plan["overrides"]["train"]["batch_size"]
+    train_est = next(s["est_s"] for s in plan["stages"] if s["stage"] == "train")
+    full = 85 + 96  # what the plan assumed per row
+    counts = {"splits": {"train": {"rows": 100, "prompt_tokens": 85 * 100, "completion_tokens": 40 * 100}}}
+    r = resize_train(plan, counts, train_est)
+    assert r["tokens_per_row"] == 125 and r["max_steps"] > planned
+    assert r["max_steps"] == pytest.approx(planned * full / 125, abs=2)
+    assert r["est_s"] <= train_est + 1e-6
+    assert resize_train(plan, counts, train_est / 4)["max_steps"] < planned
+    assert resize_train(plan, counts, 0.0)["max_steps"] == 1
+    assert resize_train(plan, counts, 1e9)["max_steps"] == int(MAX_EPOCHS * 100 / b)
+    assert resize_train(plan, {"splits": {}}, train_est) is None
+    plan["train_resized"] = r
+    assert f"{planned} -> {r['max_steps']} steps" in format_plan(plan)

@@ -138,13 +138,13 @@ def test_monitor_throttle_starts_from_the_servers_limits(tmp_path):
 
     from potstill.cli import app
     from potstill.guard.keys import KeyStore
-    from tests.test_monitor import TEMPLATES_A, _extractor_rows
+    from tests.traffic_fixtures import TEMPLATES_A, extractor_rows
 
     store = KeyStore(tmp_path / "keys.db")
     kid, _ = store.create("suspect")  # no own limits: it runs on the server's defaults
     log = QueryLog(tmp_path / "q.db")
     log.record_server({"default_rpm": 40, "default_tpm": 8000, "model_name": "tiny"})
-    for r in _extractor_rows(random.Random(1), kid, 1_700_000_000.0, 300, TEMPLATES_A, steady=True):
+    for r in extractor_rows(random.Random(1), kid, 1_700_000_000.0, 300, TEMPLATES_A, steady=True):
         log.record(r)
     log.close()
     out = CliRunner().invoke(app, ["monitor", "--log-db", str(tmp_path / "q.db"), "--keys-db",

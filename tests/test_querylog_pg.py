@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, text
 from potstill.guard.keys import KeyStore
 from potstill.guard.logchain import load_log_key, verify
 from potstill.guard.querylog import QueryLog, read_log
+from tests.keys_fixtures import check_migrated
 from tests.pg_fixtures import postgres_server
 
 LOG_KEY = "pg-test-log-key-8d1f3a5c7e9b2d4f6a8c0e1f3b5d7f9a"
@@ -97,3 +98,7 @@ def test_old_schema_migrated_on_postgres(pg):
     assert [r["key_id"] for r in rows] == ["old", "new"] and rows[1]["completion"] == "z"
     rep = verify(url, load_log_key(LOG_KEY))
     assert rep.ok and rep.legacy_rows == 1 and rep.chained_rows == 1
+
+
+def test_old_key_store_migrated_on_postgres(pg):
+    check_migrated(_fresh(pg, "oldkeys"))

@@ -3,12 +3,11 @@ database (SharedRateLimiter on SQLite), which must behave the same."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from potstill.guard.ratelimit import RateLimited, RateLimiter
 from potstill.guard.sharedlimit import SharedRateLimiter
+from tests.limit_fixtures import admitted_by_threads
 
 
 class Clock:
@@ -97,26 +96,6 @@ def test_per_key_limits_override_defaults_and_changes_apply_at_once(make):
         lim2.acquire("k", tokens=1, rpm=10)
     with pytest.raises(RateLimited):
         lim2.acquire("k", tokens=1, rpm=10)
-
-
-def admitted_by_threads(lim, threads: int = 10, each: int = 100) -> int:
-    """Requests admitted when `threads` threads each try `each` acquisitions of one key at once."""
-    ok = []
-
-    def worker():
-        for _ in range(each):
-            try:
-                lim.acquire("k", tokens=1)
-                ok.append(1)
-            except RateLimited:
-                pass
-
-    pool = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return len(ok)
 
 
 def test_thread_safe_exact_admissions(make):

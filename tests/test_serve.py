@@ -39,7 +39,7 @@ def server(teacher, wm_cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def secret(server):
-    return server.keys.create("tester")[1]
+    return server.keys.create("tester", max_top_logprobs=None)[1]  # the server's cap
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_every_request_logged_once_and_no_secret_leaks(teacher, wm_cfg, tmp_path
     clock_limiter = RateLimiter(rpm=3, tpm=None)
     with live_server(teacher, tmp_path, limiter=clock_limiter, log_level="debug", watermark=wm_cfg,
                      max_tokens_cap=16) as srv:
-        key_id, sec = srv.keys.create("audited")
+        key_id, sec = srv.keys.create("audited", max_top_logprobs=None)
         c = openai.OpenAI(base_url=srv.base, api_key=sec, max_retries=0)
         sent = []
         c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=2)
@@ -344,3 +344,22 @@ def test_querylog_wal_batching_and_close(tmp_path):
     rows = read_log(f"sqlite:///{tmp_path / 'q.db'}")
     assert len(rows) == 1001 and rows[5]["prompt"] == [{"i": 5}] and rows[-1]["status"] == 401
     assert len(read_log(tmp_path / "q.db", key_id="k1")) == 333
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_detokenizer_deltas_join_to_the_whole_text(fast):
+    """Streamed deltas, one id at a time, join to decode(all ids): multi-byte characters split over byte-level
+    tokens are held back until complete (no U+FFFD sent), special tokens skipped; DecodeStream or the window."""
+    from potstill.guard.openai_api import Detokenizer
+    from tests.tiny import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    text = "Hello wörld 🙂 — naïve café, 日本語 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    detok = Detokenizer(tok)
+    if not fast:
+        detok.backend = None  # the fallback a slow tokenizer gets
+    deltas = [detok.add([i]) for i in ids]
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert len(ids) > len(text.encode()) // 2  # the tiny BPE splits the non-ASCII characters into byte tokens

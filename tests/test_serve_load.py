@@ -77,9 +77,9 @@ def test_1000_request_burst_from_200_clients(teacher, tmp_path, store_urls):
     with live_server(teacher, tmp_path, default_rpm=None, default_tpm=None, max_batch_size=32,
                      max_concurrent_per_key=None, max_tokens_cap=DROP_AFTER, **store_urls,
                      server_kwargs={"timeout_keep_alive": 120}) as srv:  # no keep-alive race in the clients' pools
-        limited_id, limited = srv.keys.create("limited", rpm=n_limited)
-        normal = [srv.keys.create(f"user{i}", rpm=10_000)[1] for i in range(4)]
-        dropper_id, dropper = srv.keys.create("dropper", rpm=10_000)
+        limited_id, limited = srv.keys.create("limited", rpm=n_limited, max_top_logprobs=None)
+        normal = [srv.keys.create(f"user{i}", rpm=10_000, max_top_logprobs=None)[1] for i in range(4)]
+        dropper_id, dropper = srv.keys.create("dropper", rpm=10_000, max_top_logprobs=None)
         # the limited key's 2N attempts go first so that they all land inside a short window
         work: list[tuple[str, str, dict]] = [(limited, *b) for b in _bodies(rng, 2 * n_limited)]
         rest = [(s, *b) for s in normal for b in _bodies(rng, n_per_normal)]
@@ -170,7 +170,7 @@ def test_schemathesis_finds_no_server_errors(teacher, tmp_path):
     # docs=True: the schema is off by default (an owner publishes it on purpose); the fuzzer needs it
     with live_server(teacher, tmp_path, max_tokens_cap=32, default_rpm=None, default_tpm=None, docs=True,
                      max_concurrent_per_key=None) as srv:
-        _, secret = srv.keys.create("fuzz")
+        _, secret = srv.keys.create("fuzz", max_top_logprobs=None)
         proc = subprocess.run(
             [st, "run", srv.url + "/openapi.json", "--max-examples", "30", "--checks", checks, "--workers", "1",
              "-H", f"Authorization: Bearer {secret}", "--request-timeout", "30", "--seed", "1"],
@@ -212,7 +212,7 @@ def test_hand_fuzzer_never_500(teacher, tmp_path):
     """Random JSON shapes, types and values for every request field: 4xx or 200, never 5xx."""
     rng = random.Random(1234)
     with live_server(teacher, tmp_path, max_tokens_cap=8, default_rpm=None, default_tpm=None) as srv:
-        _, secret = srv.keys.create("fuzz")
+        _, secret = srv.keys.create("fuzz", max_top_logprobs=None)
         h = {"Authorization": f"Bearer {secret}"}
         seen = Counter()
         with httpx.Client(base_url=srv.base, headers=h, timeout=30) as http:

@@ -22,8 +22,8 @@ import pytest
 from potstill.guard.keys import KeyStore
 from tests.fake_llamacpp import fake_llamacpp
 from tests.guard_fixtures import free_port
+from tests.limit_fixtures import admitted_by_threads
 from tests.pg_fixtures import postgres_server
-from tests.test_ratelimit import admitted_by_threads
 
 LOG_KEY = "7a3c1e9b5d2f4068a1c3e5f7092b4d6f8e0a2c4e6f8091b3d5f7092b4c6e8a2c"
 RPM = 30

@@ -41,7 +41,7 @@ def wm_cfg(teacher):
 @pytest.fixture(scope="module")
 def server(teacher, wm_cfg, tmp_path_factory):
     with live_server(teacher, tmp_path_factory.mktemp("steal"), watermark=wm_cfg) as srv:
-        yield srv, srv.keys.create("attacker")[1]
+        yield srv, srv.keys.create("attacker", max_top_logprobs=None)[1]
 
 
 def text_to_id(teacher) -> dict[str, int]:
@@ -150,7 +150,7 @@ def test_fkl_student_of_decoy_logprobs_is_detected():
     """A student fit to the served (decoy-biased) distribution carries the decoy mark: `detect` finds it
     (Bonferroni over the two keys); a never-trained model does not trip it."""
     from potstill.guard.detect_keys import detect_model_keys
-    from tests.test_detect import V, random_sequences, tiny_llama
+    from tests.detect_fixtures import V, random_sequences, tiny_llama
 
     cfg = WatermarkConfig(key=wm_key("decoy-fkl"), vocab_size=V)
     decoy = Watermark(cfg.logprob_config())

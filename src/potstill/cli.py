@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -180,6 +181,10 @@ def _run(recipe, overrides, run_dir, title, minutes=0.0):
         from potstill.plan import format_plan
 
         console.print(format_plan(result["plan"]), markup=False, highlight=False)
+    if result["eval"].get("config", {}).get("heldout_prompts") == "builtin:heldout_v1":  # the study's held-out set
+        from potstill.studies.curve import curve_line
+
+        console.print(curve_line(result["eval"]["rows"], time.process_time() / 60), markup=False, highlight=False)
     console.print(f"artefacts: {result['run_dir']} (capture/, student/, eval.json, eval.md, metrics"
                   + (", plan.json)" if result.get("plan") else ")"))
 

@@ -99,10 +99,33 @@ def serve_options(fn):
     return fn
 
 
+_UNSET = object()
+
+
+def _top_logprobs(ctx, param, value):
+    """--max-top-logprobs / N|server: an int >= 0, 'server' (None: the server's cap), or unset."""
+    if value is None:
+        return _UNSET
+    if value == "server":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"expected an integer >= 0 or 'server', got {value!r}")
+    return n
+
+
+def _shown_top(n: int | None) -> str:
+    return "server" if n is None else "0 (text only)" if n == 0 else str(n)
+
+
 def register(app: click.Group) -> None:
     """Attach the guard verbs to the main CLI group."""
     from potstill.cli import config_options, field_options, make_config
     from potstill.config import AntidistillConfig
+    from potstill.guard.serve_config import TEXT_ONLY
     from potstill.guard.suspect import DetectConfig
 
     @app.command()
@@ -168,18 +191,32 @@ def register(app: click.Group) -> None:
     @click.option("--db", default=None, help="Key store (default: $POTSTILL_HOME/guard/keys.db).")
     @click.option("--rpm", default=None, type=int, help="Requests per minute for this key.")
     @click.option("--tpm", default=None, type=int, help="Tokens per minute for this key.")
-    def keys_create(name, db, rpm, tpm):
+    @click.option("--max-top-logprobs", "top", default=None, metavar="N|server", callback=_top_logprobs,
+                  help="Log-probs this key may receive: N top alternatives, 0 = text only, 'server' = the "
+                       f"server's --max-top-logprobs [default: {TEXT_ONLY} (text only)].")
+    def keys_create(name, db, rpm, tpm, top):
         """Create a key; the secret is printed once and stored only as a hash."""
-        key_id, secret = _store(db).create(name, rpm=rpm, tpm=tpm)
+        given = {} if top is _UNSET else {"max_top_logprobs": top}  # unset: KeyStore.create's default
+        key_id, secret = _store(db).create(name, rpm=rpm, tpm=tpm, **given)
         click.echo(f"key id: {key_id}", err=True)
         click.echo(secret)
+
+    @keys.command("set-logprobs")
+    @click.argument("key_id")
+    @click.argument("top", metavar="N|server", callback=_top_logprobs)
+    @click.option("--db", default=None, help="Key store.")
+    def keys_set_logprobs(key_id, top, db):
+        """Set how many top log-probs KEY_ID may receive (0: text only; 'server': the server's cap)."""
+        _store(db).set_max_top_logprobs(key_id, top)
+        click.echo(f"{key_id}: top_logprobs={_shown_top(top)}")
 
     @keys.command("list")
     @click.option("--db", default=None, help="Key store.")
     def keys_list(db):
-        """List keys (ids, names, limits, revoked) — never secrets."""
+        """List keys (ids, names, limits, log-probs, revoked) — never secrets."""
         for r in _store(db).list():
-            click.echo(f"{r.key_id}\t{r.name}\trpm={r.rpm}\ttpm={r.tpm}\t{'revoked' if r.revoked else 'active'}")
+            click.echo(f"{r.key_id}\t{r.name}\trpm={r.rpm}\ttpm={r.tpm}\ttop_logprobs={_shown_top(r.max_top_logprobs)}"
+                       f"\t{'revoked' if r.revoked else 'active'}")
 
     @keys.command("revoke")
     @click.argument("key_id")
@@ -243,7 +280,7 @@ def register(app: click.Group) -> None:
     @click.option("--keys-db", default=None, help="Key store (for --throttle).")
     @click.option("--since-hours", default=None, type=float, help="Only the last N hours of traffic.")
     @click.option("--out", default=None, help="Write the ranked report as JSON here.")
-    @click.option("--throttle", is_flag=True, help="Lower the limits of flagged keys.")
+    @click.option("--throttle", is_flag=True, help="Lower the limits of flagged keys and withdraw their log-probs (text only).")
     @click.option("--factor", default=0.1, show_default=True, help="Multiply flagged keys' limits by this.")
     @click.option("--campaigns", is_flag=True, help="Group keys that behave alike and score each group's pooled "
                   "traffic (--throttle then lowers every key of a flagged group).")
@@ -275,7 +312,7 @@ def register(app: click.Group) -> None:
             if note:
                 click.echo(note, err=True)
             for k, (rpm, tpm) in new.items():
-                click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}")
+                click.echo(f"throttled {k}: rpm={rpm} tpm={tpm}, log-probs withdrawn (text only)")
 
     @app.group("log")
     def log_group():

@@ -242,6 +242,8 @@ class TrainConfig:
     grad_checkpointing: bool = opt(False, "Recompute layer activations in backward (less memory, slower).")
     lr_schedule: str = opt("cosine", "After warm-up: cosine (decay to 10% at max_steps) or constant.")
     freeze_embeddings: bool = opt(False, "Keep the token embedding (and an output head tied to it) as built: not trained.")
+    packing: bool = opt(True, "Pack each micro-batch's sequences into as few rows as fit (position ids keep them apart) "
+                        "instead of padding each to the longest: the same loss, without computing padding.")
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):

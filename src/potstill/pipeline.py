@@ -7,6 +7,7 @@ filled in from `run_dir`: capture/, student/, and, with `eval_before: true`, stu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from importlib import resources
 from pathlib import Path
@@ -144,7 +145,7 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     from potstill.capture.prompts import dedupe, load_prompts
     from potstill.config import parse_override
     from potstill.evaluate import run_eval
-    from potstill.plan import Deadline, Workload, format_plan, measure_rates, size_plan
+    from potstill.plan import Deadline, Workload, format_plan, measure_rates, resize_train, size_plan
     from potstill.teachers.hf import HFTeacher, resolve_model_dir
     from potstill.train.loop import train
     from potstill.utils import cpu_info, quiet_transformers, write_json
@@ -233,9 +234,15 @@ def run_budgeted(path: str | Path, minutes: float, overrides: list[str] = (), ru
     built = (None, None, None)
     if data.get("eval_before"):
         built = timed("build student", lambda: build_and_save_before(train_cfg, run / "student-before", log))
-    # training ends where the plan's training ends, whatever the stages before it took
+    # training gets what is left before the eval's share, sized on the capture it got (unless pinned)
     left = budget * (1 - plan["margin"]) - (clock() - k_start) - est["eval"]
-    stop = Deadline(min(est["train"], left), clock=clock).train_stop()
+    resized = None if "train.max_steps" in pinned else resize_train(plan, manifest.get("counts", {}), left)
+    if resized:
+        train_cfg = dataclasses.replace(train_cfg, max_steps=resized["max_steps"])
+        record["train_resized"] = resized
+        log(f"train: {resized['planned_steps']} -> {resized['max_steps']} steps (the capture's "
+            f"{resized['tokens_per_row']:.0f} tokens per row, {left:.0f}s left for training)")
+    stop = Deadline(left, clock=clock).train_stop()
     summary = timed("train", lambda: train(train_cfg, log=log, model=built[0], tokenizer=built[1],
                                            student_info=built[2], on_step=stop))
     before = bool(data.get("eval_before"))

@@ -31,6 +31,7 @@ TARGET_EPOCHS = 2.0  # passes over the training rows the sizing aims for when it
 MAX_EPOCHS = 8.0  # more passes than this over a small capture do not buy a better student
 MIN_STEPS = 8  # halve the train batch (down to 2) before planning fewer optimizer steps
 PROBE_ROWS = 16  # the decode probe's batch (a larger planned batch decodes at least as fast per token)
+PROBE_TRAIN_ROWS = 4  # the training probe's batch
 
 
 @dataclass
@@ -195,6 +196,22 @@ def _lengths(c0: int) -> list[int]:
     return out
 
 
+def resize_train(plan: dict, counts: dict, left_s: float) -> dict | None:
+    """Training re-sized on the capture it got, once generation is done: the seconds left for it at the
+    measured train rate over the capture's own tokens per training row (the plan had to assume every
+    completion runs to `max_new_tokens`), at most MAX_EPOCHS passes. None where there is nothing to size."""
+    train = (counts.get("splits") or {}).get("train") or {}
+    rows = train.get("rows") or 0
+    if rows < 1:
+        return None
+    per_row = (train.get("prompt_tokens", 0) + train.get("completion_tokens", 0)) / rows
+    b = plan["overrides"]["train"]["batch_size"]
+    rate = plan["rates"]["train_tok_s"]
+    steps = max(1, min(math.floor(max(left_s, 0.0) * rate / (b * per_row)), math.floor(MAX_EPOCHS * rows / b)))
+    return {"planned_steps": plan["overrides"]["train"]["max_steps"], "max_steps": steps, "tokens_per_row": per_row,
+            "left_s": left_s, "est_s": steps * b * per_row / rate}
+
+
 def format_plan(plan: dict) -> str:
     """The plan as a plain-text table (stage, work, estimated seconds; actual seconds once known)."""
     actual = plan.get("actual_s", {})
@@ -218,6 +235,10 @@ def format_plan(plan: dict) -> str:
     if actual:
         total += f" {actual.get('total', float('nan')):>9.0f}"
     lines.append(total)
+    if plan.get("train_resized"):
+        r = plan["train_resized"]
+        lines.append(f"  train re-sized after generation: {r['planned_steps']} -> {r['max_steps']} steps "
+                     f"({r['tokens_per_row']:.0f} tokens per training row in the capture, {r['left_s']:.0f}s left for it)")
     if plan["total_est_s"] > plan["budget_s"]:
         lines.append(f"  note: this machine is too slow (or too busy) for a {plan['budget_s']:.0f}s budget; "
                      "the smallest run it can size will overrun it")
@@ -293,10 +314,16 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
     gen = torch.Generator().manual_seed(0)
     use_bf16 = autocast_enabled(bf16, torch.device("cpu"))
 
+    inner, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+
     def step(batch: int, length: int) -> None:
         ids = torch.randint(0, vocab, (batch, length), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(input_ids=ids).logits
+            if inner is not None and head is not None:  # as training does: the head only on learned positions
+                logits = head(inner(input_ids=ids).last_hidden_state[:, length // 2 - 1:])  # (about half: the answer)
+                ids = ids[:, length // 2 - 1:]
+            else:
+                logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
@@ -304,8 +331,8 @@ def measure_rates(teacher, prompt_ids: list[list[int]], gen_batch: int, student:
 
     step(1, 16)  # warm-up: optimizer state, allocator
     t = clock()
-    step(2, seq_len)
-    train = 2 * seq_len / (clock() - t)
+    step(PROBE_TRAIN_ROWS, seq_len)  # a batch nearer the run's (GEMMs on 2 rows run below the run's rate)
+    train = PROBE_TRAIN_ROWS * seq_len / (clock() - t)
     return Rates(decode_tok_s=decode, prefill_tok_s=prefill, train_tok_s=train, load_s=load_s, build_s=build_s,
                  decode_batch=rows)
 

@@ -86,7 +86,8 @@ def who(keys: list[str], keys_db: str | None) -> list[dict[str, Any]]:
         rec = store.get(k)
         out.append({"key_id": k, "known": False} if rec is None else {
             "key_id": k, "known": True, "name": rec.name, "created_at": _iso(rec.created_at),
-            "revoked_at": _iso(rec.revoked_at), "rpm": rec.rpm, "tpm": rec.tpm})
+            "revoked_at": _iso(rec.revoked_at), "rpm": rec.rpm, "tpm": rec.tpm,
+            "max_top_logprobs": "server" if rec.max_top_logprobs is None else rec.max_top_logprobs})
     return out
 
 

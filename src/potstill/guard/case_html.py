@@ -67,7 +67,8 @@ def case_page(case: dict[str, Any], png: bytes | None) -> str:
     per_key = [{"key_id": k, "risk": v["risk"], "flagged": v["flagged"], "requests": v["n_requests"]}
                for k, v in mon["per_key"].items()]
     sections = [
-        ("who", "Who", _rows_table("who", ["key_id", "name", "created_at", "revoked_at", "rpm", "tpm"], case["who"])),
+        ("who", "Who", _rows_table("who", ["key_id", "name", "created_at", "revoked_at", "rpm", "tpm",
+                                           "max_top_logprobs"], case["who"])),
         ("what", "What", img(png, "traffic", "traffic over time")
          + kv_table([("requests", what["requests"]), ("status codes", what["status"]), ("tokens in", what["tokens_in"]),
                      ("tokens served", what["tokens_out"]), ("requests asking for log-probs", what["logprob_requests"])])

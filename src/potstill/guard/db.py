@@ -1,12 +1,16 @@
-"""Database engines for the guard's stores: a plain path means SQLite (WAL), anything else a SQLAlchemy URL."""
+"""Database engines for the guard's stores: a plain path means SQLite (WAL), anything else a SQLAlchemy URL.
+
+`add_missing_columns` migrates a table made by an older potstill (keys, query log) at start-up.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import Table, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
 from potstill.errors import PotstillError
@@ -63,3 +67,27 @@ def make_engine(spec: str | Path) -> Engine:
         cur.close()
 
     return engine
+
+
+def add_missing_columns(engine: Engine, table: Table) -> list[str]:
+    """Add the columns of `table` an existing table made by an older potstill lacks (nullable, with their
+    indexes); the names added. Another process adding the same column at the same time is not an error."""
+    insp = inspect(engine)
+    if not insp.has_table(table.name):
+        return []
+    have = {c["name"] for c in insp.get_columns(table.name)}
+    missing = [c for c in table.columns if c.name not in have]
+    for c in missing:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {c.name} "
+                                  f"{c.type.compile(dialect=engine.dialect)}"))
+        except DBAPIError:
+            if c.name not in {x["name"] for x in inspect(engine).get_columns(table.name)}:
+                raise  # not a race with another starting process: a real failure
+    added = {c.name for c in missing}
+    with engine.begin() as conn:
+        for index in table.indexes:
+            if {c.name for c in index.columns} <= added:
+                index.create(conn, checkfirst=True)
+    return sorted(added)

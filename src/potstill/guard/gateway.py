@@ -5,10 +5,10 @@
 
 The same app skeleton as `potstill serve` (guard/app.py: keys from the headers before the body,
 the middleware's one log row per request with the client address, /health) and the same
-admission (guard/service.py: per-key concurrency, the in-flight bound, rate limits shared
-through the database) put in front of `/v1/chat/completions`, `/v1/completions` and
-`/v1/models`, which are forwarded (httpx, async) with the upstream's key
-(`ServeConfig.upstream_key_env`).
+admission (guard/service.py: each key's log-prob allowance, also in llama.cpp/TGI/vLLM's own
+fields, per-key concurrency, the in-flight bound, rate limits shared through the database) put
+in front of `/v1/chat/completions`, `/v1/completions` and `/v1/models`, which are forwarded
+(httpx, async) with the upstream's key (`ServeConfig.upstream_key_env`).
 
 Metering without the model's tokenizer: a request is charged up front for `max_tokens` (set to
 the server's cap when absent, so no upstream decodes unbounded) plus an estimate of its prompt
@@ -57,7 +57,7 @@ from potstill.guard.openai_api import (
 )
 from potstill.guard.querylog import QueryLog
 from potstill.guard.serve_config import ServeConfig
-from potstill.guard.service import Admission, Ticket, check_caps, wait_or_leave
+from potstill.guard.service import Admission, Ticket, check_caps, check_key_logprobs, wait_or_leave
 from potstill.guard.upstream import (
     StreamMeter,
     Upstream,
@@ -130,6 +130,7 @@ async def forward(gate: Admission, upstream: Upstream, request: Request, req: Re
     """Check, charge, forward; the upstream's answer (JSON or the SSE stream passed through)."""
     cfg = gate.cfg
     request.state.qlog.update(request_row(req, chat))
+    check_key_logprobs(request, req, chat)  # the upstream is never asked for log-probs a key may not have
     top_k = ((req.top_logprobs or 0) if req.logprobs else 0) if chat else (req.logprobs or 0)
     max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
     check_caps(cfg, req, top_k, max_tokens)

@@ -311,7 +311,8 @@ def throttle(
     keystore, key_ids: list[str], factor: float = 0.1, default_rpm: int | None = DEFAULT_RPM,
     default_tpm: int | None = DEFAULT_TPM,
 ) -> dict[str, tuple[int | None, int | None]]:
-    """Multiply each key's limits by `factor` (keys on server defaults start from those). Returns new limits."""
+    """Multiply each key's limits by `factor` (keys on server defaults start from those) and withdraw its
+    log-probs (text only from its next request). Returns the new limits."""
     if not 0 < factor <= 1:
         raise ValueError("factor must be in (0, 1]")
     out = {}
@@ -323,6 +324,7 @@ def throttle(
         tpm = rec.tpm if rec.tpm is not None else default_tpm
         new = (None if rpm is None else max(1, int(rpm * factor)), None if tpm is None else max(1, int(tpm * factor)))
         keystore.set_limits(key_id, *new)
+        keystore.set_max_top_logprobs(key_id, 0)
         out[key_id] = new
     return out
 

@@ -140,7 +140,8 @@ ERROR_SCHEMA = {"application/json": {"schema": {"type": "object", "properties": 
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "JSON, or SSE when stream=true"},
     **{s: {"description": d, "content": ERROR_SCHEMA} for s, d in [
-        (400, "Invalid request"), (401, "Missing, unknown or revoked API key"), (413, "Body too large"),
+        (400, "Invalid request"), (401, "Missing, unknown or revoked API key"),
+        (403, "More log-probs than this key may receive"), (413, "Body too large"),
         (429, "Rate limit reached (see Retry-After)"),
     ]},
 }
@@ -190,15 +191,23 @@ def _lp(x: float) -> float:
 
 # ---- incremental detokenizer (streaming) -------------------------------------------------------
 class Detokenizer:
-    """Text deltas from a growing id list, decoding only a short window (vLLM-style offsets)."""
+    """Text deltas from a growing id list: `tokenizers`' DecodeStream for a fast tokenizer (it holds back
+    an incomplete UTF-8 sequence until its last byte arrives); otherwise a short decoded window."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        if self.backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
 
     def add(self, new: list[int]) -> str:
+        if self.backend is not None:
+            return "".join(filter(None, (self.stream.step(self.backend, int(i)) for i in new)))
         self.ids.extend(new)
         dec = self.tokenizer.decode
         prefix_text = dec(self.ids[self.prefix : self.read], skip_special_tokens=True)

@@ -40,14 +40,17 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 
 from potstill.errors import PotstillError
-from potstill.guard.db import db_url, make_engine  # re-exported: keys.py and tools import them from here
+from potstill.guard.db import (  # re-exported: keys.py and tools import them from here
+    add_missing_columns,
+    db_url,
+    make_engine,
+)
 from potstill.guard.logchain import GENESIS, checkpoint_mac, load_log_key, row_mac
 
 log = logging.getLogger(__name__)
@@ -124,16 +127,9 @@ def ensure_schema(engine: Engine) -> None:
         if lacking:
             raise PotstillError(f"table 'queries' is not a potstill query log (no column {', '.join(lacking)}); "
                                 "point --log-db at another database", where=engine.url.render_as_string())
-        missing = [c for c in queries.columns if c.name not in have]
-        if missing:
-            with engine.begin() as conn:
-                for c in missing:
-                    ddl = c.type.compile(dialect=engine.dialect)
-                    conn.execute(text(f"ALTER TABLE queries ADD COLUMN {c.name} {ddl}"))
-                for index in queries.indexes:
-                    if {c.name for c in index.columns} <= {c.name for c in missing}:
-                        index.create(conn, checkfirst=True)
-            log.warning("query log: migrated an older schema (added %s)", ", ".join(c.name for c in missing))
+        added = add_missing_columns(engine, queries)
+        if added:
+            log.warning("query log: migrated an older schema (added %s)", ", ".join(added))
     metadata.create_all(engine)
     try:
         with engine.begin() as conn:

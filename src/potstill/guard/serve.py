@@ -10,9 +10,9 @@ A request passes, in order: `GuardMiddleware` (declared body over `max_body_byte
 once, received bytes counted as they arrive; exactly one query-log row per request, whatever the
 outcome; refused requests' prompts stored as a bounded prefix, length and sha256), the route's
 `authenticate` dependency (bearer key from the headers, before any body byte is read ->
-401), the body parsed by pydantic (-> 400 naming the field), server caps (`n`, `max_tokens`
--> 400), then `guard/service.py`: the key's concurrency cap, the pending-queue bound and rate
-limits (429/503 with `Retry-After`) before any tokenising, the context length (400) after, then
+401), the body parsed by pydantic (-> 400 naming the field), the key's log-prob allowance (-> 403),
+server caps (`n`, `max_tokens` -> 400), then `guard/service.py`: the key's concurrency cap, the
+pending-queue bound and rate limits (429/503 with `Retry-After`) before any tokenising, the context length (400) after, then
 the `Batcher` (`guard/batcher.py`), which decodes concurrent requests together in a worker
 thread, with a deadline (`request_timeout_s`, 504). A client that leaves stops its row and is
 charged what it was sent. The watermark and anti-distillation sampling (each when configured) are
@@ -67,7 +67,7 @@ from potstill.guard.openai_api import (
 )
 from potstill.guard.querylog import QueryLog
 from potstill.guard.serve_config import ServeConfig
-from potstill.guard.service import Service, respond
+from potstill.guard.service import Service, check_key_logprobs, respond
 
 __all__ = [
     "APIError", "Batcher", "ChatMessage", "ChatRequest", "CompletionRequest", "Detokenizer", "GuardMiddleware",
@@ -174,6 +174,7 @@ def add_chat_route(app: FastAPI, svc: Service, keyed: list) -> None:
     @app.post("/v1/chat/completions", dependencies=keyed, responses=RESPONSES, openapi_extra=body_schema(ChatRequest))
     async def chat_completions(request: Request, req: ChatRequest = Depends(parse_body(ChatRequest))):
         request.state.qlog.update(request_row(req, chat=True))
+        check_key_logprobs(request, req, chat=True)
         top_k = (req.top_logprobs or 0) if req.logprobs else 0
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
@@ -198,6 +199,7 @@ def add_completions_route(app: FastAPI, svc: Service, keyed: list) -> None:
               openapi_extra=body_schema(CompletionRequest))
     async def completions(request: Request, req: CompletionRequest = Depends(parse_body(CompletionRequest))):
         request.state.qlog.update(request_row(req, chat=False))
+        check_key_logprobs(request, req, chat=False)
         top_k = req.logprobs or 0
         svc.check(req, top_k, req.max_tokens)
         prompt = req.prompt

@@ -14,6 +14,9 @@ from potstill.errors import PotstillError
 from potstill.guard.ratelimit import DEFAULT_RPM, DEFAULT_TPM
 from potstill.utils import potstill_home
 
+TEXT_ONLY = 0
+"""A key's `max_top_logprobs` when it may receive no log-probs at all: what new keys get (`KeyStore.create`)."""
+
 
 @dataclass
 class ServeConfig:
@@ -43,7 +46,8 @@ class ServeConfig:
     max_batch_size: int = opt(32, "Most requests decoded together.")
     max_batch_tokens: int = opt(65_536, "Most prompt + max_tokens tokens in one batch (bounds KV-cache memory).")
     max_top_logprobs: int = opt(20, "Largest `top_logprobs` (chat) / `logprobs` (completions) a request may "
-                                    "ask for.")
+                                    "ask for; each key may receive at most its own allowance (`potstill keys "
+                                    "create --max-top-logprobs`; new keys: text only, 403 otherwise).")
     max_pending: int = opt(1024, "Most requests waiting for a batch (gateway: in flight upstream); above it "
                                  "new requests get 503 with `Retry-After`.")
     max_concurrent_per_key: int | None = opt(64, "Most requests one key may have in flight (None = no cap); "

@@ -1,6 +1,8 @@
 """What `potstill serve`'s completion routes share: admission, exact metering, and the responses.
 
-A completion request goes through `Service` in three steps:
+A completion request goes through `Service` in three steps, after `check_key_logprobs` (403 when
+it asks for more log-probs than its key may receive, in any form, `asked_logprobs`) and
+`check_caps` (400), which cost nothing and charge nothing:
 
 1. `Service.charge` -- before any tokenising or chat templating: the key's concurrency cap
    (429), the bounded pending queue (503) and its rate limits (429, `Retry-After`), charged
@@ -98,6 +100,44 @@ def check_caps(cfg, req: RequestBase, top_k: int, max_tokens: int | None) -> Non
     if max_tokens is not None and max_tokens > cfg.max_tokens_cap:
         raise APIError(400, f"max_tokens={max_tokens} is above this server's cap of {cfg.max_tokens_cap}.",
                        param="max_tokens")
+
+
+LOGPROB_EXTENSIONS = ("n_probs", "top_n_tokens", "prompt_logprobs")
+"""Request fields outside OpenAI's API that return log-probs (llama.cpp, TGI, vLLM): a gateway forwards them."""
+UNBOUNDED = 1 << 31
+"""What a log-prob field whose value is not a count asks for (refused unless the key takes the server's cap)."""
+
+
+def asked_logprobs(req: RequestBase, body: dict[str, Any], chat: bool) -> tuple[int, str] | None:
+    """(how many top log-probs the request asks for, the field asking most), or None for text only.
+
+    0 means the sampled tokens' log-probs alone. Chat: `logprobs`/`top_logprobs`; completions:
+    `logprobs` (set at all); both: the `LOGPROB_EXTENSIONS` in the raw body (`body`)."""
+    asks: list[tuple[int, str]] = []
+    if chat and (req.logprobs or req.top_logprobs):
+        asks.append((req.top_logprobs or 0, "top_logprobs" if req.top_logprobs else "logprobs"))
+    elif not chat and req.logprobs is not None:
+        asks.append((req.logprobs, "logprobs"))
+    for name in LOGPROB_EXTENSIONS:
+        v = body.get(name)
+        if v is None or v is False or (v == 0 and name != "prompt_logprobs"):
+            continue  # prompt_logprobs=0 still returns each prompt token's own log-prob
+        asks.append((v if type(v) is int and v >= 0 else UNBOUNDED, name))
+    return max(asks) if asks else None
+
+
+def check_key_logprobs(request: Request, req: RequestBase, chat: bool) -> None:
+    """403 (before any work) when the request asks for more log-probs than its key may receive
+    (`KeyRecord.max_top_logprobs`: 0 = text only, None = the server's cap, checked by `check_caps`)."""
+    allowed = request.state.key.max_top_logprobs
+    asked = asked_logprobs(req, request.state.body, chat)
+    if allowed is None or asked is None or (allowed > 0 and asked[0] <= allowed):
+        return
+    n, field = asked
+    may = "no log-probs (text only)" if allowed == 0 else f"at most {allowed} top log-probs"
+    wants = f"{n} top log-probs" if 0 < n < UNBOUNDED else "log-probs"
+    raise APIError(403, f"This API key may receive {may}; the request asks for {wants} ({field}). "
+                        "The server's owner grants log-probs per key.", param=field, code="logprobs_not_allowed")
 
 
 class Admission:

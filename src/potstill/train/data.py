@@ -1,9 +1,14 @@
-"""Capture rows -> training examples -> padded batches with the teacher's top-k per completion token.
+"""Capture rows -> training examples -> batches (padded, or packed) with the teacher's top-k per completion token.
 
 An example is prompt_ids + completion_ids (truncated to max_seq_len). Only completion tokens are
 learned (and of those, where a capture stores a `role_mask`, only the model-written ones): the student's logits at position p-1 are compared with the teacher's top-k for the token
 at position p. Batches carry those positions flattened, so the loss sees [N, V] logits and [N, k]
 teacher entries, and the prompt never enters the loss.
+
+`collate` gives one padded row per example; `collate_packed` puts several examples in one row
+(first-fit, longest first, rows no longer than the longest example) with position ids that restart at
+each example, so transformers' masks keep them apart (block-diagonal causal attention): the same
+logits at the learned positions, without computing padding (about half of a random batch's tokens).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Batch:
     topk_ids: torch.Tensor | None  # [N, k]
     topk_logprobs: torch.Tensor | None  # [N, k]
     tail_logprob: torch.Tensor | None  # [N]
+    position_ids: torch.Tensor | None = None  # [B, L] packed rows only (then attention_mask only marks real tokens)
 
     @property
     def n_targets(self) -> int:
@@ -65,19 +71,49 @@ def examples_from_capture(capture, split: str | None = "train", max_seq_len: int
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    width = max(len(e.input_ids) for e in examples)
-    n = len(examples)
+    """One row per example, padded to the longest."""
+    return _batch(examples, pad_id, [(b, 0) for b in range(len(examples))], max(len(e.input_ids) for e in examples))
+
+
+def collate_packed(examples: list[Example], pad_id: int) -> Batch:
+    """Examples packed into as few rows as first-fit (longest first) gives, each row at most as long as the
+    longest example; the learned positions (and their top-k) stay in the examples' order, as in `collate`."""
+    lengths = [len(e.input_ids) for e in examples]
+    capacity = max(lengths)
+    fills: list[int] = []
+    place: list[tuple[int, int]] = [(0, 0)] * len(examples)
+    for i in sorted(range(len(examples)), key=lambda j: -lengths[j]):
+        row = next((r for r, f in enumerate(fills) if f + lengths[i] <= capacity), len(fills))
+        if row == len(fills):
+            fills.append(0)
+        place[i] = (row, fills[row])
+        fills[row] += lengths[i]
+    return _batch(examples, pad_id, place, max(fills), packed=True)
+
+
+def _batch(examples: list[Example], pad_id: int, place: list[tuple[int, int]], width: int,
+           packed: bool = False) -> Batch:
+    n = max(r for r, _ in place) + 1
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
+    # a packed row's padding is one more "sequence" of its own (positions restart at 0 there too)
+    positions = torch.arange(width).repeat(n, 1) if packed else None
     rows, cols, targets = [], [], []
-    for b, e in enumerate(examples):
+    for e, (b, at) in zip(examples, place, strict=True):
         length = len(e.input_ids)
-        input_ids[b, :length] = torch.from_numpy(e.input_ids)
-        mask[b, :length] = 1
+        input_ids[b, at : at + length] = torch.from_numpy(e.input_ids)
+        mask[b, at : at + length] = 1
         learned = np.arange(length - e.prompt_len) if e.loss_mask is None else np.flatnonzero(e.loss_mask)
         rows.append(torch.full((len(learned),), b, dtype=torch.long))
-        cols.append(torch.from_numpy(e.prompt_len - 1 + learned))
+        cols.append(torch.from_numpy(at + e.prompt_len - 1 + learned))
         targets.append(torch.from_numpy(e.input_ids[e.prompt_len + learned]))
+    if packed:
+        for b in range(n):
+            used = mask[b].nonzero().flatten()
+            end = int(used.max()) + 1 if len(used) else 0
+            positions[b, end:] = torch.arange(width - end)
+        for e, (b, at) in zip(examples, place, strict=True):
+            positions[b, at : at + len(e.input_ids)] = torch.arange(len(e.input_ids))
     has_topk = all(e.topk_ids is not None for e in examples)
     if has_topk:
         k = max(e.topk_ids.shape[1] for e in examples)
@@ -93,6 +129,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         topk_ids=torch.from_numpy(ids) if has_topk else None,
         topk_logprobs=torch.from_numpy(lps.astype(np.float32)) if has_topk else None,
         tail_logprob=torch.from_numpy(tails.astype(np.float32)) if has_topk else None,
+        position_ids=positions,
     )
 
 
@@ -135,11 +172,15 @@ def student_logits(model, batch: Batch, with_aux: bool = False):
     # MoE students (students/moe.py): ask for the router logits to build the load-balancing loss
     moe = with_aux and getattr(model.config, "router_aux_loss_coef", None) is not None
     extra = {"output_router_logits": True} if moe else {}
+    positions = getattr(batch, "position_ids", None)
+    if positions is not None:  # packed rows: the positions keep the examples apart (no cache, no 2-D mask)
+        extra.update(position_ids=positions, use_cache=False)
+    mask = batch.attention_mask if positions is None else None
     if inner is not None and head is not None:
-        out = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra)
+        out = inner(input_ids=batch.input_ids, attention_mask=mask, **extra)
         logits = head(out.last_hidden_state[batch.rows, batch.cols])
     else:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra)
+        out = model(input_ids=batch.input_ids, attention_mask=mask, **extra)
         logits = out.logits[batch.rows, batch.cols]
     if not with_aux:
         return logits

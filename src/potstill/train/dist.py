@@ -144,8 +144,9 @@ class TargetLogits(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids, attention_mask, rows, cols):
-        batch = SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask, rows=rows, cols=cols)
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None):
+        batch = SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask, rows=rows, cols=cols,
+                                position_ids=position_ids)
         return student_logits(self.student, batch, with_aux=True)
 
 
@@ -167,7 +168,7 @@ def wrap(model: nn.Module, ctx: Dist) -> Callable[..., torch.Tensor]:
 
         def forward(batch: Batch, sync: bool = True) -> torch.Tensor:
             with nullcontext() if sync else ddp.no_sync():
-                return ddp(batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+                return ddp(batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.position_ids)
 
         return forward
     from torch.distributed.device_mesh import init_device_mesh
@@ -185,7 +186,7 @@ def wrap(model: nn.Module, ctx: Dist) -> Callable[..., torch.Tensor]:
 
     def forward(batch: Batch, sync: bool = True) -> torch.Tensor:
         root.set_requires_gradient_sync(sync)
-        return root(batch.input_ids, batch.attention_mask, batch.rows, batch.cols)
+        return root(batch.input_ids, batch.attention_mask, batch.rows, batch.cols, batch.position_ids)
 
     return forward
 

@@ -28,7 +28,7 @@ from potstill.config import TrainConfig
 from potstill.errors import PotstillError
 from potstill.lm.tokens import pad_token_id
 from potstill.train import dist
-from potstill.train.data import collate, examples_from_capture, micro_batches
+from potstill.train.data import collate, collate_packed, examples_from_capture, micro_batches
 from potstill.train.health import LossHealth
 from potstill.train.losses import LossConfig, distill_loss
 from potstill.train.online import LiveTeacher, setup_modes
@@ -263,7 +263,8 @@ class _Run:
     def step(self, step: int, groups: list) -> dict[str, Any]:
         """One optimizer step over the micro-batches `groups`; returns the step's metrics."""
         cfg, ctx, modes, plan = self.cfg, self.ctx, self.modes, self.plan
-        batches = modes.batches(step, groups) if modes else [(plan.collate if plan else collate)(g, self.pad_id)
+        pack = collate_packed if cfg.packing else collate
+        batches = modes.batches(step, groups) if modes else [(plan.collate if plan else pack)(g, self.pad_id)
                                                              for g in groups]
         (n_total,) = ctx.sum(sum(b.n_targets for b in batches))  # the whole step's, over all ranks
         lr = lr_at(step, cfg)
