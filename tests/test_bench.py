@@ -17,12 +17,16 @@ def test_bench_generate_tiny(tmp_path, tiny_model_dir):
     res = bench_generate(teacher, prompts, max_new_tokens=6, batch_size=3, k=4, naive_prompts=2,
                          out_json=str(out), log=lambda *_: None)
     names = [r["decoder"].split(" (")[0] for r in res["results"]]
-    assert names == ["hf-naive", "hf-batched+logprobs", "potstill", "potstill score"]
+    assert names == ["hf-naive", "hf-batched+logprobs", "potstill", "potstill score", "potstill int8", "potstill int8"]
+    int8 = res["results"][4:]  # layers, then layers + head: their tokens/s and KL to the float32 engine
+    assert [r["decoder"] for r in int8] == ["potstill int8 (layers)", "potstill int8 (layers + head)"]
+    assert all(r["kl_topk_vs_fp32"] > 0 and r["kl_tokens"] == res["results"][2]["tokens"] for r in int8)
+    assert [r["generate_uses"] for r in int8] == [True, False]
     assert res["results"][3]["tokens"] == res["results"][2]["tokens"]  # scored exactly what was written
     assert teacher.model.config._attn_implementation == "potstill_cpu"  # restored after the stock anchors
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in res["results"])
     assert json.loads(out.read_text())["results"][1]["vs_anchor"] == 1.0
-    assert "potstill" in format_table(res)
+    assert "potstill int8 (layers + head)" in format_table(res) and "top-4 KL vs fp32" in format_table(res)
     import torch
 
     cpu = json.loads(out.read_text())["cpu"]  # the CPU's kernel capability and native bf16, in JSON and table

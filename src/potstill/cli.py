@@ -269,7 +269,8 @@ def bench_generate_cmd(config_file, **flags):
     cfg = make_config(BenchGenerateConfig, "bench_generate", config_file, flags)
     quiet_transformers()
     result = bench_generate(HFTeacher.load(cfg.teacher, dtype=cfg.dtype), load_prompts(cfg.prompts)[: cfg.n or None],
-                            cfg.max_new_tokens, cfg.batch_size, cfg.k, naive_prompts=cfg.naive_prompts, out_json=cfg.out)
+                            cfg.max_new_tokens, cfg.batch_size, cfg.k, naive_prompts=cfg.naive_prompts, out_json=cfg.out,
+                            quantize=cfg.quantize)
     click.echo(format_table(result))
     click.echo(f"wrote {cfg.out}")
 

@@ -144,6 +144,9 @@ class GenerateConfig(HttpConfig, AntidistillConfig):
     max_prompts: int | None = opt(None, "Use at most this many prompts (after de-duplication).")
     seed: int = opt(0, "Seed for sampling and the split.")
     dtype: str = opt("auto", "Teacher dtype: auto (bf16 where the CPU has it), float32, bfloat16.")
+    quantize: str = opt(
+        "none", "Local teacher's decoder-layer linears: 'none' or 'int8' (dynamic quantisation, float32 on the CPU; "
+        "refused when its top-k KL to float32 on a calibration batch exceeds 1e-3 nats/token; in the manifest).")
     shard_rows: int = opt(256, "Rows per Parquet shard (a killed run resumes at shard granularity).")
     answers: str = opt(
         "sample",
@@ -164,6 +167,10 @@ class GenerateConfig(HttpConfig, AntidistillConfig):
             raise PotstillError(f"generate: answers must be 'sample' or 'reference', not {self.answers!r}")
         if self.answers == "reference" and (self.samples != 1 or self.self_instruct):
             raise PotstillError("generate: --answers reference scores each prompt's one reference (samples 1, no self-instruct)")
+        if self.quantize not in ("none", "int8") or self.quantize == "int8" and (
+                self.dtype in ("bfloat16", "float16") or self.teacher.startswith(("http://", "https://"))):
+            raise PotstillError(f"generate: quantize must be 'none' or 'int8' (int8: a local float32 teacher), not "
+                                f"{self.quantize!r} with dtype {self.dtype!r}")
 
 
 MODES = ("offline", "online", "on-policy")

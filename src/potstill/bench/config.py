@@ -28,6 +28,8 @@ class BenchGenerateConfig(BenchDecodeConfig):
     batch_size: int = derive(GenerateConfig, "batch_size", note="Also model.generate's batch.")
     k: int = derive(GenerateConfig, "top_k", note="Top log-probs per token for the decoders that return them.")
     naive_prompts: int = opt(8, "Prompts for the one-at-a-time model.generate anchor.")
+    quantize: str = derive(GenerateConfig, "quantize", "int8", "Here: 'int8' adds rows for the engine over int8 "
+                           "copies of the (float32) model, with and without the output head, and their KL to it.")
     out: str = opt("runs/bench/generate.json", "JSON results.")
 
 

@@ -6,7 +6,10 @@ Same model, same prompts, same token budget, in one run:
 - `potstill`: the batched KV-cache engine of potstill.lm.engine with top-k log-probs, all prompts in
   one call (continuous refill keeps `batch_size` rows decoding);
 - `potstill score`: teacher forcing of the completions potstill just wrote (`score_ids`, the path of
-  `generate --answers reference`), completion tokens scored per second.
+  `generate --answers reference`), completion tokens scored per second;
+- `potstill int8`: the engine over an int8 copy of the float32 model (lm/quantize.py), decoder-layer
+  linears only and with the output head too, each with its top-k (+ tail) KL to the float32 model
+  on the completions potstill wrote, teacher-forced (the gate of `generate --quantize int8`: 1e-3).
 The HF rows run with transformers' stock SDPA attention; potstill with its CPU decode attention.
 Ratios are reported against `hf-batched+logprobs` (the anchor), so machine noise cancels.
 """
@@ -90,7 +93,7 @@ _D = BenchGenerateConfig()  # the settings' one home
 
 def bench_generate(teacher, prompts, max_new_tokens: int = _D.max_new_tokens, batch_size: int = _D.batch_size,
                    k: int = _D.k, naive_prompts: int = _D.naive_prompts, out_json: str | None = None, log=print,
-                   max_prompt_tokens: int | None = 512) -> dict[str, Any]:
+                   max_prompt_tokens: int | None = 512, quantize: str = _D.quantize) -> dict[str, Any]:
     """Run the decoders on the same prompts; returns (and writes) tokens/s and ratios.
 
     Prompts longer than `max_prompt_tokens` are left out: one very long prompt pads a whole
@@ -132,6 +135,8 @@ def bench_generate(teacher, prompts, max_new_tokens: int = _D.max_new_tokens, ba
                         "tokens_per_s": round(tokens / seconds, 1)})
         log(f"{name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s")
     stock_attention(teacher, False)
+    if quantize != "none":
+        results += int8_rows(teacher, ids, written, max_new_tokens, batch_size, k, log)
     anchor = results[1]["tokens_per_s"]
     for r in results:
         r["vs_anchor"] = round(r["tokens_per_s"] / anchor, 2)
@@ -152,10 +157,49 @@ def bench_generate(teacher, prompts, max_new_tokens: int = _D.max_new_tokens, ba
     return out
 
 
+def int8_rows(teacher, ids: list[list[int]], written: list, max_new_tokens: int, batch_size: int, k: int,
+              log=print) -> list[dict[str, Any]]:
+    """The engine over int8 copies of the model (layers; layers + head): tokens/s and KL to float32."""
+    from potstill.errors import PotstillError
+    from potstill.lm.quantize import (
+        MAX_KL,
+        QUANTIZE_HEAD,
+        bucket_kl,
+        check_quantizable,
+        quantized_copy,
+        reference_buckets,
+    )
+
+    try:
+        check_quantizable(teacher.model, "int8")
+    except PotstillError as e:
+        log(f"int8 rows left out: {e}")
+        return []
+    prompts, completions = [c.prompt_ids for c in written], [c.completion_ids for c in written]
+    reference = reference_buckets(teacher, prompts, completions, k)
+    rows = []
+    for head in (False, True):
+        engine = quantized_copy(teacher, head=head)
+        potstill_engine(engine, ids[:2], 4, 2, k)  # warm-up
+        t0 = time.perf_counter()
+        tokens = sum(len(c.completion_ids) for c in potstill_engine(engine, ids, max_new_tokens, batch_size, k))
+        seconds = time.perf_counter() - t0
+        kl, n = bucket_kl(engine, prompts, completions, reference)
+        name = f"potstill int8 ({'layers + head' if head else 'layers'})"
+        rows.append({"decoder": name, "prompts": len(ids), "tokens": tokens, "seconds": round(seconds, 2),
+                     "tokens_per_s": round(tokens / seconds, 1), "kl_topk_vs_fp32": kl, "kl_tokens": n,
+                     "meets_bar": kl <= MAX_KL, "generate_uses": head == QUANTIZE_HEAD})
+        log(f"{name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:.1f} tok/s; top-{k} KL to float32 "
+            f"{kl:.2e} nats/token over {n} tokens")
+        del engine
+    return rows
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"bench generate: {result['model']} ({result['dtype']}), {result['max_new_tokens']} new tokens, "
              f"batch {result['batch_size']}, top-{result['top_k']} log-probs, {result['threads']} threads"
              + (f", {cpu_line(result['cpu'])}" if result.get("cpu") else "")]
-    rows = [[r["decoder"], r["prompts"], r["tokens"], f"{r['tokens_per_s']:.1f}", f"{r['vs_anchor']:.2f}"]
-            for r in result["results"]]
-    return "\n".join([*lines, text_table(["decoder", "prompts", "tokens", "tok/s", "vs anchor"], rows)])
+    rows = [[r["decoder"], r["prompts"], r["tokens"], f"{r['tokens_per_s']:.1f}", f"{r['vs_anchor']:.2f}",
+             f"{r['kl_topk_vs_fp32']:.1e}" if "kl_topk_vs_fp32" in r else ""] for r in result["results"]]
+    table = text_table(["decoder", "prompts", "tokens", "tok/s", "vs anchor", f"top-{result['top_k']} KL vs fp32"], rows)
+    return "\n".join([*lines, table])

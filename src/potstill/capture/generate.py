@@ -87,8 +87,8 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
         if cfg.teacher.startswith(("http://", "https://")):
             tokenizer = str(resolve_model_dir(cfg.tokenizer)) if cfg.tokenizer else None
             kwargs: dict[str, Any] = {"model": cfg.model, "tokenizer": tokenizer, **cfg.http_teacher_kwargs()}
-        else:
-            kwargs = {"dtype": cfg.dtype}
+        else:  # int8 quantises a float32 model: 'auto' then means float32
+            kwargs = {"dtype": "float32" if cfg.quantize == "int8" and cfg.dtype == "auto" else cfg.dtype}
         teacher = load_teacher(cfg.teacher, **kwargs)
 
     if prompts is not None:
@@ -134,6 +134,7 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
 
         processor = AntidistillProcessor.load(cfg.antidistill_config(), teacher)
         log(f"antidistill: lambda {cfg.antidistill}, proxy {cfg.proxy}, {processor.protect_count} protect references")
+    quantized = quantize_teacher(teacher, cfg, prompts, scoring, log) if cfg.quantize != "none" else None
     identity = teacher.identity()
     # a remote teacher without a tokenizer has no known vocab: ids then take 32 bits
     codec = get_codec(cfg.codec if cfg.top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=cfg.top_k)
@@ -157,6 +158,8 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
 
     todo = []
     with CaptureWriter(cfg.out, manifest, codec, shard_rows=cfg.shard_rows) as writer:
+        if quantized is not None:  # this run's measurement (teacher.quantize, compared on resume, names the mode)
+            writer.manifest["quantize"] = quantized
         done = writer.done_ids
         for p, split in zip(prompts, splits, strict=True):
             for s in range(cfg.samples):
@@ -226,6 +229,22 @@ def generate(cfg: GenerateConfig, teacher=None, log=print, should_stop=None) -> 
     if getattr(teacher, "stats", None):
         log(f"http: {teacher.stats}")
     return {**final, "this_run": final_stats}
+
+
+def quantize_teacher(teacher, cfg: GenerateConfig, prompts: list, scoring: bool, log=print) -> dict[str, Any]:
+    """Quantise a local teacher behind the fidelity gate (lm/quantize.py), calibrated on the run's first
+    prompts with the completions it will capture: the teacher's own samples, or the references."""
+    from potstill.lm.quantize import CALIBRATION_PROMPTS, quantize_engine
+
+    if not getattr(teacher, "can_score", False):
+        raise PotstillError(f"--quantize {cfg.quantize} needs a local teacher (not {cfg.teacher})")
+    calib = prompts[:CALIBRATION_PROMPTS]
+    ids = [teacher.encode_chat(p.messages) for p in calib]
+    refs = [reference_ids(teacher, p.messages, p.reference, i) for p, i in zip(calib, ids, strict=True)] if scoring else None
+    record = quantize_engine(teacher, cfg.quantize, ids, refs, k=cfg.top_k, seed=cfg.seed, temperature=cfg.temperature)
+    log(f"quantize {record['mode']}: top-{record['k']} KL to float32 {record['kl_topk']:.2e} nats/token over "
+        f"{record['calibration_tokens']} calibration tokens (bar {record['max_kl']:.0e})")
+    return record
 
 
 def reference_ids(teacher, messages: list[dict], reference: str, prompt_ids: list[int]) -> list[int]:

@@ -44,7 +44,8 @@ SHARD_RE = re.compile(r"^shard-\d{5}\.parquet$")
 WRITER_KEYS = frozenset(
     {"potstill_version", "created", "updated", "complete", "shards", "counts", "bytes_on_disk",
      "bytes_per_completion_token", "topk_bytes_per_completion_token", "timings",
-     "yield", "episodes_this_run"}  # the last two: agent captures (potstill.agent.generate)
+     "yield", "episodes_this_run",  # these two: agent captures (potstill.agent.generate)
+     "quantize"}  # an int8 teacher's measured fidelity, this run's (capture/generate.py)
 )
 BASE_COLUMNS = ("id", "prompt", "reference", "split", "prompt_ids", "completion_ids",
                 "completion_text", "finish_reason", "sampled_logprob")

@@ -45,6 +45,7 @@ class Engine:
         self.pad_id = pad_token_id(tokenizer, fallback=self.eos_ids[0])
         self._kv_token_bytes: int | None = None
         self.sliding_window = sliding_window(model)
+        self.quantized: dict | None = None  # int8's record once lm/quantize.py has quantised the model
 
     def _eos_ids(self) -> list[int]:
         ids = set()
@@ -204,30 +205,8 @@ class Engine:
         """
         n = len(prompt_ids)
         results: list[Completion | None] = [None] * n
-        order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
-        start = 0
-        while start < n:
-            chunk = [order[start]]
-            while start + len(chunk) < n and len(chunk) < batch_size:
-                nxt = order[start + len(chunk)]
-                width = len(prompt_ids[nxt]) + len(completion_ids[nxt])  # sorted: the widest so far
-                if width * (len(chunk) + 1) > max_batch_tokens:
-                    break
-                chunk.append(nxt)
-            start += len(chunk)
-            seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-            attn = torch.zeros((len(seqs), width), dtype=torch.long)
-            rows, cols = [], []
-            for b, (i, seq) in enumerate(zip(chunk, seqs, strict=True)):
-                ids[b, : len(seq)] = torch.tensor(seq)
-                attn[b, : len(seq)] = 1
-                p, c = len(prompt_ids[i]), len(completion_ids[i])
-                rows += [b] * c
-                cols += range(p - 1, p + c - 1)  # logits at position t predict token t + 1
+        for chunk, logprobs_at in self.forced_logprobs(prompt_ids, completion_ids, batch_size, max_batch_tokens):
             targets = torch.tensor([t for i in chunk for t in completion_ids[i]], dtype=torch.long)
-            logprobs_at = self._position_logprobs(ids.to(self.device), attn.to(self.device), rows, cols)
             tk_ids, tk_lp, chosen = [], [], []
             for s, lp in logprobs_at:
                 if k:
@@ -255,6 +234,36 @@ class Engine:
             if on_rows is not None:  # (tokens scored, rows done)
                 on_rows(len(targets), len(chunk))
         return results  # type: ignore[return-value]
+
+    def forced_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 16,
+                        max_batch_tokens: int = 8192):
+        """Teacher forcing's batches: yield (the row indices of a batch, an iterator of (offset, log-probs
+        [n, V] float32) over their completion positions, row after row). Rows are length-sorted and
+        right-padded into batches of at most `batch_size` rows and `max_batch_tokens` padded tokens."""
+        n = len(prompt_ids)
+        order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+        start = 0
+        while start < n:
+            chunk = [order[start]]
+            while start + len(chunk) < n and len(chunk) < batch_size:
+                nxt = order[start + len(chunk)]
+                width = len(prompt_ids[nxt]) + len(completion_ids[nxt])  # sorted: the widest so far
+                if width * (len(chunk) + 1) > max_batch_tokens:
+                    break
+                chunk.append(nxt)
+            start += len(chunk)
+            seqs = [list(prompt_ids[i]) + list(completion_ids[i]) for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((len(seqs), width), dtype=torch.long)
+            rows, cols = [], []
+            for b, (i, seq) in enumerate(zip(chunk, seqs, strict=True)):
+                ids[b, : len(seq)] = torch.tensor(seq)
+                attn[b, : len(seq)] = 1
+                p, c = len(prompt_ids[i]), len(completion_ids[i])
+                rows += [b] * c
+                cols += range(p - 1, p + c - 1)  # logits at position t predict token t + 1
+            yield chunk, self._position_logprobs(ids.to(self.device), attn.to(self.device), rows, cols)
 
     def _position_logprobs(self, ids, attn, rows: list[int], cols: list[int], chunk: int = 2048):
         """Yield (offset, log-probs [n, V] float32) for the (row, col) positions, `chunk` at a time.

@@ -66,6 +66,7 @@ class HFTeacher(Engine):
             "chat_template_sha256": sha256_text(self.tokenizer.chat_template or ""),
             "vocab_size": max(len(vocab), self.model.config.vocab_size),
             **({"licence": self.licence} if self.licence else {}),
+            **({"quantize": self.quantized["mode"]} if self.quantized else {}),  # int8 rows are not fp32 rows
         }
 
     def complete(
