@@ -161,3 +161,31 @@ def test_gemma3_270m_loads_and_continues_text():
     ids = teacher.tokenizer("def add(a, b):\n    return")["input_ids"]
     out = teacher.complete_ids([ids], SamplingParams(max_new_tokens=6, temperature=0.0))[0]
     assert out.text.startswith(" a + b")
+
+
+@pytest.mark.parametrize("licence", ["Gemma Terms of Use", None])
+def test_a_student_of_a_gemma_capture_carries_the_notice(tmp_path, licence):
+    """Gemma's terms count a model distilled from its outputs as a Model Derivative: the student directory gets
+    a NOTICE (and its provenance names the licence); a student of an Apache-2.0 teacher gets none."""
+    import json
+    import types
+
+    from potstill.config import TrainConfig
+    from potstill.train.loop import save_student
+    from potstill.train.losses import LossConfig
+    from tests.tiny import make_tiny_model, make_tiny_tokenizer
+
+    teacher = {"name": "gemma-3-270m", **({"licence": licence} if licence else {})}
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "cap" / "manifest.json").write_text(json.dumps({"teacher": teacher}))
+    tok = make_tiny_tokenizer()
+    out = tmp_path / "student"
+    out.mkdir()
+    save_student(out, make_tiny_model(tok), tok, TrainConfig(capture=str(tmp_path / "cap"), out=str(out)),
+                 types.SimpleNamespace(manifest={"teacher": teacher}), {}, LossConfig())
+    assert json.loads((out / "provenance.json").read_text())["teacher"] == teacher
+    if licence:
+        notice = (out / "NOTICE").read_text()
+        assert "ai.google.dev/gemma/terms" in notice and "Model Derivative" in notice and "gemma-3-270m" in notice
+    else:
+        assert not (out / "NOTICE").exists()

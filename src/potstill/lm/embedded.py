@@ -69,6 +69,18 @@ EMBEDDED = {
 }
 
 
+def derivative_notice(teacher: dict | None) -> str | None:
+    """The NOTICE a model trained on this teacher's outputs must carry, for a capture's teacher identity whose
+    licence reaches derivatives (Gemma's terms count a model distilled from its outputs or logits as a Model
+    Derivative: it is distributed with the terms and this notice). None for other teachers."""
+    licence = (teacher or {}).get("licence")
+    for model in EMBEDDED.values():
+        if model.notice and model.licence == licence:
+            return (f"{model.notice}This model was distilled from {teacher.get('name', model.name)}'s outputs: a Model "
+                    f"Derivative under the {model.licence}, which apply to its use and distribution.\n")
+    return None
+
+
 def is_embedded(spec: str) -> bool:
     return spec == "embedded" or spec.startswith("embedded:")
 

@@ -26,6 +26,7 @@ import torch
 import potstill
 from potstill.config import TrainConfig
 from potstill.errors import PotstillError
+from potstill.lm.embedded import derivative_notice
 from potstill.lm.tokens import pad_token_id
 from potstill.train import dist
 from potstill.train.data import collate, collate_packed, examples_from_capture, micro_batches
@@ -368,6 +369,9 @@ def save_student(
     model.config.use_cache = True
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    notice = derivative_notice(capture.manifest.get("teacher"))
+    if notice:  # the teacher's terms reach the student (Gemma): they travel with it
+        (tmp / "NOTICE").write_text(notice)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
