@@ -100,7 +100,7 @@ def serving(setting: Setting, lam: float):
     tmp = setting.root / f"server-{lam:g}"
     tmp.mkdir(exist_ok=True)
     with live_server(setting.teacher, tmp, antidistill=ad, max_tokens_cap=64) as srv:
-        os.environ[KEY_ENV] = srv.keys.create("distiller", rpm=100_000, tpm=100_000_000)[1]
+        os.environ[KEY_ENV] = srv.keys.create("distiller", rpm=100_000, tpm=100_000_000, max_top_logprobs=None)[1]
         try:
             yield srv.base
         finally:
