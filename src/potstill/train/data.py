@@ -96,24 +96,23 @@ def _batch(examples: list[Example], pad_id: int, place: list[tuple[int, int]], w
     n = max(r for r, _ in place) + 1
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    # a packed row's padding is one more "sequence" of its own (positions restart at 0 there too)
-    positions = torch.arange(width).repeat(n, 1) if packed else None
+    positions = torch.zeros((n, width), dtype=torch.long) if packed else None
+    ends = [0] * n
     rows, cols, targets = [], [], []
     for e, (b, at) in zip(examples, place, strict=True):
         length = len(e.input_ids)
         input_ids[b, at : at + length] = torch.from_numpy(e.input_ids)
         mask[b, at : at + length] = 1
+        if packed:  # positions restart at each example
+            positions[b, at : at + length] = torch.arange(length)
+            ends[b] = max(ends[b], at + length)
         learned = np.arange(length - e.prompt_len) if e.loss_mask is None else np.flatnonzero(e.loss_mask)
         rows.append(torch.full((len(learned),), b, dtype=torch.long))
         cols.append(torch.from_numpy(at + e.prompt_len - 1 + learned))
         targets.append(torch.from_numpy(e.input_ids[e.prompt_len + learned]))
-    if packed:
-        for b in range(n):
-            used = mask[b].nonzero().flatten()
-            end = int(used.max()) + 1 if len(used) else 0
+    if packed:  # a row's padding is one more "sequence" of its own (its positions restart at 0 too)
+        for b, end in enumerate(ends):
             positions[b, end:] = torch.arange(width - end)
-        for e, (b, at) in zip(examples, place, strict=True):
-            positions[b, at : at + len(e.input_ids)] = torch.arange(len(e.input_ids))
     has_topk = all(e.topk_ids is not None for e in examples)
     if has_topk:
         k = max(e.topk_ids.shape[1] for e in examples)
