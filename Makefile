@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 # `demo` installs only what the demo uses; `test` adds the dev extras (TRL, lm-eval, schemathesis, ...).
 # Each stamp is made once (and again when pyproject.toml changes); `.venv` is created where missing.
-PIP := $(BIN)/pip install -q --disable-pip-version-check --no-warn-script-location
+PIP := @tools/pip-install $(VENV)
 
 $(BIN)/.potstill-base: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
