@@ -30,6 +30,9 @@ class AgentGenerateConfig:
     out: str = opt("runs/agentcap", "Capture directory (created; an existing one is resumed).")
     samples: int = derive(GenerateConfig, "samples", 4, "Here: episodes per task (self-consistency; verified ones are kept).")
     max_turns: int = opt(4, "Most assistant turns per episode.")
+    scaffold: str = opt("prefill", "Local models: 'prefill' opens each assistant turn with ```python (call the tool) or "
+                                   "'Final answer:' (after a run that printed something) as context, the model writes "
+                                   "the rest; 'none': the model writes whole turns. API teachers: always none.")
     max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 192, "Here: per assistant turn.")
     max_tokens: int = opt(2048, "Most tokens per episode (prompt + trajectory).")
     max_tasks: int | None = opt(None, "Use at most this many tasks (of the train split).")
@@ -52,6 +55,14 @@ class AgentGenerateConfig:
             raise PotstillError("agent generate: samples, max_turns, max_new_tokens and batch_size must be >= 1")
         if self.top_k < 0:
             raise PotstillError("agent generate: top_k must be >= 0")
+        check_scaffold(self.scaffold)
+
+
+def check_scaffold(scaffold: str) -> None:
+    from potstill.agent.episode import SCAFFOLDS
+
+    if scaffold not in SCAFFOLDS:
+        raise PotstillError(f"agent: unknown scaffold {scaffold!r} (have {', '.join(SCAFFOLDS)})")
 
 
 def make_sandbox(cfg):
@@ -123,12 +134,15 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
         log("API teacher: function-call arguments come without log-probs; the capture is text-only "
             "(train it with --loss ce)")
     top_k = 0 if api else cfg.top_k
+    scaffold = "none" if api else cfg.scaffold
+    if api and cfg.scaffold != "none":
+        log("API teacher: no prefill scaffold (the API writes whole turns); scaffold=none")
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_logprobs=top_k, seed=cfg.seed)
     identity = teacher.identity()
     codec = get_codec(cfg.codec if top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=top_k)
     sampling = {**params.to_dict(), "max_turns": cfg.max_turns, "max_tokens": cfg.max_tokens,
-                "tool": "run_python function" if api else "python"}
+                "tool": "run_python function" if api else "python", "scaffold": scaffold}
     manifest = {
         "kind": "agent",
         "teacher": identity,
@@ -142,7 +156,8 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     }
     runner = (ApiEpisodeRunner if api else EpisodeRunner)(teacher, sandbox, params, max_turns=cfg.max_turns,
                                                           max_tokens=cfg.max_tokens, seed=cfg.seed,
-                                                          batch_size=cfg.batch_size)
+                                                          batch_size=cfg.batch_size,
+                                                          **({} if api else {"scaffold": scaffold}))
     role_field = pa.field("role_mask", pa.list_(pa.uint8()))
     summaries: list[dict] = []
     t0 = time.perf_counter()

@@ -52,6 +52,7 @@ def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str |
         labels.insert(0, "student before")
     eval_cfg = build(AgentEvalConfig, {**data.get("agent_eval", {}), "students": students, "labels": labels,
                                        "teacher": gen.teacher, "tasks": gen.tasks, "seed": gen.seed,
+                                       "scaffold": gen.scaffold,
                                        "unsafe_sandbox": gen.unsafe_sandbox, "out": str(run / "eval")},
                      f"{where}: agent_eval")
     with atomic_path(run / "recipe.resolved.yaml") as tmp:
