@@ -37,6 +37,8 @@ class AgentGenerateConfig:
     max_tokens: int = opt(2048, "Most tokens per episode (prompt + trajectory).")
     max_tasks: int | None = opt(None, "Use at most this many tasks (of the train split).")
     kinds: list[str] = opt([], "Only tasks of these kinds (arithmetic, dates, units, strings, lists, primes, statistics).")
+    templates: list[str] = opt([], "Only tasks of these templates (e.g. bigmul, powmod, crt, sort, mean; "
+                                   "agent/tasks.py TEMPLATES): the difficulty mix.")
     temperature: float = derive(GenerateConfig, "temperature", 0.7)
     top_p: float = derive(GenerateConfig, "top_p", 0.95)
     top_k: int = derive(GenerateConfig, "top_k", note="Only model-written tokens have them.")
@@ -88,10 +90,13 @@ def load_agent_teacher(cfg):
     return HFTeacher.load(cfg.teacher, dtype=cfg.dtype)
 
 
-def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None) -> list:
-    out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)]
+def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None,
+                 templates: list[str] = ()) -> list:
+    out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)
+           and (not templates or t.template in templates)]
     if not out:
-        raise PotstillError(f"no tasks in split(s) {', '.join(splits)}" + (f" of kinds {kinds}" if kinds else ""))
+        raise PotstillError(f"no tasks in split(s) {', '.join(splits)}" + (f" of kinds {kinds}" if kinds else "")
+                            + (f" of templates {list(templates)}" if templates else ""))
     return out[:limit] if limit else out
 
 
@@ -123,7 +128,8 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     from potstill.lm.types import SamplingParams
     from potstill.utils import quiet_transformers
 
-    tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks)  # bad input first
+    tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks,
+                         cfg.templates)  # bad input first
     sandbox = make_sandbox(cfg)
     log(f"sandbox: isolation={sandbox.isolation}")
     quiet_transformers()
@@ -149,7 +155,8 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
         "sampling": sampling,
         "k": top_k,
         "samples_per_prompt": cfg.samples,
-        "prompts": {"source": cfg.tasks, "sha256": tasks_hash(tasks), "count": len(tasks), "kinds": cfg.kinds},
+        "prompts": {"source": cfg.tasks, "sha256": tasks_hash(tasks), "count": len(tasks), "kinds": cfg.kinds,
+                    "templates": cfg.templates},
         "split": {"seed": cfg.seed, "rule": "verified -> train, others -> rejected; tasks of split 'train' only"},
         "sandbox": sandbox.describe(),
         "eos_in_completion": True,
