@@ -24,7 +24,7 @@ def teacher(tiny_tokenizer):
 def _cfg(tmp_path, **kw):
     return AgentGenerateConfig(tasks=write_tasks(tmp_path / "tasks.jsonl", TASKS), out=str(tmp_path / "cap"),
                                samples=1, max_turns=3, max_new_tokens=96, top_k=4, sandbox_cpu_s=1,
-                               sandbox_wall_s=3, unsafe_sandbox=detect_isolation() == "none", **kw)
+                               sandbox_wall_s=3, unsafe_sandbox=detect_isolation() == "none", scaffold="none", **kw)
 
 
 def test_episodes_verify_capture_and_train_only_model_tokens(tmp_path, teacher, tiny_tokenizer, tiny_model_dir,
@@ -104,6 +104,7 @@ def test_agent_eval_with_and_without_tool(tmp_path, teacher):
     tasks = [dict(t, split="heldout") for t in TASKS[:2]] + [dict(TASKS[2], split="heldout_template")]
     cfg = AgentEvalConfig(tasks=write_tasks(tmp_path / "tasks.jsonl", tasks), teacher=None, students=["x"],
                           max_turns=3, max_new_tokens=96, sandbox_cpu_s=1, sandbox_wall_s=3, out=str(tmp_path / "ev"),
+                          scaffold="none",
                           unsafe_sandbox=detect_isolation() == "none")
     result = run_agent_eval(cfg, log=lambda *_: None, models={"scripted": teacher})
     row = result["rows"][0]

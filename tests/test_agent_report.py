@@ -26,7 +26,7 @@ def agent_run(tmp_path_factory, tiny_tokenizer):
     teacher = ScriptedTeacher(make_tiny_model(tiny_tokenizer, layers=2, seed=1, init=0.4), tiny_tokenizer, SCRIPTS)
     tasks = [dict(t, split="heldout") for t in TASKS[:2]] + [dict(TASKS[2], split="heldout_template")]
     cfg = AgentEvalConfig(tasks=write_tasks(root / "tasks.jsonl", tasks), teacher=None, students=["x"],
-                          max_turns=3, max_new_tokens=96, sandbox_cpu_s=1, sandbox_wall_s=3,
+                          max_turns=3, max_new_tokens=96, sandbox_cpu_s=1, sandbox_wall_s=3, scaffold="none",
                           out=str(root / "run" / "eval"), unsafe_sandbox=detect_isolation() == "none")
     result = run_agent_eval(cfg, log=lambda *_: None, models={"scripted <b>": teacher})
     return root / "run", result

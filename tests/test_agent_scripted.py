@@ -36,7 +36,7 @@ def test_scripted_episodes_are_verified_with_teacher_forced_topk(tmp_path, tiny_
     path = write_tasks(tmp_path / "t.jsonl", [{**t.to_dict(), "split": "train"} for t in tasks])
     manifest = agent_generate(AgentGenerateConfig(tasks=path, out=str(tmp_path / "cap"), samples=1, max_turns=2,
                                                   max_new_tokens=512, top_k=4, temperature=0.0,
-                                                  unsafe_sandbox=detect_isolation() == "none"),
+                                                  unsafe_sandbox=detect_isolation() == "none", scaffold="none"),
                               teacher=ScriptedSolver(scorer, tasks), log=lambda *_: None)
     assert manifest["yield"]["all"]["verified"] == 3 and manifest["teacher"]["name"].startswith("scripted+")
     for row in Capture.open(tmp_path / "cap").rows():

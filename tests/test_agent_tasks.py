@@ -81,3 +81,13 @@ def test_bad_task_file_names_file_and_line(tmp_path, line, field):
     with pytest.raises(PotstillError) as e:
         load_tasks(str(f))
     assert str(e.value).startswith(f"{f}:2: ") and field in str(e.value)
+
+
+def test_select_tasks_by_template_sets_the_difficulty_mix():
+    from potstill.agent.generate import select_tasks
+
+    tasks = builtin_tasks(90)
+    easy = select_tasks(tasks, ("train",), ["arithmetic"], 6, ["bigmul", "powmod"])
+    assert len(easy) == 6 and {t.template for t in easy} == {"bigmul", "powmod"} and {t.split for t in easy} == {"train"}
+    with pytest.raises(PotstillError, match="of templates \\['bigmull'\\]"):
+        select_tasks(tasks, ("train",), [], None, ["bigmull"])

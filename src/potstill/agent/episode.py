@@ -7,7 +7,10 @@ code runs in the sandbox and its result comes back as a `tool` turn; a turn with
 
 The trajectory is one token sequence after the prompt, with a role per token: 1 = written by the
 model (sampled, with its top-k), 0 = context (the template's turn markers, the closing fence that
-ended the turn, tool output). Training learns only role-1 tokens. Live episodes decode together,
+ended the turn, tool output, a scaffold's prefill). With scaffold "prefill" each assistant turn
+opens with text the model continues: "```python\n" where it should call the tool (the first turn,
+and after a run that failed or printed nothing), "Final answer:" after a run that printed
+something (and, without the tool, in the only turn); the same for every model evaluated. Training learns only role-1 tokens. Live episodes decode together,
 one batched `complete_ids` call per turn; each turn samples from a generator seeded by the
 episode id and the turn, so a resumed run repeats an interrupted one.
 """
@@ -24,6 +27,7 @@ import numpy as np
 
 from potstill.agent.sandbox import Sandbox
 from potstill.agent.tasks import Task, check
+from potstill.errors import PotstillError
 from potstill.lm.tokens import row_seed
 from potstill.lm.types import SamplingParams
 
@@ -40,6 +44,9 @@ SYSTEM_NO_TOOL = (
     "Example.\nQuestion: What is 12 * 11?\nAnswer: 12 * 11 = 132.\nFinal answer: 132"
 )
 FENCE_STOP = "\n```\n"
+SCAFFOLDS = ("none", "prefill")
+CODE_PREFILL = "```python\n"  # scaffold "prefill": a turn that should call the tool starts with these
+ANSWER_PREFILL = "Final answer:"  # ... and a turn after a tool run that printed something (or without the tool)
 CODE_RE = re.compile(r"```python[ \t]*\n(.*?)(?:\n```|$)", re.S)
 FINAL_RE = re.compile(r"final answer\s*:\s*(.+)", re.I)
 _MARK = "\x00POTSTILL_TURN\x00"
@@ -69,6 +76,7 @@ class Episode:
     ended_eos: bool = False  # the last model turn ended with the model's own end-of-turn token
     wire: list[dict] = field(default_factory=list)  # an API teacher's messages as sent (api_episode.py)
     call_id: str | None = None  # the API function call the next tool message answers
+    prefill: str = ""  # scaffold: text that opens the next assistant turn (context, role 0)
 
     @property
     def done(self) -> bool:
@@ -120,8 +128,11 @@ class EpisodeRunner:
 
     def __init__(self, teacher, sandbox: Sandbox | None, params: SamplingParams, max_turns: int = 4,
                  max_tokens: int = 2048, tool: bool = True, seed: int = 0, batch_size: int = 16,
-                 observation_chars: int = 1000):
+                 observation_chars: int = 1000, scaffold: str = "none"):
+        if scaffold not in SCAFFOLDS:
+            raise PotstillError(f"unknown scaffold {scaffold!r} (have {', '.join(SCAFFOLDS)})")
         self.teacher = teacher
+        self.scaffold = scaffold
         self.tok = teacher.tokenizer
         self.sandbox = sandbox
         self.params = replace(params, stop=[FENCE_STOP] if tool else [])
@@ -136,7 +147,17 @@ class EpisodeRunner:
 
     def new(self, eid: str, task: Task, sample: int) -> Episode:
         messages = start_messages(task, self.tool)
-        return Episode(eid, task, sample, messages, list(self.teacher.encode_chat(messages)))
+        e = Episode(eid, task, sample, messages, list(self.teacher.encode_chat(messages)))
+        e.prefill = self._prefill(None)
+        return e
+
+    def _prefill(self, result) -> str:
+        """The scaffold's opening of the next turn; `result`: the tool run just answered (None: none)."""
+        if self.scaffold == "none":
+            return ""
+        if not self.tool or (result is not None and result.ok and result.output.strip()):
+            return ANSWER_PREFILL
+        return CODE_PREFILL
 
     def run(self, episodes: list[Episode], log=None) -> list[Episode]:
         """Advance every episode to its end; returns them (the same objects)."""
@@ -168,6 +189,9 @@ class EpisodeRunner:
 
     def _turns(self, live: list[Episode], turn: int) -> list[str | None]:
         """One model turn for each live episode, recorded; the code each one runs (None: none)."""
+        for e in live:
+            if e.prefill:
+                self._append(e, self._ids(e.prefill), 0)
         outs = self.teacher.complete_ids([e.prompt_ids + e.ids for e in live], self.params,
                                          [row_seed(self.seed, f"{e.id}:{turn}") for e in live],
                                          batch_size=self.batch_size, include_eos=True)
@@ -201,8 +225,8 @@ class EpisodeRunner:
         ids = list(c.completion_ids)
         self._append(e, ids, 1, c.topk_ids, c.topk_logprobs)
         ended_eos = bool(ids) and ids[-1] in self.teacher.eos_ids
-        written = self.tok.decode(ids, skip_special_tokens=True)
-        text = c.text
+        written = e.prefill + self.tok.decode(ids, skip_special_tokens=True)
+        text = e.prefill + c.text
         code, answer = parse_turn(text)
         if not self.tool:  # without the tool a code block is only text: the answer line counts wherever it is
             final = FINAL_RE.search(text)
@@ -241,6 +265,7 @@ class EpisodeRunner:
             if not result.ok:
                 e.sandbox_errors += 1
             obs = "Output:\n" + result.observation(self.observation_chars)
+        e.prefill = self._prefill(result)
         msg = {"role": "tool", "content": obs}
         e.messages.append(msg)
         suffix = turn_suffix(self.tok, msg)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.agent.generate import AgentGenerateConfig
+from potstill.agent.generate import AgentGenerateConfig, check_scaffold
 from potstill.config import EvalConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.utils import atomic_path, write_json
@@ -35,6 +35,7 @@ class AgentEvalConfig:
     max_tasks: int = opt(60, "At most this many tasks per split (0 = all).")
     max_turns: int = derive(AgentGenerateConfig, "max_turns")
     max_new_tokens: int = derive(AgentGenerateConfig, "max_new_tokens")
+    scaffold: str = derive(AgentGenerateConfig, "scaffold", note="The same for every model evaluated.")
     max_tokens: int = derive(AgentGenerateConfig, "max_tokens")
     batch_size: int = derive(AgentGenerateConfig, "batch_size")
     seed: int = derive(AgentGenerateConfig, "seed", note="Here only the task set's.")
@@ -52,6 +53,7 @@ class AgentEvalConfig:
             raise PotstillError("agent eval: give --teacher and/or --students")
         if self.labels and len(self.labels) != len(self.students):
             raise PotstillError("agent eval: --labels needs one label per student")
+        check_scaffold(self.scaffold)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float | None]:
@@ -97,7 +99,8 @@ def evaluate_model(model, label: str, tasks: list, sandbox, cfg: AgentEvalConfig
     for mode in MODES:
         t0 = time.perf_counter()
         runner = EpisodeRunner(model, sandbox, params, max_turns=cfg.max_turns, max_tokens=cfg.max_tokens,
-                               tool=mode == "tool", seed=cfg.seed, batch_size=cfg.batch_size)
+                               tool=mode == "tool", seed=cfg.seed, batch_size=cfg.batch_size,
+                               scaffold=cfg.scaffold)
         try:
             episodes = runner.run([runner.new(f"{label}:{mode}:{t.id}", t, 0) for t in tasks])
         finally:
@@ -137,7 +140,8 @@ def run_agent_eval(cfg: AgentEvalConfig, log=print, models: dict[str, Any] | Non
             model = HFTeacher.load(model, dtype=cfg.dtype)
         rows.append(evaluate_model(model, label, tasks, sandbox, cfg, log))
     episodes = [e for r in rows for e in r.pop("episodes")]
-    result = {"tasks": cfg.tasks, "splits": cfg.splits, "n_tasks": len(tasks), "sandbox": sandbox.describe(),
+    result = {"tasks": cfg.tasks, "splits": cfg.splits, "n_tasks": len(tasks), "scaffold": cfg.scaffold,
+              "sandbox": sandbox.describe(),
               "rows": rows, "config": cfg.__dict__}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +183,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [md_table(head, body)]
     iso = result["sandbox"]["isolation"]
     return (f"# potstill agent eval\n\n{result['n_tasks']} tasks from {result['tasks']} ({', '.join(result['splits'])}),"
-            f" greedy, one episode per task; sandbox isolation: {iso}.\n\n" + "\n".join(lines) + "\n")
+            f" greedy, one episode per task, scaffold {result.get('scaffold', 'none')}; sandbox isolation: {iso}.\n\n" + "\n".join(lines) + "\n")
 
 
 def _ci(ci: list) -> str:

@@ -30,10 +30,15 @@ class AgentGenerateConfig:
     out: str = opt("runs/agentcap", "Capture directory (created; an existing one is resumed).")
     samples: int = derive(GenerateConfig, "samples", 4, "Here: episodes per task (self-consistency; verified ones are kept).")
     max_turns: int = opt(4, "Most assistant turns per episode.")
+    scaffold: str = opt("prefill", "Local models: 'prefill' opens each assistant turn with ```python (call the tool) or "
+                                   "'Final answer:' (after a run that printed something) as context, the model writes "
+                                   "the rest; 'none': the model writes whole turns. API teachers: always none.")
     max_new_tokens: int = derive(GenerateConfig, "max_new_tokens", 192, "Here: per assistant turn.")
     max_tokens: int = opt(2048, "Most tokens per episode (prompt + trajectory).")
     max_tasks: int | None = opt(None, "Use at most this many tasks (of the train split).")
     kinds: list[str] = opt([], "Only tasks of these kinds (arithmetic, dates, units, strings, lists, primes, statistics).")
+    templates: list[str] = opt([], "Only tasks of these templates (e.g. bigmul, powmod, crt, sort, mean; "
+                                   "agent/tasks.py TEMPLATES): the difficulty mix.")
     temperature: float = derive(GenerateConfig, "temperature", 0.7)
     top_p: float = derive(GenerateConfig, "top_p", 0.95)
     top_k: int = derive(GenerateConfig, "top_k", note="Only model-written tokens have them.")
@@ -52,6 +57,14 @@ class AgentGenerateConfig:
             raise PotstillError("agent generate: samples, max_turns, max_new_tokens and batch_size must be >= 1")
         if self.top_k < 0:
             raise PotstillError("agent generate: top_k must be >= 0")
+        check_scaffold(self.scaffold)
+
+
+def check_scaffold(scaffold: str) -> None:
+    from potstill.agent.episode import SCAFFOLDS
+
+    if scaffold not in SCAFFOLDS:
+        raise PotstillError(f"agent: unknown scaffold {scaffold!r} (have {', '.join(SCAFFOLDS)})")
 
 
 def make_sandbox(cfg):
@@ -77,10 +90,13 @@ def load_agent_teacher(cfg):
     return HFTeacher.load(cfg.teacher, dtype=cfg.dtype)
 
 
-def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None) -> list:
-    out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)]
+def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None,
+                 templates: list[str] = ()) -> list:
+    out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)
+           and (not templates or t.template in templates)]
     if not out:
-        raise PotstillError(f"no tasks in split(s) {', '.join(splits)}" + (f" of kinds {kinds}" if kinds else ""))
+        raise PotstillError(f"no tasks in split(s) {', '.join(splits)}" + (f" of kinds {kinds}" if kinds else "")
+                            + (f" of templates {list(templates)}" if templates else ""))
     return out[:limit] if limit else out
 
 
@@ -112,7 +128,8 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
     from potstill.lm.types import SamplingParams
     from potstill.utils import quiet_transformers
 
-    tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks)  # bad input first
+    tasks = select_tasks(load_tasks(cfg.tasks, cfg.seed), ("train",), cfg.kinds, cfg.max_tasks,
+                         cfg.templates)  # bad input first
     sandbox = make_sandbox(cfg)
     log(f"sandbox: isolation={sandbox.isolation}")
     quiet_transformers()
@@ -123,26 +140,31 @@ def agent_generate(cfg: AgentGenerateConfig, teacher=None, log=print) -> dict[st
         log("API teacher: function-call arguments come without log-probs; the capture is text-only "
             "(train it with --loss ce)")
     top_k = 0 if api else cfg.top_k
+    scaffold = "none" if api else cfg.scaffold
+    if api and cfg.scaffold != "none":
+        log("API teacher: no prefill scaffold (the API writes whole turns); scaffold=none")
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_logprobs=top_k, seed=cfg.seed)
     identity = teacher.identity()
     codec = get_codec(cfg.codec if top_k else "none", vocab_size=identity.get("vocab_size") or 2**32, k=top_k)
     sampling = {**params.to_dict(), "max_turns": cfg.max_turns, "max_tokens": cfg.max_tokens,
-                "tool": "run_python function" if api else "python"}
+                "tool": "run_python function" if api else "python", "scaffold": scaffold}
     manifest = {
         "kind": "agent",
         "teacher": identity,
         "sampling": sampling,
         "k": top_k,
         "samples_per_prompt": cfg.samples,
-        "prompts": {"source": cfg.tasks, "sha256": tasks_hash(tasks), "count": len(tasks), "kinds": cfg.kinds},
+        "prompts": {"source": cfg.tasks, "sha256": tasks_hash(tasks), "count": len(tasks), "kinds": cfg.kinds,
+                    "templates": cfg.templates},
         "split": {"seed": cfg.seed, "rule": "verified -> train, others -> rejected; tasks of split 'train' only"},
         "sandbox": sandbox.describe(),
         "eos_in_completion": True,
     }
     runner = (ApiEpisodeRunner if api else EpisodeRunner)(teacher, sandbox, params, max_turns=cfg.max_turns,
                                                           max_tokens=cfg.max_tokens, seed=cfg.seed,
-                                                          batch_size=cfg.batch_size)
+                                                          batch_size=cfg.batch_size,
+                                                          **({} if api else {"scaffold": scaffold}))
     role_field = pa.field("role_mask", pa.list_(pa.uint8()))
     summaries: list[dict] = []
     t0 = time.perf_counter()

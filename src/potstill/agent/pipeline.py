@@ -52,6 +52,7 @@ def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str |
         labels.insert(0, "student before")
     eval_cfg = build(AgentEvalConfig, {**data.get("agent_eval", {}), "students": students, "labels": labels,
                                        "teacher": gen.teacher, "tasks": gen.tasks, "seed": gen.seed,
+                                       "scaffold": gen.scaffold,
                                        "unsafe_sandbox": gen.unsafe_sandbox, "out": str(run / "eval")},
                      f"{where}: agent_eval")
     with atomic_path(run / "recipe.resolved.yaml") as tmp:
@@ -61,7 +62,7 @@ def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str |
     def check_capture(manifest: dict) -> None:
         if not manifest.get("counts", {}).get("splits", {}).get("train", {}).get("rows"):
             raise PotstillError("the teacher solved no training task: no verified trajectory to learn from "
-                                "(try more --samples, another temperature, or easier task kinds)", where=gen.out)
+                                "(try --scaffold prefill, more --samples, another temperature, or easier --kinds / --templates)", where=gen.out)
 
     return run_stages(lambda: agent_generate(gen, log=log), train_cfg, lambda: run_agent_eval(eval_cfg, log=log),
                       run, bool(data.get("eval_before")), log, check_capture)

@@ -70,7 +70,7 @@ def scripted_capture(cfg: AgentAnchorConfig, tasks: list, out: Path, scorer, log
     gen = AgentGenerateConfig(tasks=_task_file(out.with_suffix(".tasks.jsonl"), tasks), teacher=cfg.teacher,
                               out=str(out), samples=1, max_turns=2, max_new_tokens=512, top_k=cfg.top_k,
                               temperature=0.0, seed=cfg.seed, dtype=cfg.dtype, batch_size=8,
-                              unsafe_sandbox=cfg.unsafe_sandbox)
+                              unsafe_sandbox=cfg.unsafe_sandbox, scaffold="none")  # the solver writes whole turns
     return agent_generate(gen, teacher=ScriptedSolver(scorer, tasks), log=log)
 
 
@@ -123,7 +123,8 @@ def run_agent_anchor(cfg: AgentAnchorConfig, log=print) -> dict[str, Any]:
     ev = run_agent_eval(AgentEvalConfig(tasks=cfg.tasks, teacher=None, students=[str(out / n) for n in ("before", *ARMS)],
                                         labels=["before", "sft (ce)", f"kd ({cfg.kd_loss})"], max_tasks=cfg.eval_tasks,
                                         max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                        dtype=cfg.dtype, out=str(out / "eval"), unsafe_sandbox=cfg.unsafe_sandbox),
+                                        dtype=cfg.dtype, out=str(out / "eval"), unsafe_sandbox=cfg.unsafe_sandbox,
+                                        scaffold="none"),
                         log=log)
     timings["eval_s"] = round(time.perf_counter() - t, 1)
     result = {
