@@ -89,5 +89,13 @@ def test_select_tasks_by_template_sets_the_difficulty_mix():
     tasks = builtin_tasks(90)
     easy = select_tasks(tasks, ("train",), ["arithmetic"], 6, ["bigmul", "powmod"])
     assert len(easy) == 6 and {t.template for t in easy} == {"bigmul", "powmod"} and {t.split for t in easy} == {"train"}
-    with pytest.raises(PotstillError, match="of templates \\['bigmull'\\]"):
+    with pytest.raises(PotstillError, match="templates: unknown 'bigmull' \\(known: .*bigmul"):
         select_tasks(tasks, ("train",), [], None, ["bigmull"])
+    # one misspelled name among good ones is an error too, not silently dropped
+    with pytest.raises(PotstillError, match="templates: unknown 'powmd'"):
+        select_tasks(tasks, ("train",), [], None, ["bigmul", "powmd"])
+    with pytest.raises(PotstillError, match="kinds: unknown 'arithmetik'"):
+        select_tasks(tasks, ("train",), ["arithmetic", "arithmetik"], None)
+    # a real template with no task in the split asked for is still the old error
+    with pytest.raises(PotstillError, match="no tasks in split"):
+        select_tasks(tasks, ("heldout_template",), [], None, ["bigmul"])

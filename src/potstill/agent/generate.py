@@ -92,6 +92,10 @@ def load_agent_teacher(cfg):
 
 def select_tasks(tasks: list, splits: tuple[str, ...], kinds: list[str], limit: int | None,
                  templates: list[str] = ()) -> list:
+    for field, wanted, known in (("kinds", kinds, {t.kind for t in tasks}), ("templates", templates, {t.template for t in tasks})):
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise PotstillError(f"{field}: unknown {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})")
     out = [t for t in tasks if t.split in splits and (not kinds or t.kind in kinds)
            and (not templates or t.template in templates)]
     if not out:
