@@ -99,3 +99,17 @@ def test_select_tasks_by_template_sets_the_difficulty_mix():
     # a real template with no task in the split asked for is still the old error
     with pytest.raises(PotstillError, match="no tasks in split"):
         select_tasks(tasks, ("heldout_template",), [], None, ["bigmul"])
+
+
+def test_eval_templates_narrow_the_unseen_instances_only():
+    from potstill.agent.evaluate import AgentEvalConfig, eval_tasks
+
+    tasks = builtin_tasks(360)
+    cfg = AgentEvalConfig(teacher="embedded", max_tasks=8, templates=["bigmul", "powmod"])
+    chosen = eval_tasks(cfg, tasks)
+    seen = [t for t in chosen if t.split == "heldout"]
+    unseen = [t for t in chosen if t.split == "heldout_template"]
+    assert len(seen) == 8 and {t.template for t in seen} == {"bigmul", "powmod"}
+    assert len(unseen) == 8 and len({t.template for t in unseen}) > 1  # unseen templates: all of them
+    assert {t.template for t in eval_tasks(AgentEvalConfig(teacher="embedded", max_tasks=8), tasks)
+            if t.split == "heldout"} - {"bigmul", "powmod"}  # without it, every seen template

@@ -33,6 +33,8 @@ class AgentEvalConfig:
     labels: list[str] = derive(EvalConfig, "labels")
     splits: list[str] = opt(["heldout", "heldout_template"], "Task splits to evaluate on.")
     max_tasks: int = opt(60, "At most this many tasks per split (0 = all).")
+    templates: list[str] = derive(AgentGenerateConfig, "templates",
+                                  note="Here: the 'heldout' split (unseen instances) only; unseen templates stay whole.")
     max_turns: int = derive(AgentGenerateConfig, "max_turns")
     max_new_tokens: int = derive(AgentGenerateConfig, "max_new_tokens")
     scaffold: str = derive(AgentGenerateConfig, "scaffold", note="The same for every model evaluated.")
@@ -116,17 +118,25 @@ def evaluate_model(model, label: str, tasks: list, sandbox, cfg: AgentEvalConfig
     return row
 
 
+def eval_tasks(cfg: AgentEvalConfig, all_tasks: list) -> list:
+    """Up to `max_tasks` of each split; `templates` narrows the unseen-instance split only."""
+    from potstill.agent.generate import select_tasks
+
+    tasks = []
+    for split in cfg.splits:
+        tasks += select_tasks(all_tasks, (split,), [], cfg.max_tasks or None,
+                              cfg.templates if split == "heldout" else ())
+    return tasks
+
+
 def run_agent_eval(cfg: AgentEvalConfig, log=print, models: dict[str, Any] | None = None) -> dict[str, Any]:
     """Teacher and students on the held-out tasks; `models` maps label -> loaded model (tests)."""
-    from potstill.agent.generate import make_sandbox, select_tasks
+    from potstill.agent.generate import make_sandbox
     from potstill.agent.tasks import load_tasks
     from potstill.teachers.hf import HFTeacher
     from potstill.utils import quiet_transformers
 
-    all_tasks = load_tasks(cfg.tasks, cfg.seed)
-    tasks = []
-    for split in cfg.splits:
-        tasks += select_tasks(all_tasks, (split,), [], cfg.max_tasks or None)
+    tasks = eval_tasks(cfg, load_tasks(cfg.tasks, cfg.seed))
     sandbox = make_sandbox(cfg)
     log(f"agent eval: {len(tasks)} tasks ({', '.join(cfg.splits)}); sandbox isolation={sandbox.isolation}")
     quiet_transformers()

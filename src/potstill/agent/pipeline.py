@@ -50,7 +50,7 @@ def run_agent_recipe(path: str | Path, overrides: list[str] = (), run_dir: str |
     if data.get("eval_before"):
         students.insert(0, str(run / "student-before"))
         labels.insert(0, "student before")
-    eval_cfg = build(AgentEvalConfig, {**data.get("agent_eval", {}), "students": students, "labels": labels,
+    eval_cfg = build(AgentEvalConfig, {"templates": gen.templates, **data.get("agent_eval", {}), "students": students, "labels": labels,
                                        "teacher": gen.teacher, "tasks": gen.tasks, "seed": gen.seed,
                                        "scaffold": gen.scaffold,
                                        "unsafe_sandbox": gen.unsafe_sandbox, "out": str(run / "eval")},
