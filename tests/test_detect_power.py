@@ -34,6 +34,10 @@ def test_detect_power_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     assert saved["perplexity"]["watermarked"]["ppl"] > 0 and len(saved["tokens_needed"]) == 4
     table = (out / "table.md").read_text()
     assert "p (mass)" in table and "unwatermarked teacher" in table and (out / "power.png").stat().st_size > 1000
+    from PIL import Image
+
+    w, h = Image.open(out / "power.png").size
+    assert w > 2 * h  # two panels: p against served tokens and against steps
     assert "key" not in saved["watermark"] or "fingerprint" in json.dumps(saved["watermark"])
 
 
