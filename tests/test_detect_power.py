@@ -13,8 +13,14 @@ def test_detect_power_study_tiny(tmp_path, tiny_model_dir, prompts_file):
                             steps=[2, 1], student="prune:depth:2", lr=3e-3, batch_size=4, samples=1, max_new_tokens=8,
                             gen_batch_size=12, clean_prompts=4, null_keys=20, wrong_keys=2, ppl_rows=4)
     assert cfg.budgets == [40, 80] and cfg.steps == [1, 2]
-    result = run_detect_power(cfg, log=lambda *a: None)
+    lines: list[str] = []
+    result = run_detect_power(cfg, log=lines.append)
     saved = json.loads((out / "results.json").read_text())
+    # largest budget first, then every control, then the smaller budget (a stopped run keeps the headline)
+    assert [s["budget"] for s in saved["settings"]] == [80] * 4 + [40] * 4
+    order = [("control" if "control " in line else "setting") for line in lines if "[detect-power]" in line
+             and (" control " in line or " step " in line)]
+    assert order == ["setting"] * 4 + ["control"] * 7 + ["setting"] * 4
     assert saved["settings"] == json.loads(json.dumps(result["settings"]))
     assert {(s["loss"], s["budget"], s["step"]) for s in saved["settings"]} == {
         (loss, b, st) for loss in ("ce", "fkl") for b in (40, 80) for st in (1, 2)}
@@ -28,6 +34,10 @@ def test_detect_power_study_tiny(tmp_path, tiny_model_dir, prompts_file):
     assert saved["perplexity"]["watermarked"]["ppl"] > 0 and len(saved["tokens_needed"]) == 4
     table = (out / "table.md").read_text()
     assert "p (mass)" in table and "unwatermarked teacher" in table and (out / "power.png").stat().st_size > 1000
+    from PIL import Image
+
+    w, h = Image.open(out / "power.png").size
+    assert w > 2 * h  # two panels: p against served tokens and against steps
     assert "key" not in saved["watermark"] or "fingerprint" in json.dumps(saved["watermark"])
 
 

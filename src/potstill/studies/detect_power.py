@@ -10,12 +10,14 @@ the top-k, ce on the text only) a student is trained with a constant learning ra
 log for that key): the green-mass statistic (guard/greenmass.py, calibrated on `null_keys` random
 keys) and the older argmax count, side by side.
 
-Null controls, all on the largest budget's served sequences: `wrong_keys` wrong keys on each of the
+The largest budget is trained first, then the null controls, then the smaller budgets (a run stopped
+early keeps the headline setting and every control). Null controls, all on the largest budget's served
+sequences: `wrong_keys` wrong keys on each of the
 largest ce and fkl students, the student as built (never trained), a ce student trained the same way on
 the teacher's *unwatermarked* completions, and the unwatermarked teacher itself. The watermark's
 quality cost: perplexity of watermarked and unwatermarked completions under the clean teacher.
-Writes results.json (after every setting, so a stopped run keeps what it measured), table.md and
-power.png under --out.
+Writes results.json, table.md and power.png under --out after every setting (a stopped run keeps
+what it measured).
 """
 
 from __future__ import annotations
@@ -206,7 +208,11 @@ def run_detect_power(cfg: DetectPowerConfig, log=print) -> dict[str, Any]:
     wm_cfg = WatermarkConfig(key=study_key(cfg.seed), vocab_size=len(teacher.tokenizer))
     result: dict[str, Any] = {"config": asdict(cfg), "watermark": wm_cfg.public_dict(), "cpu_threads": torch.get_num_threads(),
                               "settings": [], "controls": []}
-    save = lambda: write_json(out / "results.json", result)  # noqa: E731
+    from potstill.studies.detect_power_report import write_outputs
+
+    def save() -> None:  # everything measured so far, so a stopped run keeps its table and plot
+        write_json(out / "results.json", result)
+        write_outputs(result, out)
 
     def capture(name: str, wm: bool, max_prompts: int | None, samples: int) -> str:
         d = out / name
@@ -234,13 +240,46 @@ def run_detect_power(cfg: DetectPowerConfig, log=print) -> dict[str, Any]:
     save()
 
     tok = teacher.tokenizer
-    last_tables: dict[str, Any] = {}
-    detectors: dict[int, Detector] = {}
-    for budget in cfg.budgets:
+    largest = cfg.budgets[-1]
+    largest_tables: dict[str, Any] = {}
+    from potstill.guard.greenmass import null_key
+
+    def control(det: Detector, kind: str, table, key: str | None = None, **extra) -> None:
+        row = {"control": kind, **extra, **det.score(table, key)}
+        result["controls"].append(row)
+        log(f"[detect-power] control {kind} {extra}: p={row['p_value']:.3g} argmax p={row['argmax_p']:.3g}")
+        save()
+
+    def controls(det: Detector) -> None:
+        """The null controls, on the largest budget's served sequences."""
+        for loss, table in largest_tables.items():
+            for i in range(cfg.wrong_keys):
+                control(det, "wrong key", table, null_key(10**6 + i + (0 if loss == "ce" else cfg.wrong_keys)),
+                        suspect=f"{loss} student", key_index=i)
+        calib = [s[:n] for s, n in zip(det.seqs[:32], det.lens[:32], strict=True)]
+        fresh, _, _ = build_student(cfg.student, teacher_dir, calib, seed=cfg.seed)
+        control(det, "never-trained student", det.table(fresh), suspect=cfg.student)
+        del fresh
+        state: dict[str, Any] = {}
+
+        def grab(metrics, model) -> bool:
+            if metrics["step"] == cfg.steps[-1]:
+                state["table"] = det.table(model)
+            return False
+
+        train(train_config(cfg, clean_dir, out / "runs" / "ce-clean", "ce", teacher_dir), log=lambda *a, **k: None,
+              on_step=grab)
+        control(det, "ce student of unwatermarked text", state["table"], suspect="ce-clean")
+        base = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
+        control(det, "unwatermarked teacher", det.table(base), suspect=str(cfg.teacher))
+
+    # largest budget first, then its controls, then the smaller budgets: a run stopped early keeps the
+    # headline setting and every control
+    for budget in reversed(cfg.budgets):
         sub = prefix_capture(wm_dir, out / f"capture-wm-{budget}", budget)
         seqs, lens, comps = served_rows(sub)
         tokens = sum(len(c.completion_ids) for c in comps)
-        detectors[budget] = det = Detector(cfg, wm_cfg, seqs, lens, tok)
+        det = Detector(cfg, wm_cfg, seqs, lens, tok)
         for loss in cfg.losses:
             tcfg = train_config(cfg, sub, out / "runs" / f"{loss}-{budget}", loss, teacher_dir)
 
@@ -252,53 +291,21 @@ def run_detect_power(cfg: DetectPowerConfig, log=print) -> dict[str, Any]:
                 row = {"loss": loss, "budget": budget, "served_tokens": tokens, "step": metrics["step"],
                        "train_loss": metrics["loss"], **det.score(table), "detect_s": round(time.perf_counter() - t, 1)}
                 result["settings"].append(row)
-                last_tables[loss] = (budget, table)
+                if budget == largest:
+                    largest_tables[loss] = table
                 log(f"[detect-power] {loss} {tokens} tokens step {row['step']}: p={row['p_value']:.3g} "
                     f"(argmax p={row['argmax_p']:.3g}) n={row['n_contexts']} contexts | {time.perf_counter() - t0:.0f}s")
+                result["tokens_needed"] = tokens_needed(result["settings"], cfg)
                 save()
                 return False
 
             train(tcfg, log=lambda *a, **k: None, on_step=on_step)
-
-    # null controls on the largest budget's served sequences
-    det = detectors[cfg.budgets[-1]]
-
-    def control(kind: str, table, key: str | None = None, **extra) -> None:
-        row = {"control": kind, **extra, **det.score(table, key)}
-        result["controls"].append(row)
-        log(f"[detect-power] control {kind} {extra}: p={row['p_value']:.3g} argmax p={row['argmax_p']:.3g}")
-        save()
-
-    from potstill.guard.greenmass import null_key
-
-    for loss, (budget, table) in last_tables.items():
-        if budget == cfg.budgets[-1]:
-            for i in range(cfg.wrong_keys):
-                control("wrong key", table, null_key(10**6 + i + (0 if loss == "ce" else cfg.wrong_keys)),
-                        suspect=f"{loss} student", key_index=i)
-    calib = [s[:n] for s, n in zip(det.seqs[:32], det.lens[:32], strict=True)]
-    fresh, _, _ = build_student(cfg.student, teacher_dir, calib, seed=cfg.seed)
-    control("never-trained student", det.table(fresh), suspect=cfg.student)
-    del fresh
-    state: dict[str, Any] = {}
-
-    def grab(metrics, model) -> bool:
-        if metrics["step"] == cfg.steps[-1]:
-            state["table"] = det.table(model)
-        return False
-
-    train(train_config(cfg, clean_dir, out / "runs" / "ce-clean", "ce", teacher_dir), log=lambda *a, **k: None,
-          on_step=grab)
-    control("ce student of unwatermarked text", state["table"], suspect="ce-clean")
-    base = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float32)
-    control("unwatermarked teacher", det.table(base), suspect=str(cfg.teacher))
+        if budget == largest:
+            controls(det)
     result["tokens_needed"] = tokens_needed(result["settings"], cfg)
     result["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
     result["cpu_s"] = round(time.process_time(), 1)
     save()
-    from potstill.studies.detect_power_report import write_outputs
-
-    write_outputs(result, out)
     return result
 
 

@@ -51,23 +51,30 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _curves(ax, settings: list[dict[str, Any]], loss: str, by: str, x: str, label: str) -> None:
+    """One solid (green mass) and one dashed (argmax) log10-p curve against `x` per value of `by`."""
+    for g in sorted({s[by] for s in settings}):
+        pts = sorted((s[x], s["log10_p"], s["argmax_log10_p"]) for s in settings if s["loss"] == loss and s[by] == g)
+        if pts:
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{loss}, {g} {label} (mass)")
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=line.get_color(), alpha=0.5)
+
+
 def power_plot(result: dict[str, Any], path: str | Path) -> None:
+    """log10 p against served tokens (one line per loss and step) and against steps (one per loss and budget)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5))
     settings = result["settings"]
     for loss in sorted({s["loss"] for s in settings}):
-        for step in sorted({s["step"] for s in settings}):
-            pts = sorted((s["served_tokens"], s["log10_p"], s["argmax_log10_p"]) for s in settings
-                         if s["loss"] == loss and s["step"] == step)
-            if not pts:
-                continue
-            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{loss}, {step} steps (mass)")
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=line.get_color(), alpha=0.5)
-    ax.axhline(-6, color="k", lw=0.8, ls=":")
-    ax.set_xscale("log")
+        _curves(ax, settings, loss, "step", "served_tokens", "steps")
+        _curves(bx, settings, loss, "served_tokens", "step", "tokens")
+    for a in (ax, bx):
+        a.axhline(-6, color="k", lw=0.8, ls=":")
+        a.set_xscale("log")
+        a.set_ylabel("log10 p (solid: green mass, dashed: argmax)")
+        a.legend(fontsize=7)
     ax.set_xlabel("served watermarked tokens the distiller trained on")
-    ax.set_ylabel("log10 p (solid: green mass, dashed: argmax)")
-    ax.legend(fontsize=7)
+    bx.set_xlabel("distiller's optimizer steps")
     save_figure(fig, path)
 
 
