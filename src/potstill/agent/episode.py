@@ -52,6 +52,11 @@ FINAL_RE = re.compile(r"final answer\s*:\s*(.+)", re.I)
 _MARK = "\x00POTSTILL_TURN\x00"
 
 
+def check_scaffold(scaffold: str) -> None:
+    if scaffold not in SCAFFOLDS:
+        raise PotstillError(f"agent: unknown scaffold {scaffold!r} (have {', '.join(SCAFFOLDS)})")
+
+
 @dataclass
 class Episode:
     """One task attempt and its trajectory."""
@@ -129,8 +134,7 @@ class EpisodeRunner:
     def __init__(self, teacher, sandbox: Sandbox | None, params: SamplingParams, max_turns: int = 4,
                  max_tokens: int = 2048, tool: bool = True, seed: int = 0, batch_size: int = 16,
                  observation_chars: int = 1000, scaffold: str = "none"):
-        if scaffold not in SCAFFOLDS:
-            raise PotstillError(f"unknown scaffold {scaffold!r} (have {', '.join(SCAFFOLDS)})")
+        check_scaffold(scaffold)
         self.teacher = teacher
         self.scaffold = scaffold
         self.tok = teacher.tokenizer

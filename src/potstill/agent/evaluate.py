@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from potstill.agent.generate import AgentGenerateConfig, check_scaffold
+from potstill.agent.generate import AgentGenerateConfig
 from potstill.config import EvalConfig, derive, opt
 from potstill.errors import PotstillError
 from potstill.utils import atomic_path, write_json
@@ -55,6 +55,8 @@ class AgentEvalConfig:
             raise PotstillError("agent eval: give --teacher and/or --students")
         if self.labels and len(self.labels) != len(self.students):
             raise PotstillError("agent eval: --labels needs one label per student")
+        from potstill.agent.episode import check_scaffold
+
         check_scaffold(self.scaffold)
 
 

@@ -57,14 +57,9 @@ class AgentGenerateConfig:
             raise PotstillError("agent generate: samples, max_turns, max_new_tokens and batch_size must be >= 1")
         if self.top_k < 0:
             raise PotstillError("agent generate: top_k must be >= 0")
+        from potstill.agent.episode import check_scaffold
+
         check_scaffold(self.scaffold)
-
-
-def check_scaffold(scaffold: str) -> None:
-    from potstill.agent.episode import SCAFFOLDS
-
-    if scaffold not in SCAFFOLDS:
-        raise PotstillError(f"agent: unknown scaffold {scaffold!r} (have {', '.join(SCAFFOLDS)})")
 
 
 def make_sandbox(cfg):
