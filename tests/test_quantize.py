@@ -90,13 +90,12 @@ def test_generate_refuses_int8_above_the_bar(tmp_path, tiny_model_dir, prompts_f
     assert not out.exists()
 
 
-def test_generate_int8_records_its_kl_in_the_manifest(tmp_path, tiny_model_dir, prompts_file, monkeypatch):
-    import potstill.lm.quantize as quantize
+def test_generate_int8_records_its_kl_in_the_manifest(tmp_path, tiny_model_dir, prompts_file):
     from potstill.capture.generate import generate
 
-    monkeypatch.setattr(quantize, "MAX_KL", 1.0)  # a bar the tiny teacher's int8 meets (see the test above)
-    out = tmp_path / "cap"
-    generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4, quantize="int8"), log=lambda *_: None)
+    out = tmp_path / "cap"  # a bar the tiny teacher's int8 meets (see the test above)
+    generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4, quantize="int8", quantize_max_kl=1.0),
+             log=lambda *_: None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher"]["quantize"] == "int8"
     q = manifest["quantize"]
@@ -104,3 +103,38 @@ def test_generate_int8_records_its_kl_in_the_manifest(tmp_path, tiny_model_dir, 
     assert q["calibration_prompts"] == 4 and q["calibration_tokens"] > 0 and q["k"] == 8
     with pytest.raises(PotstillError, match="teacher.quantize"):  # float32 rows do not resume an int8 capture
         generate(gen_cfg(tiny_model_dir, prompts_file, out, max_prompts=4), log=lambda *_: None)
+
+
+def test_int8_row_does_not_depend_on_its_batch_mates(tiny_model_dir):
+    """Per-token activation scales: a row's int8 log-probs are the same alone and beside other rows. With one
+    activation scale per forward (torch.ao's dynamic quantisation, used before), a batch-mate with larger
+    activations coarsened every other row's step: the same prompt's top-k moved with its batch."""
+    from potstill.lm.quantize import quantize_engine
+
+    teacher = _teacher(tiny_model_dir)
+    ids = [teacher.encode_chat(m) for m in MESSAGES]
+    quantize_engine(teacher, "int8", ids, [[5, 6, 7, 8]] * len(ids), k=8, max_kl=float("inf"))
+    completion = [[11, 12, 13, 14, 15, 16]]
+    alone = teacher.score_ids(ids[:1], completion, k=8)[0]
+    loud = [list(range(40, 90))] * 3  # batch-mates with other tokens and other lengths
+    together = teacher.score_ids(ids[:1] + [ids[1]] * 3, completion + loud, k=8)[0]
+    np.testing.assert_array_equal(alone.topk_ids, together.topk_ids)
+    np.testing.assert_allclose(alone.topk_logprobs, together.topk_logprobs, atol=1e-4)
+
+
+def test_smoothquant_moves_an_outlier_channel_into_the_weights():
+    """SmoothQuant is exact before rounding; with one outlier input channel it cuts int8's error."""
+    from potstill.lm.quantize import Int8Linear, smoothing
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    x[:, 3] *= 60  # an outlier channel, as LLM activations have
+    exact = linear(x)
+    plain = Int8Linear(linear)(x)
+    smooth = Int8Linear(linear, smoothing(linear, x.abs().amax(0)))(x)
+    err = [float((y - exact).detach().norm() / exact.norm()) for y in (plain, smooth)]
+    assert err[1] < err[0] / 3, err
+    assert err[1] < 0.02
+    s = smoothing(linear, x.abs().amax(0))  # (x / s) (W s)^T = x W^T in float
+    torch.testing.assert_close((x / s) @ (linear.weight * s).T + linear.bias, exact, rtol=1e-4, atol=1e-4)

@@ -145,8 +145,11 @@ class GenerateConfig(HttpConfig, AntidistillConfig):
     seed: int = opt(0, "Seed for sampling and the split.")
     dtype: str = opt("auto", "Teacher dtype: auto (bf16 where the CPU has it), float32, bfloat16.")
     quantize: str = opt(
-        "none", "Local teacher's decoder-layer linears: 'none' or 'int8' (dynamic quantisation, float32 on the CPU; "
-        "refused when its top-k KL to float32 on a calibration batch exceeds 1e-3 nats/token; in the manifest).")
+        "none", "Local teacher's decoder-layer linears: 'none' or 'int8' (int8 weights and per-token activations, "
+        "float32 on the CPU; refused when its top-k KL to float32 on a calibration batch exceeds --quantize-max-kl; "
+        "in the manifest).")
+    quantize_max_kl: float = opt(1e-3, "The int8 fidelity bar, nats/token of top-k KL to the float32 teacher "
+                                 "(raise it knowingly: the embedded teacher's int8 measures ~0.01).")
     shard_rows: int = opt(256, "Rows per Parquet shard (a killed run resumes at shard granularity).")
     answers: str = opt(
         "sample",
@@ -171,6 +174,8 @@ class GenerateConfig(HttpConfig, AntidistillConfig):
                 self.dtype in ("bfloat16", "float16") or self.teacher.startswith(("http://", "https://"))):
             raise PotstillError(f"generate: quantize must be 'none' or 'int8' (int8: a local float32 teacher), not "
                                 f"{self.quantize!r} with dtype {self.dtype!r}")
+        if not self.quantize_max_kl > 0:
+            raise PotstillError(f"generate: quantize_max_kl must be > 0, not {self.quantize_max_kl}")
 
 
 MODES = ("offline", "online", "on-policy")

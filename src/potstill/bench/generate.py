@@ -166,6 +166,7 @@ def int8_rows(teacher, ids: list[list[int]], written: list, max_new_tokens: int,
         QUANTIZE_HEAD,
         bucket_kl,
         check_quantizable,
+        input_maxima,
         quantized_copy,
         reference_buckets,
     )
@@ -176,10 +177,11 @@ def int8_rows(teacher, ids: list[list[int]], written: list, max_new_tokens: int,
         log(f"int8 rows left out: {e}")
         return []
     prompts, completions = [c.prompt_ids for c in written], [c.completion_ids for c in written]
-    reference = reference_buckets(teacher, prompts, completions, k)
+    with input_maxima(teacher.model) as input_max:  # SmoothQuant's calibration, in the reference pass
+        reference = reference_buckets(teacher, prompts, completions, k)
     rows = []
     for head in (False, True):
-        engine = quantized_copy(teacher, head=head)
+        engine = quantized_copy(teacher, head=head, input_max=input_max)
         potstill_engine(engine, ids[:2], 4, 2, k)  # warm-up
         t0 = time.perf_counter()
         tokens = sum(len(c.completion_ids) for c in potstill_engine(engine, ids, max_new_tokens, batch_size, k))

@@ -241,7 +241,8 @@ def quantize_teacher(teacher, cfg: GenerateConfig, prompts: list, scoring: bool,
     calib = prompts[:CALIBRATION_PROMPTS]
     ids = [teacher.encode_chat(p.messages) for p in calib]
     refs = [reference_ids(teacher, p.messages, p.reference, i) for p, i in zip(calib, ids, strict=True)] if scoring else None
-    record = quantize_engine(teacher, cfg.quantize, ids, refs, k=cfg.top_k, seed=cfg.seed, temperature=cfg.temperature)
+    record = quantize_engine(teacher, cfg.quantize, ids, refs, k=cfg.top_k, seed=cfg.seed, temperature=cfg.temperature,
+                             max_kl=cfg.quantize_max_kl)
     log(f"quantize {record['mode']}: top-{record['k']} KL to float32 {record['kl_topk']:.2e} nats/token over "
         f"{record['calibration_tokens']} calibration tokens (bar {record['max_kl']:.0e})")
     return record
