@@ -132,9 +132,9 @@ def test_smoothquant_moves_an_outlier_channel_into_the_weights():
     x[:, 3] *= 60  # an outlier channel, as LLM activations have
     exact = linear(x)
     plain = Int8Linear(linear)(x)
-    smooth = Int8Linear(linear, smoothing([linear], x.abs().amax(0)))(x)
+    smooth = Int8Linear(linear, smoothing(linear, x.abs().amax(0)))(x)
     err = [float((y - exact).detach().norm() / exact.norm()) for y in (plain, smooth)]
     assert err[1] < err[0] / 3, err
     assert err[1] < 0.02
-    s = smoothing([linear], x.abs().amax(0))  # (x / s) (W s)^T = x W^T in float
+    s = smoothing(linear, x.abs().amax(0))  # (x / s) (W s)^T = x W^T in float
     torch.testing.assert_close((x / s) @ (linear.weight * s).T + linear.bias, exact, rtol=1e-4, atol=1e-4)

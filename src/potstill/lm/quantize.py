@@ -23,7 +23,6 @@ int8's reach on this model whatever the activations do).
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,6 @@ QUANTIZE_HEAD = False
 """Quantise the (tied, 49,152-wide) output head too (bench generate measures both)."""
 SCHEME = "int8 weights per output channel, int8 activations per token, SmoothQuant alpha 0.5, torch._int_mm"
 SMOOTH_ALPHA = 0.5
-SHARES = "shares input with"
 """SmoothQuant's migration strength: per input channel j, s_j = max|x_j|^a / max|W_:,j|^(1 - a)."""
 CALIBRATION_PROMPTS = 8
 CALIBRATION_TOKENS = 32
@@ -59,38 +57,14 @@ def check_quantizable(model, mode: str) -> None:
                             f"on {p.device.type} (use --dtype float32)")
 
 
-class RowQuant:
-    """int8 activations with a scale per token (row), SmoothQuant-divided by `smooth` where given. The
-    `users` linears that read the same input (q/k/v, gate/up) share one: the input is quantised once per
-    forward, kept (by weak reference to the input: a freed input's address reused is never a hit) until
-    every user has read it."""
-
-    def __init__(self, smooth: torch.Tensor | None = None, users: int = 1):
-        self.inv_smooth = None if smooth is None else 1 / smooth
-        self.users = users
-        self._last: tuple | None = None  # (weak ref to the input, its version, int8 rows, steps, reads left)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        last = self._last
-        if last is not None and last[0]() is x and last[1] == x._version:
-            self._last = (*last[:4], last[4] - 1) if last[4] > 1 else None
-            return last[2], last[3]
-        rows = x.reshape(-1, x.shape[-1])
-        rows = rows * self.inv_smooth if self.inv_smooth is not None else rows.float().clone()
-        step = rows.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)  # faster than an inf-norm
-        q = rows.div_(step).round_().to(torch.int8)  # |rows / step| <= 127 by construction
-        self._last = (weakref.ref(x), x._version, q, step, self.users - 1) if self.users > 1 else None
-        return q, step
-
-
 class Int8Linear(torch.nn.Module):
     """`x @ W.T + b` in int8: weights with a scale per output channel, activations with a scale per
-    token (row) computed at run time (`RowQuant`), products summed in int32 (`torch._int_mm`). With a
-    SmoothQuant factor `smooth` (Xiao et al. 2023), activation channel j is divided and weight column j
-    multiplied by `smooth[j]` before rounding (exact in float), so outlier channels share their range
-    with the weights."""
+    token (row) computed at run time, products summed in int32 (`torch._int_mm`). With `smooth`
+    (SmoothQuant, Xiao et al. 2023), activation channel j is divided and weight column j multiplied
+    by `smooth[j]` before rounding (exact in float), so outlier channels share their range with the
+    weights."""
 
-    def __init__(self, linear: torch.nn.Linear, smooth: torch.Tensor | None = None, quant: RowQuant | None = None):
+    def __init__(self, linear: torch.nn.Linear, smooth: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         if smooth is not None:
@@ -98,16 +72,21 @@ class Int8Linear(torch.nn.Module):
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("weight_int8", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("weight_scale", scale)
-        self.quant = quant or RowQuant(smooth)
+        self.register_buffer("inv_smooth", None if smooth is None else 1 / smooth)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, step = self.quant(x)
-        y = torch.mul(torch._int_mm(q, self.weight_int8.t()), step).mul_(self.weight_scale)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        step = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+        q = (x / step).round_().clamp_(-127, 127).to(torch.int8)
+        y = torch._int_mm(q, self.weight_int8.t()) * (step * self.weight_scale)
         if self.bias is not None:
-            y.add_(self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 def _targets(model, head: bool) -> dict[str, torch.nn.Linear]:
@@ -124,21 +103,14 @@ def _targets(model, head: bool) -> dict[str, torch.nn.Linear]:
 @contextmanager
 def input_maxima(model, head: bool = True):
     """While open, record each target Linear's input magnitude maximum per channel (SmoothQuant's
-    calibration) into the yielded dict (name -> [in_features]); under `SHARES`, each Linear that read the
-    very input its predecessor read, mapped to the first of them (q/k/v, gate/up)."""
+    calibration) into the yielded dict (name -> [in_features])."""
     stats: dict[str, torch.Tensor] = {}
-    last: list = [None, None]  # (input key, name) of the latest call: who shares an input with whom
 
     def hook(name):
         def record(module, inputs, output):
             x = inputs[0].detach()
             m = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
             stats[name] = torch.maximum(stats[name], m) if name in stats else m
-            key = (x.data_ptr(), x._version, tuple(x.shape))
-            if last[0] == key:
-                shares = stats.setdefault(SHARES, {})
-                shares[name] = shares.get(last[1], last[1])
-            last[:] = [key, name]
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in _targets(model, head).items()]
@@ -149,40 +121,31 @@ def input_maxima(model, head: bool = True):
             h.remove()
 
 
-def smoothing(linears: list[torch.nn.Linear], input_max: torch.Tensor | None, alpha: float = SMOOTH_ALPHA) -> torch.Tensor | None:
-    """SmoothQuant's per-input-channel factor for linears reading one input, None without calibration."""
+def smoothing(linear: torch.nn.Linear, input_max: torch.Tensor | None, alpha: float = SMOOTH_ALPHA) -> torch.Tensor | None:
+    """SmoothQuant's per-input-channel factor for `linear`, None without calibration."""
     if input_max is None:
         return None
-    w = torch.stack([m.weight.detach().float().abs().amax(0) for m in linears]).amax(0).clamp(min=1e-5)
+    w = linear.weight.detach().float().abs().amax(0).clamp(min=1e-5)
     return (input_max.clamp(min=1e-5) ** alpha / w ** (1 - alpha)).clamp(min=1e-5)
 
 
-def quantize_model(model, head: bool = QUANTIZE_HEAD, input_max: dict | None = None) -> int:
+def quantize_model(model, head: bool = QUANTIZE_HEAD, input_max: dict[str, torch.Tensor] | None = None) -> int:
     """Replace the decoder layers' nn.Linear modules (and the output head with `head`) by `Int8Linear`,
-    in place, SmoothQuant-balanced where `input_max` (from `input_maxima`) has the module; linears that
-    read one input share its quantisation. Returns how many Linear modules were replaced. A tied head's
-    embedding stays float32 (the head gets an int8 copy)."""
+    in place, SmoothQuant-balanced where `input_max` (from `input_maxima`) has the module. Returns how
+    many Linear modules were replaced. A tied head's embedding stays float32 (the head gets an int8 copy)."""
     check_quantizable(model, "int8")
     if not hasattr(torch, "_int_mm"):
         raise PotstillError(f"quantize int8: this torch ({torch.__version__}) has no int8 matmul")
     input_max = input_max or {}
-    shares = input_max.get(SHARES, {})
     modules = dict(model.named_modules())
     targets = _targets(model, head)
-    groups: dict[str, list[str]] = {}
-    for name in targets:
-        groups.setdefault(shares.get(name, name), []).append(name)
-    for first, names in groups.items():
-        smooth = smoothing([targets[n] for n in names], input_max.get(first))
-        quant = RowQuant(smooth, len(names))
-        for name in names:
-            linear = targets[name]
-            q = Int8Linear(linear, smooth, quant)
-            if linear is model.get_output_embeddings():
-                model.set_output_embeddings(q)
-            else:
-                parent, attr = name.rsplit(".", 1)
-                setattr(modules[parent], attr, q)
+    for name, linear in targets.items():
+        q = Int8Linear(linear, smoothing(linear, input_max.get(name)))
+        if linear is model.get_output_embeddings():
+            model.set_output_embeddings(q)
+        else:
+            parent, attr = name.rsplit(".", 1)
+            setattr(modules[parent], attr, q)
     return len(targets)
 
 
