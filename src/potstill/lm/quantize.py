@@ -78,14 +78,13 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).float()
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        step = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-        q = (x / step).round_().clamp_(-127, 127).to(torch.int8)
-        y = torch._int_mm(q, self.weight_int8.t()) * (step * self.weight_scale)
+        x = x.reshape(-1, shape[-1])
+        x = x * self.inv_smooth if self.inv_smooth is not None else x.float().clone()  # a copy, divided in place
+        step = x.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)
+        q = x.div_(step).round_().to(torch.int8)  # |x / step| <= 127 by construction
+        y = torch.mul(torch._int_mm(q, self.weight_int8.t()), step).mul_(self.weight_scale)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
 
