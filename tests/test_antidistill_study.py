@@ -101,3 +101,20 @@ def test_warm_start_and_seeds_on_the_tiny_teacher(tmp_path, tiny_model_dir, prom
     fo = result["first_order"]
     assert fo["teacher_cost_slope"] == pytest.approx(fo["teacher_cost_slope_fd"], rel=0.02, abs=1e-4)
     assert "Means over seeds" in (tmp_path / "s" / "table.md").read_text()
+
+
+def test_goal_with_a_temperature_baseline_that_loses_nothing():
+    """No ratio when the temperature students are not worse on average: the goal reads the paired difference."""
+    rows = synthetic()
+    for a in rows:
+        if a["arm"] == "T=1.2":  # the temperature students lose -0.1, 0.05, 0.0
+            a["student_nll"] += {0: -0.2, 1: 0.0, 2: -0.1}[a["seed"]]
+    result = summarize(AntidistillStudyConfig(seeds=3), rows, 2.0, PROC)
+    g = result["goal"]
+    assert g["best_ratio"] is None and g["temperature_loss_mean"] == pytest.approx(-0.05 / 3)
+    assert g["best_arm"] == "lambda=0.1" and g["difference"]["low"] > 0 and g["reached"]
+    for a in rows:  # seed 0's tilts now gain: the differences' intervals include 0
+        if a["lambda"] and a["seed"] == 0:
+            a["student_nll"] -= 0.8
+    g = summarize(AntidistillStudyConfig(seeds=3), rows, 2.0, PROC)["goal"]
+    assert g["difference"]["low"] < 0 and not g["reached"]

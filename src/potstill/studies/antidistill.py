@@ -206,8 +206,10 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     warm = None
     if cfg.warm_steps:
         warm = warm_start(cfg, teacher, base, tok, info, prompts_file, heldout, out / "warm", log)
-    base.save_pretrained(proxy_dir)  # what every tilted capture's processor loads
+    base.save_pretrained(proxy_dir)  # what every tilted capture's processor loads (and, warm, every arm's init)
     tok.save_pretrained(proxy_dir)
+    if warm:
+        warm["dir"] = str(proxy_dir)
     proc = AntidistillProcessor(copy.deepcopy(base), tok, answered, lam=1.0, eps=cfg.eps)
     log(f"[antidistill] proxy {cfg.proxy}{' (warm)' if warm else ''}: {info.get('params', 0):,} params; protect loss "
         f"{proc.protect_loss:.3f}, |g| {proc.grad_norm:.3g}")
@@ -308,10 +310,26 @@ def warm_start(cfg: AntidistillStudyConfig, teacher, base, tok, info, prompts_fi
 
 
 def best_tilt(rows: list[dict[str, Any]], max_cost: float) -> dict[str, Any] | None:
-    """The tilted arm (an `aggregate` row) with the largest ratio of mean student losses among those costing the
-    teacher <= `max_cost` (calibrated arms land on it up to the bisection's precision, hence the 0.1 % slack)."""
-    ok = [a for a in rows if a["lambda"] and a["teacher_cost"] <= max_cost * 1.001 and a.get("ratio_of_means") is not None]
-    return max(ok, key=lambda a: a["ratio_of_means"], default=None)
+    """The tilted arm (an `aggregate` row) the goal reads, among those costing the teacher <= `max_cost`
+    (calibrated arms land on it up to the bisection's precision, hence the 0.1 % slack) whose temperature
+    baseline is bracketed: the largest ratio of mean student losses; if no baseline's mean loss is > 0 (no
+    ratio), the largest paired difference tilt - temperature."""
+    ok = [a for a in rows if a["lambda"] and a["teacher_cost"] <= max_cost * 1.001 and a.get("vs_temperature")]
+    ratios = [a for a in ok if a.get("ratio_of_means") is not None]
+    if ratios:
+        return max(ratios, key=lambda a: a["ratio_of_means"])
+    return max(ok, key=lambda a: a["vs_temperature"]["mean"], default=None)
+
+
+def goal_reached(best: dict[str, Any] | None) -> bool:
+    """Student loss >= 3x the temperature baseline's: on the ratio of means when the baseline's mean loss is > 0;
+    when it is <= 0, a positive mean loss whose paired difference's 95 % interval lies above 0 (n >= 2)."""
+    if not best:
+        return False
+    if best.get("ratio_of_means") is not None:
+        return best["ratio_of_means"] >= 3.0
+    low = best["vs_temperature"]["low"]
+    return bool(best["student_loss_mean"] > 0 and low is not None and low > 0)
 
 
 def fmt(seconds: float) -> str:
@@ -394,9 +412,10 @@ def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll
         "goal": {"max_teacher_cost": cfg.max_teacher_cost, "needed_ratio": 3.0, "n": n,
                  "best_arm": best["arm"] if best else None,
                  "best_ratio": best["ratio_of_means"] if best else None,
+                 "temperature_loss_mean": best["temperature_loss_mean"] if best else None,
                  "difference": {k: diff.get(k) for k in ("mean", "low", "high")} if diff else None,
                  "difference_excludes_zero": excludes,
-                 "reached": bool(best and best["ratio_of_means"] >= 3.0),
+                 "reached": goal_reached(best),
                  "note": (f"ratio of mean student losses over n = {n} paired seeds; intervals: 95 % t over seeds"
                           if n > 1 else "one student per arm (n = 1 seed); no interval: a single-seed reading")},
     }

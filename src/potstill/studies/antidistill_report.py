@@ -60,7 +60,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
              f"temperature baseline's: {'reached' if g['reached'] else 'not reached'}"
              + (f" (best {g['best_arm']}: {g['best_ratio']:.2f}x, ratio of means, n = {g.get('n', 1)})"
                 if g["best_ratio"] is not None else
-                " (no tilt within the cost bracketed by the temperature arms with a positive baseline loss)")]
+                f" ({g['best_arm']}: no ratio, the temperature baseline's mean loss is {g['temperature_loss_mean']:+.4f} "
+                f"<= 0; read on the paired difference, n = {g.get('n', 1)})" if g.get("best_arm") else
+                " (no tilt within the cost bracketed by the temperature arms)")]
     if d and d.get("low") is not None:
         lines.append(f"tilt - temperature at equal cost ({g['best_arm']}): {d['mean']:+.4f} nats, 95 % t-interval "
                      f"[{d['low']:+.4f}, {d['high']:+.4f}] (n = {g['n']}): "
