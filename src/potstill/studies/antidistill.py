@@ -24,6 +24,21 @@ teacher cost <= `max_teacher_cost`, a tilt's student loss >= 3x the temperature 
 teacher cost (the temperature curve interpolated linearly in teacher cost, through `clean` at 0).
 Serving cost: completion tok/s of each arm's capture in the same run. Writes results.json, table.md
 and tradeoff.png under --out.
+
+`--warm-steps S`: before the arms, the proxy architecture is distilled from the clean teacher for S steps
+(a clean capture of the answered prompts at its own sampling seed, `generate` + `train` as the arms do);
+that warm model is both the proxy and every arm's initial student (the distiller already has a decent
+student and fine-tunes it on the served outputs; the owner's proxy is such a student too).
+`--seeds N`: N paired repetitions (sampling seed and data order `seed + i`), with the same split, warm
+model, proxy and calibrated lambda / T; per arm the mean student loss with its 95 % t-interval over
+seeds, the paired difference tilt - temperature at equal cost with its t-interval, and the ratio of
+means (the goal's reading).
+
+First-order diagnostic (`first_order` in results.json): on the held-out references, E_ref[Delta] (Delta
+of each reference token) and E_{p_teacher}[Delta] (Delta averaged under the clean teacher), per token.
+The tilt's teacher cost is lambda * (E_{p_teacher}[Delta] - E_ref[Delta]) + O(lambda^2), while a student
+starting at the proxy's weights and fitting the tilted targets loses ~ lambda * (-E_ref[Delta]): where
+the two expectations agree the teacher's cost is second order and the student's loss first order.
 """
 
 from __future__ import annotations
@@ -61,7 +76,11 @@ class AntidistillStudyConfig:
     max_seq_len: int = derive(TrainConfig, "max_seq_len", 192)
     gen_batch_size: int = derive(GenerateConfig, "batch_size", 16)
     max_teacher_cost: float = opt(0.05, "Goal: teacher cost (nats of reference NLL) at which student losses are compared.")
-    seed: int = derive(GenerateConfig, "seed", note="Also of the data order.")
+    seed: int = derive(GenerateConfig, "seed", note="Also of the data order; seed i of --seeds uses seed + i.")
+    warm_steps: int = opt(0, "Distil the proxy architecture from the clean teacher this many steps first (its own "
+                          "capture); that warm model is the proxy and every arm's initial student. 0: freshly built.")
+    seeds: int = opt(1, "Paired repetitions of every arm (own sampling seed and data order; same split, proxy, "
+                     "lambda and T); > 1 gives 95 % t-intervals over seeds.")
 
     def __post_init__(self) -> None:
         self.lambdas = [float(x) for x in self.lambdas]
@@ -71,6 +90,8 @@ class AntidistillStudyConfig:
             raise PotstillError("study antidistill: lambdas, temperatures and target costs must be > 0")
         if self.max_steps < 1 or self.batch_size < 1 or not 0 < self.heldout < 1:
             raise PotstillError("study antidistill: max_steps, batch_size >= 1 and heldout in (0, 1)")
+        if self.seeds < 1 or self.warm_steps < 0:
+            raise PotstillError("study antidistill: seeds must be >= 1 and warm_steps >= 0")
 
     def arms(self, lambdas: list[float], temperatures: list[float]) -> list[tuple[str, float, float]]:
         """(name, lambda, temperature) of every arm, `clean` first, each once."""
@@ -130,6 +151,20 @@ class ReferenceScores:
         x[:, : self.v] += lam * self.delta[:, : self.v]
         return -float(torch.log_softmax(x / temperature, -1).gather(1, self.targets).mean())
 
+    def first_order(self, h: float = 1e-3) -> dict[str, float]:
+        """E_ref[Delta] and E_{p_teacher}[Delta] per reference token (module doc), their difference (the slope
+        d teacher cost / d lambda at 0) and that slope by central finite differences of `nll`, as a check."""
+        import torch
+
+        d = self.delta[:, : self.v]
+        e_ref = float(d.gather(1, self.targets).mean())
+        e_teacher = float((torch.softmax(self.logits, -1)[:, : self.v] * d).sum(1).mean())
+        slope = e_teacher - e_ref
+        return {"tokens": len(self.targets), "e_ref_delta": e_ref, "e_teacher_delta": e_teacher,
+                "teacher_cost_slope": slope, "teacher_cost_slope_fd": (self.nll(h, 1.0) - self.nll(-h, 1.0)) / (2 * h),
+                "student_loss_slope": -e_ref,
+                "cost_over_student_slope": slope / -e_ref if e_ref else None}
+
 
 def calibrate(cost, target: float, lo: float, hi: float, steps: int = 20) -> float:
     """The knob value in [lo, hi] whose cost is `target` (bisection in log space; cost rising with the knob)."""
@@ -145,15 +180,14 @@ def calibrate(cost, target: float, lo: float, hi: float, steps: int = 20) -> flo
     return math.exp((a + b) / 2)
 
 
+WARM_SEED_OFFSET = 7919  # the warm capture's sampling seed is seed + this: none of the arms' seeds
+
+
 def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
-    """Every arm: capture, teacher cost, distilled student; write results.json / table.md / tradeoff.png."""
-    from potstill.capture.generate import generate
-    from potstill.config import AntidistillConfig, GenerateConfig, TrainConfig
-    from potstill.evaluate.metrics import reference_nll
+    """Every arm and seed: capture, teacher cost, distilled student; write results.json / table.md / tradeoff.png."""
     from potstill.guard.antidistill import AntidistillProcessor
     from potstill.students import build_student
     from potstill.teachers.hf import HFTeacher
-    from potstill.train.loop import train
     from potstill.utils import quiet_transformers
 
     quiet_transformers()
@@ -161,7 +195,7 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     answered, heldout = split_prompts(cfg)
-    prompts_file = write_prompts(out / "prompts.jsonl", answered + heldout)
+    prompts_file = write_prompts(out / "prompts.jsonl", answered)  # every capture answers these (split done here)
     protect_file = write_prompts(out / "protect.jsonl", answered)
     teacher = HFTeacher.load(cfg.teacher, dtype="float32")
     log(f"[antidistill] {len(answered)} answered prompts (their references: the protect set), {len(heldout)} held out")
@@ -169,13 +203,23 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     proxy_dir = out / "proxy"
     calibration = [teacher.encode_chat(p.messages) for p in answered[:32]]
     base, tok, info = build_student(cfg.proxy, teacher.model_dir, calibration, seed=cfg.seed)
-    base.save_pretrained(proxy_dir)  # what every tilted capture's processor loads
+    warm = None
+    if cfg.warm_steps:
+        warm = warm_start(cfg, teacher, base, tok, info, prompts_file, heldout, out / "warm", log)
+    base.save_pretrained(proxy_dir)  # what every tilted capture's processor loads (and, warm, every arm's init)
     tok.save_pretrained(proxy_dir)
+    if warm:
+        warm["dir"] = str(proxy_dir)
     proc = AntidistillProcessor(copy.deepcopy(base), tok, answered, lam=1.0, eps=cfg.eps)
-    log(f"[antidistill] proxy {cfg.proxy}: {info.get('params', 0):,} params; protect loss {proc.protect_loss:.3f}, "
-        f"|g| {proc.grad_norm:.3g}")
+    log(f"[antidistill] proxy {cfg.proxy}{' (warm)' if warm else ''}: {info.get('params', 0):,} params; protect loss "
+        f"{proc.protect_loss:.3f}, |g| {proc.grad_norm:.3g}")
     scores = ReferenceScores(teacher, proc, heldout)
     clean_nll = scores.nll(0.0, 1.0)
+    first = scores.first_order()
+    log(f"[antidistill] first order on {first['tokens']} held-out reference tokens: E_ref[Delta] {first['e_ref_delta']:+.4f}, "
+        f"E_teacher[Delta] {first['e_teacher_delta']:+.4f}, difference (teacher cost per lambda) "
+        f"{first['teacher_cost_slope']:+.4f} (finite difference {first['teacher_cost_slope_fd']:+.4f}); "
+        f"student loss per lambda ~ {first['student_loss_slope']:+.4f}")
     lambdas = [calibrate(lambda x: scores.nll(x, 1.0) - clean_nll, c, 1e-5, 1e3) for c in cfg.target_costs]
     temps = [calibrate(lambda t: scores.nll(0.0, 1.0 + t) - clean_nll, c, 1e-5, 10.0) + 1.0 for c in cfg.target_costs]
     for c, lam, t in zip(cfg.target_costs, lambdas, temps, strict=True):
@@ -186,36 +230,25 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
         f"{cfg.target_costs}: lambda {[round(x, 4) for x in lambdas]}, T {[round(t, 4) for t in temps]}")
 
     arms: list[dict[str, Any]] = []
-    for name, lam, temp in cfg.arms(lambdas, temps):
-        arm_dir = out / "arms" / name.replace("=", "")
-        t0 = time.perf_counter()
-        ad = AntidistillConfig(lam, str(proxy_dir), str(protect_file), cfg.eps) if lam else AntidistillConfig()
-        gcfg = GenerateConfig(teacher=cfg.teacher, prompts=str(prompts_file), out=str(arm_dir / "capture"),
-                              max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, heldout=cfg.heldout,
-                              batch_size=cfg.gen_batch_size, temperature=temp, seed=cfg.seed, dtype="float32",
-                              **{k: v for k, v in asdict(ad).items()})
-        manifest = generate(gcfg, teacher=teacher, log=lambda line: None)
-        gen_s = time.perf_counter() - t0
-        cost = scores.nll(lam, temp) - clean_nll
-        tcfg = TrainConfig(capture=str(arm_dir / "capture"), out=str(arm_dir / "student"), teacher=str(teacher.model_dir),
-                           student=cfg.proxy, loss=cfg.loss, lr=cfg.lr, warmup_steps=2, max_steps=cfg.max_steps,
-                           batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, checkpoint_every=0, seed=cfg.seed,
-                           lr_schedule="constant")
-        student = copy.deepcopy(base)  # the same initial weights for every arm
-        summary = train(tcfg, log=lambda line: None, model=student, tokenizer=tok, student_info=info)
-        row = reference_nll(student, tok, heldout) or {}
-        for f in (arm_dir / "student").glob("*.safetensors"):
-            f.unlink()
-        arms.append({"arm": name, "lambda": lam, "temperature": temp, "teacher_nll": clean_nll + cost,
-                     "teacher_cost": cost, "student_nll": row.get("nll_reference"),
-                     "gen_tokens_per_s": manifest["this_run"]["completion_tokens_per_s"],
-                     "gen_seconds": round(gen_s, 1), "completion_tokens": manifest.get("counts", {}).get("completion_tokens"),
-                     "train_tokens_per_s": summary.get("train_tokens_per_s"),
-                     "student_seconds": round(time.perf_counter() - t0 - gen_s, 1)})
-        log(f"[antidistill] {name}: teacher cost {cost:+.4f} nats, student NLL {arms[-1]['student_nll']:.4f}, "
-            f"{arms[-1]['gen_tokens_per_s']} tok/s ({fmt(time.perf_counter() - t_start)} so far)")
-        del student
+    for i in range(cfg.seeds):
+        seed = cfg.seed + i
+        for name, lam, temp in cfg.arms(lambdas, temps):
+            arm_dir = out / "arms" / (f"seed{seed}" if cfg.seeds > 1 else "") / name.replace("=", "")
+            t0 = time.perf_counter()
+            student, manifest, summary, gen_s = distil(cfg, teacher, base, tok, info, prompts_file, arm_dir, lam, temp,
+                                                       seed, cfg.max_steps, proxy_dir, protect_file)
+            cost = scores.nll(lam, temp) - clean_nll
+            arms.append({"arm": name, "seed": seed, "lambda": lam, "temperature": temp, "teacher_nll": clean_nll + cost,
+                         "teacher_cost": cost, "student_nll": student_nll(student, tok, heldout),
+                         "gen_tokens_per_s": manifest["this_run"]["completion_tokens_per_s"],
+                         "gen_seconds": round(gen_s, 1), "completion_tokens": manifest.get("counts", {}).get("completion_tokens"),
+                         "train_tokens_per_s": summary.get("train_tokens_per_s"),
+                         "student_seconds": round(time.perf_counter() - t0 - gen_s, 1)})
+            log(f"[antidistill] seed {seed} {name}: teacher cost {cost:+.4f} nats, student NLL {arms[-1]['student_nll']:.4f}, "
+                f"{arms[-1]['gen_tokens_per_s']} tok/s ({fmt(time.perf_counter() - t_start)} so far)")
+            del student
     result = summarize(cfg, arms, clean_nll, proc)
+    result["first_order"], result["warm"] = first, warm
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     from potstill.studies.antidistill_report import write_outputs
 
@@ -223,47 +256,166 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     return result
 
 
-def best_tilt(arms: list[dict[str, Any]], max_cost: float) -> dict[str, Any] | None:
-    """The tilted arm with the largest student-loss ratio among those costing the teacher <= `max_cost`
-    (calibrated arms land on it up to the bisection's precision, hence the 0.1 % slack)."""
-    ok = [a for a in arms if a["lambda"] and a["teacher_cost"] <= max_cost * 1.001
-          and a.get("ratio_vs_temperature") is not None]
-    return max(ok, key=lambda a: a["ratio_vs_temperature"], default=None)
+def distil(cfg: AntidistillStudyConfig, teacher, init, tok, info, prompts_file: Path, arm_dir: Path, lam: float,
+           temp: float, seed: int, steps: int, proxy_dir: Path | None = None, protect_file: Path | None = None):
+    """One arm: capture the answered prompts (tilt `lam`, temperature `temp`, sampling seed `seed`), then distil a
+    copy of `init` on it for `steps` steps (data order `seed`); (student, manifest, train summary, capture seconds)."""
+    from potstill.capture.generate import generate
+    from potstill.config import AntidistillConfig, GenerateConfig, TrainConfig
+    from potstill.train.loop import train
+
+    t0 = time.perf_counter()
+    ad = AntidistillConfig(lam, str(proxy_dir), str(protect_file), cfg.eps) if lam else AntidistillConfig()
+    gcfg = GenerateConfig(teacher=cfg.teacher, prompts=str(prompts_file), out=str(arm_dir / "capture"),
+                          max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, heldout=0.0,
+                          batch_size=cfg.gen_batch_size, temperature=temp, seed=seed, dtype="float32",
+                          **{k: v for k, v in asdict(ad).items()})
+    manifest = generate(gcfg, teacher=teacher, log=lambda line: None)
+    gen_s = time.perf_counter() - t0
+    tcfg = TrainConfig(capture=str(arm_dir / "capture"), out=str(arm_dir / "student"), teacher=str(teacher.model_dir),
+                       student=cfg.proxy, loss=cfg.loss, lr=cfg.lr, warmup_steps=2, max_steps=steps,
+                       batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, checkpoint_every=0, seed=seed,
+                       lr_schedule="constant")
+    student = copy.deepcopy(init)  # the same initial weights for every arm
+    summary = train(tcfg, log=lambda line: None, model=student, tokenizer=tok, student_info=info)
+    for f in (arm_dir / "student").glob("*.safetensors"):
+        f.unlink()
+    return student, manifest, summary, gen_s
+
+
+def student_nll(model, tok, heldout) -> float | None:
+    from potstill.evaluate.metrics import reference_nll
+
+    return (reference_nll(model, tok, heldout) or {}).get("nll_reference")
+
+
+def warm_start(cfg: AntidistillStudyConfig, teacher, base, tok, info, prompts_file: Path, heldout, warm_dir: Path,
+               log) -> dict[str, Any]:
+    """Distil `base` (in place) from a clean capture at seed + WARM_SEED_OFFSET for `warm_steps` steps."""
+    t0 = time.perf_counter()
+    seed = cfg.seed + WARM_SEED_OFFSET
+    init_nll = student_nll(base, tok, heldout)
+    warm, manifest, summary, gen_s = distil(cfg, teacher, base, tok, info, prompts_file, warm_dir, 0.0, 1.0, seed,
+                                            cfg.warm_steps)
+    with __import__("torch").no_grad():
+        for p, q in zip(base.parameters(), warm.parameters(), strict=True):
+            p.copy_(q)
+    record = {"steps": cfg.warm_steps, "seed": seed, "student_nll_before": init_nll,
+              "student_nll": student_nll(base, tok, heldout),
+              "completion_tokens": manifest.get("counts", {}).get("completion_tokens"),
+              "seconds": round(time.perf_counter() - t0, 1), "capture_seconds": round(gen_s, 1)}
+    log(f"[antidistill] warm start: {cfg.warm_steps} steps from the clean teacher (seed {seed}): held-out reference NLL "
+        f"{init_nll:.4f} -> {record['student_nll']:.4f} ({fmt(record['seconds'])})")
+    return record
+
+
+def best_tilt(rows: list[dict[str, Any]], max_cost: float) -> dict[str, Any] | None:
+    """The tilted arm (an `aggregate` row) the goal reads, among those costing the teacher <= `max_cost`
+    (calibrated arms land on it up to the bisection's precision, hence the 0.1 % slack) whose temperature
+    baseline is bracketed: the largest ratio of mean student losses; if no baseline's mean loss is > 0 (no
+    ratio), the largest paired difference tilt - temperature."""
+    ok = [a for a in rows if a["lambda"] and a["teacher_cost"] <= max_cost * 1.001 and a.get("vs_temperature")]
+    ratios = [a for a in ok if a.get("ratio_of_means") is not None]
+    if ratios:
+        return max(ratios, key=lambda a: a["ratio_of_means"])
+    return max(ok, key=lambda a: a["vs_temperature"]["mean"], default=None)
+
+
+def goal_reached(best: dict[str, Any] | None) -> bool:
+    """Student loss >= 3x the temperature baseline's: on the ratio of means when the baseline's mean loss is > 0;
+    when it is <= 0, a positive mean loss whose paired difference's 95 % interval lies above 0 (n >= 2)."""
+    if not best:
+        return False
+    if best.get("ratio_of_means") is not None:
+        return best["ratio_of_means"] >= 3.0
+    low = best["vs_temperature"]["low"]
+    return bool(best["student_loss_mean"] > 0 and low is not None and low > 0)
 
 
 def fmt(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll: float, proc) -> dict[str, Any]:
-    """Student losses against `clean`, the temperature baseline at each tilt's teacher cost, and the goal."""
+def student_losses(arms: list[dict[str, Any]]) -> None:
+    """Per seed: each arm's student loss against that seed's `clean` student, and for each tilted arm the
+    temperature baseline's loss at its teacher cost (that seed's temperature curve, linear in teacher cost
+    through `clean` at 0; None outside the costs the temperature arms bracket) and the per-seed ratio."""
     import numpy as np
 
-    clean = next(a for a in arms if a["arm"] == "clean")
-    for a in arms:
-        a["student_loss"] = a["student_nll"] - clean["student_nll"]
-    temps = sorted([(0.0, 0.0)] + [(a["teacher_cost"], a["student_loss"]) for a in arms if a["temperature"] != 1.0])
-    xs, ys = np.array([t[0] for t in temps]), np.array([t[1] for t in temps])
-    for a in arms:
-        if a["lambda"]:
-            c = a["teacher_cost"]
-            inside = xs.min() <= c <= xs.max()
-            base = float(np.interp(c, xs, ys)) if inside else None
-            a["temperature_student_loss_at_cost"] = base
-            a["ratio_vs_temperature"] = (a["student_loss"] / base if base and base > 0 else None)
-    best = best_tilt(arms, cfg.max_teacher_cost)
-    clean_rate = clean["gen_tokens_per_s"]
-    tilted_rates = [a["gen_tokens_per_s"] for a in arms if a["lambda"]]
+    for seed in dict.fromkeys(a.get("seed", 0) for a in arms):
+        rows = [a for a in arms if a.get("seed", 0) == seed]
+        clean = next(a for a in rows if a["arm"] == "clean")
+        for a in rows:
+            a["student_loss"] = a["student_nll"] - clean["student_nll"]
+        temps = sorted([(0.0, 0.0)] + [(a["teacher_cost"], a["student_loss"]) for a in rows if a["temperature"] != 1.0])
+        xs, ys = np.array([t[0] for t in temps]), np.array([t[1] for t in temps])
+        for a in rows:
+            if a["lambda"]:
+                c = a["teacher_cost"]
+                base = float(np.interp(c, xs, ys)) if xs.min() <= c <= xs.max() else None
+                a["temperature_student_loss_at_cost"] = base
+                a["ratio_vs_temperature"] = a["student_loss"] / base if base and base > 0 else None
+
+
+def aggregate(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per arm over its seeds (rows with `student_loss`, `student_losses` run first): mean student loss
+    with its 95 % t-interval (n seeds); for a tilt, the paired difference tilt - temperature baseline at equal
+    teacher cost with its t-interval, and the ratio of the mean losses (None unless the baseline's mean > 0)."""
+    import numpy as np
+
+    from potstill.studies.antidistill_http import paired_difference
+    from potstill.studies.stats import t_interval
+
+    out = []
+    for name in dict.fromkeys(a["arm"] for a in arms):
+        rows = sorted((a for a in arms if a["arm"] == name), key=lambda a: a.get("seed", 0))
+        losses = [a["student_loss"] for a in rows]
+        t = t_interval(losses)
+        hw = t["half_width"]
+        row = {"arm": name, "lambda": rows[0]["lambda"], "temperature": rows[0]["temperature"],
+               "teacher_cost": float(np.mean([a["teacher_cost"] for a in rows])), "n": t["n"],
+               "student_nll_mean": float(np.mean([a["student_nll"] for a in rows])),
+               "student_loss_mean": t["mean"], "student_loss_sd": t["sd"],
+               "student_loss_low": None if hw is None else t["mean"] - hw,
+               "student_loss_high": None if hw is None else t["mean"] + hw,
+               "gen_tokens_per_s": float(np.mean([a["gen_tokens_per_s"] for a in rows]))}
+        bases = [a.get("temperature_student_loss_at_cost") for a in rows]
+        if row["lambda"] and all(b is not None for b in bases):
+            d = paired_difference(losses, bases)
+            base_mean = float(np.mean(bases))
+            row.update({"temperature_loss_mean": base_mean,
+                        "vs_temperature": {k: d[k] for k in ("mean", "sd", "low", "high", "n", "positive", "per_seed")},
+                        "ratio_of_means": t["mean"] / base_mean if base_mean > 0 else None})
+        out.append(row)
+    return out
+
+
+def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll: float, proc) -> dict[str, Any]:
+    """Student losses against `clean` (per seed), their aggregate over seeds, and the goal on the ratio of means."""
+    import numpy as np
+
+    student_losses(arms)
+    rows = aggregate(arms)
+    best = best_tilt(rows, cfg.max_teacher_cost)
+    n = len({a.get("seed", 0) for a in arms})
+    clean_rate = next(a for a in rows if a["arm"] == "clean")["gen_tokens_per_s"]
+    tilted_rates = [a["gen_tokens_per_s"] for a in rows if a["lambda"] and a["gen_tokens_per_s"]]  # 0: capture reused
+    diff = (best or {}).get("vs_temperature") or {}
+    excludes = None if diff.get("low") is None else bool(diff["low"] > 0 or diff["high"] < 0)
     return {
-        "study": "antidistill", "config": asdict(cfg), "clean_teacher_nll": clean_nll, "arms": arms,
+        "study": "antidistill", "config": asdict(cfg), "clean_teacher_nll": clean_nll, "arms": arms, "aggregate": rows,
         "proxy": {"spec": cfg.proxy, "protect_loss": proc.protect_loss, "grad_norm": proc.grad_norm,
                   "protect_references": proc.protect_count},
         "serving": {"clean_tokens_per_s": clean_rate,
                     "antidistill_tokens_per_s": float(np.mean(tilted_rates)) if tilted_rates else None,
                     "slowdown": clean_rate / float(np.mean(tilted_rates)) if tilted_rates else None},
-        "goal": {"max_teacher_cost": cfg.max_teacher_cost, "needed_ratio": 3.0,
+        "goal": {"max_teacher_cost": cfg.max_teacher_cost, "needed_ratio": 3.0, "n": n,
                  "best_arm": best["arm"] if best else None,
-                 "best_ratio": best["ratio_vs_temperature"] if best else None,
-                 "reached": bool(best and best["ratio_vs_temperature"] >= 3.0),
-                 "note": "one student per arm (n = 1 seed); no interval: a single-seed reading"},
+                 "best_ratio": best["ratio_of_means"] if best else None,
+                 "temperature_loss_mean": best["temperature_loss_mean"] if best else None,
+                 "difference": {k: diff.get(k) for k in ("mean", "low", "high")} if diff else None,
+                 "difference_excludes_zero": excludes,
+                 "reached": goal_reached(best),
+                 "note": (f"ratio of mean student losses over n = {n} paired seeds; intervals: 95 % t over seeds"
+                          if n > 1 else "one student per arm (n = 1 seed); no interval: a single-seed reading")},
     }

@@ -10,45 +10,101 @@ from potstill.utils import write_json
 
 HEADERS = ["arm", "lambda", "T", "teacher cost (nats)", "student NLL", "student loss (nats)",
            "T-baseline loss at same cost", "ratio", "gen tok/s"]
+MEAN_HEADERS = ["arm", "lambda", "T", "teacher cost (nats)", "n", "student loss (nats), mean [95 % CI]",
+                "T-baseline loss at same cost", "tilt - T [95 % CI]", "ratio of means", "gen tok/s"]
 
 
 def _f(x: float | None, fmt: str = "{:+.4f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = [[a["arm"], f"{a['lambda']:g}", f"{a['temperature']:g}", _f(a["teacher_cost"]), _f(a["student_nll"], "{:.4f}"),
-             _f(a["student_loss"]), _f(a.get("temperature_student_loss_at_cost")),
-             _f(a.get("ratio_vs_temperature"), "{:.2f}x"), f"{a['gen_tokens_per_s']:.1f}"] for a in result["arms"]]
+def _ci(mean: float | None, low: float | None, high: float | None) -> str:
+    return _f(mean) + ("" if low is None else f" [{low:+.4f}, {high:+.4f}]")
+
+
+def seeds(result: dict[str, Any]) -> int:
+    return result["goal"].get("n", 1)
+
+
+def run_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per arm and seed (the seed beside the arm when there are several)."""
+    many = seeds(result) > 1
+    rows = [[a["arm"] + (f" (seed {a['seed']})" if many else ""), f"{a['lambda']:g}", f"{a['temperature']:g}",
+             _f(a["teacher_cost"]), _f(a["student_nll"], "{:.4f}"), _f(a["student_loss"]),
+             _f(a.get("temperature_student_loss_at_cost")), _f(a.get("ratio_vs_temperature"), "{:.2f}x"),
+             f"{a['gen_tokens_per_s']:.1f}"] for a in result["arms"]]
     return HEADERS, rows
+
+
+def mean_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per arm over the seeds: mean student loss and intervals (studies/antidistill.aggregate)."""
+    rows = []
+    for a in result["aggregate"]:
+        d = a.get("vs_temperature") or {}
+        rows.append([a["arm"], f"{a['lambda']:.4g}", f"{a['temperature']:.4g}", _f(a["teacher_cost"]), str(a["n"]),
+                     _ci(a["student_loss_mean"], a["student_loss_low"], a["student_loss_high"]),
+                     _f(a.get("temperature_loss_mean")), _ci(d.get("mean"), d.get("low"), d.get("high")) if d else "-",
+                     _f(a.get("ratio_of_means"), "{:.2f}x"), f"{a['gen_tokens_per_s']:.1f}"])
+    return MEAN_HEADERS, rows
+
+
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The CLI's table: per arm and seed with one seed, the means over seeds with several."""
+    return mean_table(result) if seeds(result) > 1 else run_table(result)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     g, s = result["goal"], result["serving"]
+    d = g.get("difference")
     lines = [f"goal: at teacher cost <= {g['max_teacher_cost']} nats, student loss >= {g['needed_ratio']}x the "
              f"temperature baseline's: {'reached' if g['reached'] else 'not reached'}"
-             + (f" (best {g['best_arm']}: {g['best_ratio']:.2f}x)" if g["best_ratio"] is not None else
-                " (no tilt within the cost bracketed by the temperature arms)"),
-             f"serving: {s['clean_tokens_per_s']:.1f} tok/s clean"
-             + (f", {s['antidistill_tokens_per_s']:.1f} tok/s with anti-distillation ({s['slowdown']:.2f}x slower)"
-                if s["antidistill_tokens_per_s"] else ""),
-             g["note"]]
+             + (f" (best {g['best_arm']}: {g['best_ratio']:.2f}x, ratio of means, n = {g.get('n', 1)})"
+                if g["best_ratio"] is not None else
+                f" ({g['best_arm']}: no ratio, the temperature baseline's mean loss is {g['temperature_loss_mean']:+.4f} "
+                f"<= 0; read on the paired difference, n = {g.get('n', 1)})" if g.get("best_arm") else
+                " (no tilt within the cost bracketed by the temperature arms)")]
+    if d and d.get("low") is not None:
+        lines.append(f"tilt - temperature at equal cost ({g['best_arm']}): {d['mean']:+.4f} nats, 95 % t-interval "
+                     f"[{d['low']:+.4f}, {d['high']:+.4f}] (n = {g['n']}): "
+                     + ("excludes 0" if g["difference_excludes_zero"] else "includes 0"))
+    fo = result.get("first_order")
+    if fo:
+        lines.append(f"first order ({fo['tokens']} held-out reference tokens): E_ref[Delta] {fo['e_ref_delta']:+.4f}, "
+                     f"E_teacher[Delta] {fo['e_teacher_delta']:+.4f}, teacher cost per lambda "
+                     f"{fo['teacher_cost_slope']:+.4f}, student loss per lambda ~ {fo['student_loss_slope']:+.4f}")
+    w = result.get("warm")
+    if w:
+        lines.append(f"warm start: {w['steps']} steps from the clean teacher, student held-out reference NLL "
+                     f"{w['student_nll_before']:.4f} -> {w['student_nll']:.4f} (the proxy and every arm's initial student)")
+    lines += [f"serving: {s['clean_tokens_per_s']:.1f} tok/s clean"
+              + (f", {s['antidistill_tokens_per_s']:.1f} tok/s with anti-distillation ({s['slowdown']:.2f}x slower)"
+                 if s["antidistill_tokens_per_s"] else ""),
+              g["note"]]
     return lines
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Mean student loss against teacher cost per family, with 95 % t-intervals over seeds when n > 1."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["aggregate"]
+    clean = next(a for a in rows if a["arm"] == "clean")
     for kind, marker, label in (("lambda", "o", "anti-distillation (lambda)"), ("temperature", "s", "temperature")):
-        pts = [a for a in result["arms"] if (a["lambda"] > 0 if kind == "lambda" else a["temperature"] != 1.0)]
-        pts = [next(a for a in result["arms"] if a["arm"] == "clean")] + pts
-        pts.sort(key=lambda a: a["teacher_cost"])
-        ax.plot([a["teacher_cost"] for a in pts], [a["student_loss"] for a in pts], marker=marker, label=label)
+        pts = [a for a in rows if (a["lambda"] > 0 if kind == "lambda" else a["temperature"] != 1.0)]
+        pts = sorted([clean] + pts, key=lambda a: a["teacher_cost"])
+        ys = [a["student_loss_mean"] for a in pts]
+        err = None
+        if all(a["student_loss_low"] is not None for a in pts):
+            err = [[y - a["student_loss_low"] for a, y in zip(pts, ys, strict=True)],
+                   [a["student_loss_high"] - y for a, y in zip(pts, ys, strict=True)]]
+        ax.errorbar([a["teacher_cost"] for a in pts], ys, yerr=err, marker=marker, capsize=3, label=label)
         for a in pts[1:]:
-            ax.annotate(a["arm"], (a["teacher_cost"], a["student_loss"]), fontsize=7)
+            ax.annotate(a["arm"], (a["teacher_cost"], a["student_loss_mean"]), fontsize=7)
     ax.axvline(result["goal"]["max_teacher_cost"], color="grey", ls=":", lw=1)
+    ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("teacher cost: held-out reference NLL rise (nats)")
-    ax.set_ylabel("distilled student's reference NLL rise (nats)")
+    n = seeds(result)
+    ax.set_ylabel("student's reference NLL rise (nats)" + (f", mean, 95 % CI, n = {n}" if n > 1 else ""))
     ax.set_title("anti-distillation vs temperature")
     ax.legend(fontsize=8)
     save_figure(fig, path)
@@ -56,9 +112,10 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
 
 def write_outputs(result: dict[str, Any], out: str | Path) -> None:
     out = Path(out)
-    headers, rows = table(result)
-    text = "\n".join(["# potstill study antidistill", "", markdown_table(headers, rows), "",
-                      *(f"- {line}" for line in summary_lines(result)), ""])
-    write_text(out / "table.md", text)
+    parts = ["# potstill study antidistill", ""]
+    if seeds(result) > 1:
+        parts += ["## Means over seeds", "", markdown_table(*mean_table(result)), "", "## Per seed", ""]
+    parts += [markdown_table(*run_table(result)), "", *(f"- {line}" for line in summary_lines(result)), ""]
+    write_text(out / "table.md", "\n".join(parts))
     plot(result, out / "tradeoff.png")
     write_json(out / "results.json", result)
