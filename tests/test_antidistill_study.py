@@ -118,3 +118,22 @@ def test_goal_with_a_temperature_baseline_that_loses_nothing():
             a["student_nll"] -= 0.8
     g = summarize(AntidistillStudyConfig(seeds=3), rows, 2.0, PROC)["goal"]
     assert g["difference"]["low"] < 0 and not g["reached"]
+
+
+def test_margin_over_three_times_temperature_is_paired():
+    """The goal's own margin, tilt - 3 x temperature per seed, with its t-interval: 3x is established only when
+    the interval is above 0, which the ratio of means (4.8x here) alone does not show."""
+    result = summarize(AntidistillStudyConfig(seeds=3), synthetic(), 2.0, PROC)
+    half = {a["arm"]: a for a in result["aggregate"]}["lambda=0.05"]
+    # per seed: tilt 0.2 against the baseline interpolated to half the T arm's loss (0.05, 0.025, 0.05)
+    m = half["vs_3x_temperature"]
+    assert m["per_seed"] == pytest.approx([0.05, 0.125, 0.05])
+    assert m["low"] == pytest.approx(0.075 - 4.303 * 0.0433 / 3**0.5, abs=1e-3)  # below 0: n = 3 is too few
+    g = result["goal"]
+    assert g["reached"] and g["margin_3x"] == m and not g["established"]
+    rows = synthetic()
+    for a in rows:  # every seed's temperature student loses 0.05: margins 0.125, 0.125, 0.125 -> established
+        if a["arm"] == "T=1.2":
+            a["student_nll"] = {0: 2.0, 1: 2.1, 2: 1.9}[a["seed"]] + 0.05
+    g = summarize(AntidistillStudyConfig(seeds=3), rows, 2.0, PROC)["goal"]
+    assert g["margin_3x"]["low"] == pytest.approx(0.125) and g["established"]

@@ -79,6 +79,8 @@ class AntidistillStudyConfig:
     seed: int = derive(GenerateConfig, "seed", note="Also of the data order; seed i of --seeds uses seed + i.")
     warm_steps: int = opt(0, "Distil the proxy architecture from the clean teacher this many steps first (its own "
                           "capture); that warm model is the proxy and every arm's initial student. 0: freshly built.")
+    first_rep: int = opt(0, "Index of the first repetition (seed + i): adds repetitions to an earlier run of the same "
+                         "settings (same split, warm model and calibration) in another --out.")
     seeds: int = opt(1, "Paired repetitions of every arm (own sampling seed and data order; same split, proxy, "
                      "lambda and T); > 1 gives 95 % t-intervals over seeds.")
 
@@ -90,8 +92,8 @@ class AntidistillStudyConfig:
             raise PotstillError("study antidistill: lambdas, temperatures and target costs must be > 0")
         if self.max_steps < 1 or self.batch_size < 1 or not 0 < self.heldout < 1:
             raise PotstillError("study antidistill: max_steps, batch_size >= 1 and heldout in (0, 1)")
-        if self.seeds < 1 or self.warm_steps < 0:
-            raise PotstillError("study antidistill: seeds must be >= 1 and warm_steps >= 0")
+        if self.seeds < 1 or self.warm_steps < 0 or self.first_rep < 0:
+            raise PotstillError("study antidistill: seeds must be >= 1, warm_steps and first_rep >= 0")
 
     def arms(self, lambdas: list[float], temperatures: list[float]) -> list[tuple[str, float, float]]:
         """(name, lambda, temperature) of every arm, `clean` first, each once."""
@@ -230,10 +232,10 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
         f"{cfg.target_costs}: lambda {[round(x, 4) for x in lambdas]}, T {[round(t, 4) for t in temps]}")
 
     arms: list[dict[str, Any]] = []
-    for i in range(cfg.seeds):
+    for i in range(cfg.first_rep, cfg.first_rep + cfg.seeds):
         seed = cfg.seed + i
         for name, lam, temp in cfg.arms(lambdas, temps):
-            arm_dir = out / "arms" / (f"seed{seed}" if cfg.seeds > 1 else "") / name.replace("=", "")
+            arm_dir = out / "arms" / (f"seed{seed}" if cfg.seeds > 1 or cfg.first_rep else "") / name.replace("=", "")
             t0 = time.perf_counter()
             student, manifest, summary, gen_s = distil(cfg, teacher, base, tok, info, prompts_file, arm_dir, lam, temp,
                                                        seed, cfg.max_steps, proxy_dir, protect_file)
@@ -383,8 +385,10 @@ def aggregate(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["lambda"] and all(b is not None for b in bases):
             d = paired_difference(losses, bases)
             base_mean = float(np.mean(bases))
+            d3 = paired_difference(losses, [3 * b for b in bases])  # the goal's own margin: tilt - 3 x temperature
             row.update({"temperature_loss_mean": base_mean,
                         "vs_temperature": {k: d[k] for k in ("mean", "sd", "low", "high", "n", "positive", "per_seed")},
+                        "vs_3x_temperature": {k: d3[k] for k in ("mean", "low", "high", "n", "per_seed")},
                         "ratio_of_means": t["mean"] / base_mean if base_mean > 0 else None})
         out.append(row)
     return out
@@ -415,6 +419,8 @@ def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll
                  "temperature_loss_mean": best["temperature_loss_mean"] if best else None,
                  "difference": {k: diff.get(k) for k in ("mean", "low", "high")} if diff else None,
                  "difference_excludes_zero": excludes,
+                 "margin_3x": (best or {}).get("vs_3x_temperature"),
+                 "established": bool(best and ((best.get("vs_3x_temperature") or {}).get("low") or 0) > 0),
                  "reached": goal_reached(best),
                  "note": (f"ratio of mean student losses over n = {n} paired seeds; intervals: 95 % t over seeds"
                           if n > 1 else "one student per arm (n = 1 seed); no interval: a single-seed reading")},

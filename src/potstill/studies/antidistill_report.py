@@ -67,6 +67,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"tilt - temperature at equal cost ({g['best_arm']}): {d['mean']:+.4f} nats, 95 % t-interval "
                      f"[{d['low']:+.4f}, {d['high']:+.4f}] (n = {g['n']}): "
                      + ("excludes 0" if g["difference_excludes_zero"] else "includes 0"))
+    m = g.get("margin_3x")
+    if m and m.get("low") is not None:
+        lines.append(f"tilt - 3 x temperature ({g['best_arm']}): {m['mean']:+.4f} nats, 95 % t-interval [{m['low']:+.4f}, "
+                     f"{m['high']:+.4f}] (n = {g['n']}): 3x " + ("established" if g.get("established") else
+                                                              "not established at 95 %"))
     fo = result.get("first_order")
     if fo:
         lines.append(f"first order ({fo['tokens']} held-out reference tokens): E_ref[Delta] {fo['e_ref_delta']:+.4f}, "
