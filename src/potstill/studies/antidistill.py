@@ -299,9 +299,7 @@ def warm_start(cfg: AntidistillStudyConfig, teacher, base, tok, info, prompts_fi
     init_nll = student_nll(base, tok, heldout)
     warm, manifest, summary, gen_s = distil(cfg, teacher, base, tok, info, prompts_file, warm_dir, 0.0, 1.0, seed,
                                             cfg.warm_steps)
-    with __import__("torch").no_grad():
-        for p, q in zip(base.parameters(), warm.parameters(), strict=True):
-            p.copy_(q)
+    base.load_state_dict(warm.state_dict())
     record = {"steps": cfg.warm_steps, "seed": seed, "student_nll_before": init_nll,
               "student_nll": student_nll(base, tok, heldout),
               "completion_tokens": manifest.get("counts", {}).get("completion_tokens"),
