@@ -65,6 +65,14 @@ def test_goal_not_reached_when_the_difference_straddles_zero():
     assert g["best_arm"] == "lambda=0.1" and g["best_ratio"] == pytest.approx(0.35 / 0.25) and not g["reached"]
 
 
+def test_eval_steps_must_lie_before_the_last_step():
+    from potstill.errors import PotstillError
+
+    with pytest.raises(PotstillError, match="eval_steps"):
+        AntidistillStudyConfig(max_steps=20, eval_steps=[10, 20])
+    assert AntidistillStudyConfig(max_steps=20, eval_steps=[10, 5, 10]).eval_steps == [5, 10]
+
+
 def test_one_seed_keeps_its_shape():
     rows = [a for a in synthetic() if a["seed"] == 0]
     result = summarize(AntidistillStudyConfig(), rows, 2.0, PROC)
@@ -84,7 +92,7 @@ def test_warm_start_and_seeds_on_the_tiny_teacher(tmp_path, tiny_model_dir, prom
 
     cfg = AntidistillStudyConfig(teacher=str(tiny_model_dir), prompts=str(prompts_file), out=str(tmp_path / "s"),
                                  target_costs=[0.05], max_prompts=None, heldout=0.3, max_new_tokens=6, max_steps=2,
-                                 batch_size=2, top_k=4, warm_steps=3, seeds=2, lr=3e-3,
+                                 batch_size=2, top_k=4, warm_steps=3, seeds=2, lr=3e-3, eval_steps=[1],
                                  temperatures=[0.5])  # the tiny teacher: only a cooler one costs (brackets the tilt)
     with one_torch_thread():
         result = run_antidistill(cfg, log=lambda line: None)
@@ -100,7 +108,18 @@ def test_warm_start_and_seeds_on_the_tiny_teacher(tmp_path, tiny_model_dir, prom
     assert result["goal"]["n"] == 2 and any(a.get("vs_temperature") for a in rows.values())
     fo = result["first_order"]
     assert fo["teacher_cost_slope"] == pytest.approx(fo["teacher_cost_slope_fd"], rel=0.02, abs=1e-4)
+    shift = fo["target_shift"][0]  # an exponential tilt can only raise E[Delta] (d/dlam E_q[Delta] = Var_q(Delta) >= 0)
+    assert shift["teacher_cost"] == 0.05 and shift["tilt"] > 0 and shift["temperature_shift"] != 0
     assert "Means over seeds" in (tmp_path / "s" / "table.md").read_text()
+    # --eval-steps 1: every student measured after step 1 of its own run too; the final reading is step 2's
+    assert all(set(a["student_nll_at"]) == {"1", "2"} and a["student_nll_at"]["2"] == a["student_nll"]
+               for a in result["arms"])
+    assert any(a["student_nll_at"]["1"] != a["student_nll_at"]["2"] for a in result["arms"])
+    assert [r["steps"] for r in result["by_steps"]] == [1, 2] and result["by_steps"][-1]["n"] == 2
+    last = result["by_steps"][-1]  # the final step's reading is the aggregate's
+    assert last["tilt"]["mean"] == pytest.approx(rows[last["arm"]]["student_loss_mean"])
+    assert "By the distiller's training steps" in (tmp_path / "s" / "table.md").read_text()
+    assert (tmp_path / "s" / "by_steps.png").stat().st_size > 0
 
 
 def test_goal_with_a_temperature_baseline_that_loses_nothing():

@@ -83,11 +83,16 @@ class AntidistillStudyConfig:
                          "settings (same split, warm model and calibration) in another --out.")
     seeds: int = opt(1, "Paired repetitions of every arm (own sampling seed and data order; same split, proxy, "
                      "lambda and T); > 1 gives 95 % t-intervals over seeds.")
+    eval_steps: list[int] = opt([], "Also measure every student's held-out NLL after these many steps of its run "
+                                "(each < max-steps): student losses and the ratio by the distiller's training steps.")
 
     def __post_init__(self) -> None:
         self.lambdas = [float(x) for x in self.lambdas]
         self.temperatures = [float(x) for x in self.temperatures]
         self.target_costs = [float(x) for x in self.target_costs]
+        self.eval_steps = sorted({int(x) for x in self.eval_steps})
+        if any(not 0 < x < self.max_steps for x in self.eval_steps):
+            raise PotstillError(f"study antidistill: eval_steps must lie in [1, max_steps), got {self.eval_steps}")
         if any(x <= 0 for x in self.lambdas + self.temperatures + self.target_costs):
             raise PotstillError("study antidistill: lambdas, temperatures and target costs must be > 0")
         if self.max_steps < 1 or self.batch_size < 1 or not 0 < self.heldout < 1:
@@ -168,6 +173,19 @@ class ReferenceScores:
                 "cost_over_student_slope": slope / -e_ref if e_ref else None}
 
 
+    def target_shift(self, lam: float, temperature: float) -> float:
+        """E_q[Delta] - E_p[Delta] per held-out reference position, q = softmax((logits + lam * Delta) / temperature),
+        p the clean teacher: to first order, how much one distillation step on q's targets instead of p's raises the
+        proxy's protect loss (in units of lr * |g|), the targets' share of a student's loss, without training."""
+        import torch
+
+        d = self.delta[:, : self.v]
+        p = torch.softmax(self.logits[:, : self.v], -1)
+        x = self.logits[:, : self.v] + lam * d
+        q = torch.softmax(x / temperature, -1)
+        return float(((q - p) * d).sum(-1).mean())
+
+
 def calibrate(cost, target: float, lo: float, hi: float, steps: int = 20) -> float:
     """The knob value in [lo, hi] whose cost is `target` (bisection in log space; cost rising with the knob)."""
     import math
@@ -189,6 +207,7 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
     """Every arm and seed: capture, teacher cost, distilled student; write results.json / table.md / tradeoff.png."""
     from potstill.guard.antidistill import AntidistillProcessor
     from potstill.students import build_student
+    from potstill.studies.antidistill_report import write_outputs
     from potstill.teachers.hf import HFTeacher
     from potstill.utils import quiet_transformers
 
@@ -230,6 +249,12 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
             log(f"[antidistill] warning: teacher cost {c} not reached (lambda {lam:.4g}: {got[0]:+.4f}, T {t:.4g}: {got[1]:+.4f})")
     log(f"[antidistill] clean reference NLL {clean_nll:.4f} ({len(scores.targets)} tokens); for teacher costs "
         f"{cfg.target_costs}: lambda {[round(x, 4) for x in lambdas]}, T {[round(t, 4) for t in temps]}")
+    first["target_shift"] = [{"teacher_cost": c, "lambda": lam, "temperature": t, "tilt": scores.target_shift(lam, 1.0),
+                              "temperature_shift": scores.target_shift(0.0, t)}
+                             for c, lam, t in zip(cfg.target_costs, lambdas, temps, strict=True)]
+    for r in first["target_shift"]:
+        log(f"[antidistill] targets' first-order push on the protect loss at teacher cost {r['teacher_cost']}: tilt "
+            f"{r['tilt']:+.4f}, temperature {r['temperature_shift']:+.4f} (E_q[Delta] - E_p[Delta] per position)")
 
     arms: list[dict[str, Any]] = []
     for i in range(cfg.first_rep, cfg.first_rep + cfg.seeds):
@@ -237,11 +262,14 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
         for name, lam, temp in cfg.arms(lambdas, temps):
             arm_dir = out / "arms" / (f"seed{seed}" if cfg.seeds > 1 or cfg.first_rep else "") / name.replace("=", "")
             t0 = time.perf_counter()
+            at: dict[str, float] = {}
             student, manifest, summary, gen_s = distil(cfg, teacher, base, tok, info, prompts_file, arm_dir, lam, temp,
-                                                       seed, cfg.max_steps, proxy_dir, protect_file)
+                                                       seed, cfg.max_steps, proxy_dir, protect_file,
+                                                       on_step=nll_at_steps(cfg.eval_steps, tok, heldout, at))
             cost = scores.nll(lam, temp) - clean_nll
+            at[str(cfg.max_steps)] = student_nll(student, tok, heldout)
             arms.append({"arm": name, "seed": seed, "lambda": lam, "temperature": temp, "teacher_nll": clean_nll + cost,
-                         "teacher_cost": cost, "student_nll": student_nll(student, tok, heldout),
+                         "teacher_cost": cost, "student_nll": at[str(cfg.max_steps)], "student_nll_at": at,
                          "gen_tokens_per_s": manifest["this_run"]["completion_tokens_per_s"],
                          "gen_seconds": round(gen_s, 1), "completion_tokens": manifest.get("counts", {}).get("completion_tokens"),
                          "train_tokens_per_s": summary.get("train_tokens_per_s"),
@@ -249,17 +277,33 @@ def run_antidistill(cfg: AntidistillStudyConfig, log=print) -> dict[str, Any]:
             log(f"[antidistill] seed {seed} {name}: teacher cost {cost:+.4f} nats, student NLL {arms[-1]['student_nll']:.4f}, "
                 f"{arms[-1]['gen_tokens_per_s']} tok/s ({fmt(time.perf_counter() - t_start)} so far)")
             del student
-    result = summarize(cfg, arms, clean_nll, proc)
-    result["first_order"], result["warm"] = first, warm
-    result["seconds"] = round(time.perf_counter() - t_start, 1)
-    from potstill.studies.antidistill_report import write_outputs
-
-    write_outputs(result, out)
+        result = summarize(cfg, copy.deepcopy(arms), clean_nll, proc)  # after every seed: a stopped run keeps its seeds
+        result["first_order"], result["warm"] = first, warm
+        result["seconds"] = round(time.perf_counter() - t_start, 1)
+        write_outputs(result, out)
     return result
 
 
+def nll_at_steps(steps: list[int], tok, heldout, into: dict[str, float]):
+    """A train `on_step` that puts the student's held-out reference NLL after each of `steps` into `into`."""
+    if not steps:
+        return None
+    count = {"n": 0}
+
+    def on_step(metrics, model) -> bool:
+        count["n"] += 1
+        if count["n"] in steps:
+            was = model.training
+            into[str(count["n"])] = student_nll(model, tok, heldout)
+            model.train(was)
+        return False
+
+    return on_step
+
+
 def distil(cfg: AntidistillStudyConfig, teacher, init, tok, info, prompts_file: Path, arm_dir: Path, lam: float,
-           temp: float, seed: int, steps: int, proxy_dir: Path | None = None, protect_file: Path | None = None):
+           temp: float, seed: int, steps: int, proxy_dir: Path | None = None, protect_file: Path | None = None,
+           on_step=None):
     """One arm: capture the answered prompts (tilt `lam`, temperature `temp`, sampling seed `seed`), then distil a
     copy of `init` on it for `steps` steps (data order `seed`); (student, manifest, train summary, capture seconds)."""
     from potstill.capture.generate import generate
@@ -279,7 +323,7 @@ def distil(cfg: AntidistillStudyConfig, teacher, init, tok, info, prompts_file: 
                        batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len, checkpoint_every=0, seed=seed,
                        lr_schedule="constant")
     student = copy.deepcopy(init)  # the same initial weights for every arm
-    summary = train(tcfg, log=lambda line: None, model=student, tokenizer=tok, student_info=info)
+    summary = train(tcfg, log=lambda line: None, model=student, tokenizer=tok, student_info=info, on_step=on_step)
     for f in (arm_dir / "student").glob("*.safetensors"):
         f.unlink()
     return student, manifest, summary, gen_s
@@ -392,10 +436,38 @@ def aggregate(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def by_steps(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The goal's reading (best tilt at <= max_teacher_cost against temperature) after each of `eval_steps` and
+    `max_steps` training steps: the same students measured along their runs."""
+    out = []
+    for steps in [*cfg.eval_steps, cfg.max_steps]:
+        at = [dict(a, student_nll=a["student_nll_at"][str(steps)]) for a in arms if str(steps) in a.get("student_nll_at", {})]
+        if len(at) < len(arms):
+            continue
+        student_losses(at)
+        rows = aggregate(at)
+        best = best_tilt(rows, cfg.max_teacher_cost)
+        if best is None:
+            continue
+        temp = [a for a in rows if a["temperature"] != 1.0 and abs(a["teacher_cost"] - best["teacher_cost"]) < 0.1 * best["teacher_cost"]]
+        out.append({"steps": steps, "arm": best["arm"], "n": best["n"], "tilt": _interval(best),
+                    "temperature": _interval(temp[0]) if temp else None,
+                    "temperature_loss_mean": best.get("temperature_loss_mean"),
+                    "vs_temperature": best.get("vs_temperature"), "vs_3x_temperature": best.get("vs_3x_temperature"),
+                    "ratio_of_means": best.get("ratio_of_means")})
+    return out
+
+
+def _interval(row: dict[str, Any]) -> dict[str, Any]:
+    return {"arm": row["arm"], "mean": row["student_loss_mean"], "low": row["student_loss_low"],
+            "high": row["student_loss_high"], "n": row["n"]}
+
+
 def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll: float, proc) -> dict[str, Any]:
     """Student losses against `clean` (per seed), their aggregate over seeds, and the goal on the ratio of means."""
     import numpy as np
 
+    steps = by_steps(cfg, arms) if cfg.eval_steps else None
     student_losses(arms)
     rows = aggregate(arms)
     best = best_tilt(rows, cfg.max_teacher_cost)
@@ -406,6 +478,7 @@ def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll
     excludes = None if diff.get("low") is None else bool(diff["low"] > 0 or diff["high"] < 0)
     return {
         "study": "antidistill", "config": asdict(cfg), "clean_teacher_nll": clean_nll, "arms": arms, "aggregate": rows,
+        "by_steps": steps,
         "proxy": {"spec": cfg.proxy, "protect_loss": proc.protect_loss, "grad_norm": proc.grad_norm,
                   "protect_references": proc.protect_count},
         "serving": {"clean_tokens_per_s": clean_rate,

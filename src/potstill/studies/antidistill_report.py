@@ -48,6 +48,47 @@ def mean_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return MEAN_HEADERS, rows
 
 
+STEP_HEADERS = ["training steps", "n", "tilt", "tilt student loss [95 % CI]", "T student loss [95 % CI]",
+                "tilt - T [95 % CI]", "tilt - 3 x T [95 % CI]", "ratio of means"]
+
+
+def steps_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The goal's reading after each measured number of the distiller's training steps (`by_steps`)."""
+    rows = []
+    for r in result.get("by_steps") or []:
+        t, temp = r["tilt"], r.get("temperature") or {}
+        d, d3 = r.get("vs_temperature") or {}, r.get("vs_3x_temperature") or {}
+        rows.append([str(r["steps"]), str(r["n"]), r["arm"], _ci(t["mean"], t["low"], t["high"]),
+                     _ci(temp.get("mean"), temp.get("low"), temp.get("high")) if temp else "-",
+                     _ci(d.get("mean"), d.get("low"), d.get("high")) if d else "-",
+                     _ci(d3.get("mean"), d3.get("low"), d3.get("high")) if d3 else "-",
+                     _f(r.get("ratio_of_means"), "{:.2f}x")])
+    return STEP_HEADERS, rows
+
+
+def steps_plot(result: dict[str, Any], path: str | Path) -> None:
+    """Mean student loss of the goal's tilt and its temperature baseline against the distiller's training steps."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = result["by_steps"]
+    for key, marker, label in (("tilt", "o", f"anti-distillation ({rows[-1]['arm']})"),
+                               ("temperature", "s", "temperature, same teacher cost")):
+        pts = [(r["steps"], r[key]) for r in rows if r.get(key)]
+        ys = [v["mean"] for _, v in pts]
+        err = None
+        if all(v["low"] is not None for _, v in pts):
+            err = [[y - v["low"] for (_, v), y in zip(pts, ys, strict=True)],
+                   [v["high"] - y for (_, v), y in zip(pts, ys, strict=True)]]
+        ax.errorbar([x for x, _ in pts], ys, yerr=err, marker=marker, capsize=3, label=label)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("distiller's training steps")
+    ax.set_ylabel(f"student's reference NLL rise (nats), n = {rows[-1]['n']}")
+    ax.set_title("anti-distillation vs temperature by training steps")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The CLI's table: per arm and seed with one seed, the means over seeds with several."""
     return mean_table(result) if seeds(result) > 1 else run_table(result)
@@ -77,6 +118,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"first order ({fo['tokens']} held-out reference tokens): E_ref[Delta] {fo['e_ref_delta']:+.4f}, "
                      f"E_teacher[Delta] {fo['e_teacher_delta']:+.4f}, teacher cost per lambda "
                      f"{fo['teacher_cost_slope']:+.4f}, student loss per lambda ~ {fo['student_loss_slope']:+.4f}")
+        for r in fo.get("target_shift") or []:
+            lines.append(f"targets' first-order push on the protect loss (E_q[Delta] - E_p[Delta] per position, units of "
+                         f"lr x |g| per step) at teacher cost {r['teacher_cost']}: tilt {r['tilt']:+.4f}, temperature "
+                         f"{r['temperature_shift']:+.4f}")
     w = result.get("warm")
     if w:
         lines.append(f"warm start: {w['steps']} steps from the clean teacher, student held-out reference NLL "
@@ -120,7 +165,11 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> None:
     parts = ["# potstill study antidistill", ""]
     if seeds(result) > 1:
         parts += ["## Means over seeds", "", markdown_table(*mean_table(result)), "", "## Per seed", ""]
-    parts += [markdown_table(*run_table(result)), "", *(f"- {line}" for line in summary_lines(result)), ""]
+    parts += [markdown_table(*run_table(result)), ""]
+    if result.get("by_steps"):
+        parts += ["## By the distiller's training steps", "", markdown_table(*steps_table(result)), ""]
+        steps_plot(result, out / "by_steps.png")
+    parts += [*(f"- {line}" for line in summary_lines(result)), ""]
     write_text(out / "table.md", "\n".join(parts))
     plot(result, out / "tradeoff.png")
     write_json(out / "results.json", result)
