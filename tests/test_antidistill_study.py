@@ -65,6 +65,27 @@ def test_goal_not_reached_when_the_difference_straddles_zero():
     assert g["best_arm"] == "lambda=0.1" and g["best_ratio"] == pytest.approx(0.35 / 0.25) and not g["reached"]
 
 
+def test_by_steps_reads_each_step_and_each_students_best():
+    """`by_steps`: the goal's reading after each measured step, and with every student at its own lowest NLL."""
+    rows = synthetic()
+    for a in rows:  # step 1: every arm 0.1 nats worse than at the end, except seed 0's T student, 0.2 better there
+        better = a["arm"] == "T=1.2" and a["seed"] == 0
+        a["student_nll_at"] = {"1": a["student_nll"] + (-0.2 if better else 0.1), "2": a["student_nll"]}
+    result = summarize(AntidistillStudyConfig(seeds=3, max_steps=2, eval_steps=[1]), rows, 2.0, PROC)
+    steps = {r["steps"]: r for r in result["by_steps"]}
+    assert list(steps) == [1, 2, "best"]
+    assert steps[2]["ratio_of_means"] == pytest.approx(4.8) and steps[2]["arm"] == "lambda=0.05"
+    assert steps[2]["temperature"]["mean"] == pytest.approx(0.125 / 3)  # interpolated to the tilt's cost 0.025
+    # step 1: T losses -0.2, 0.05, 0.1 (mean <= 0, no ratio); the larger paired difference wins: lambda=0.1
+    assert steps[1]["arm"] == "lambda=0.1" and steps[1]["ratio_of_means"] is None
+    assert steps[1]["temperature"]["mean"] == pytest.approx(-0.05 / 3)
+    assert steps[1]["tilt"]["mean"] == pytest.approx(0.95 / 3)
+    # best: seed 0's T student at its step-1 point (1.9 vs clean's best 2.0), everything else at step 2
+    assert steps["best"]["arm"] == "lambda=0.05" and steps["best"]["temperature"]["mean"] == pytest.approx(0.025 / 3)
+    assert steps["best"]["ratio_of_means"] == pytest.approx(0.2 / (0.025 / 3))
+    assert steps["best"]["temperature"]["low"] is not None and steps["best"]["n"] == 3
+
+
 def test_eval_steps_must_lie_before_the_last_step():
     from potstill.errors import PotstillError
 
@@ -115,8 +136,8 @@ def test_warm_start_and_seeds_on_the_tiny_teacher(tmp_path, tiny_model_dir, prom
     assert all(set(a["student_nll_at"]) == {"1", "2"} and a["student_nll_at"]["2"] == a["student_nll"]
                for a in result["arms"])
     assert any(a["student_nll_at"]["1"] != a["student_nll_at"]["2"] for a in result["arms"])
-    assert [r["steps"] for r in result["by_steps"]] == [1, 2] and result["by_steps"][-1]["n"] == 2
-    last = result["by_steps"][-1]  # the final step's reading is the aggregate's
+    assert [r["steps"] for r in result["by_steps"]] == [1, 2, "best"] and result["by_steps"][-1]["n"] == 2
+    last = result["by_steps"][1]  # the final step's reading is the aggregate's
     assert last["tilt"]["mean"] == pytest.approx(rows[last["arm"]]["student_loss_mean"])
     assert "By the distiller's training steps" in (tmp_path / "s" / "table.md").read_text()
     assert (tmp_path / "s" / "by_steps.png").stat().st_size > 0

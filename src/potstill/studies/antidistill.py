@@ -438,20 +438,30 @@ def aggregate(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def by_steps(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The goal's reading (best tilt at <= max_teacher_cost against temperature) after each of `eval_steps` and
-    `max_steps` training steps: the same students measured along their runs."""
-    out = []
-    for steps in [*cfg.eval_steps, cfg.max_steps]:
-        at = [dict(a, student_nll=a["student_nll_at"][str(steps)]) for a in arms if str(steps) in a.get("student_nll_at", {})]
-        if len(at) < len(arms):
+    `max_steps` training steps: the same students measured along their runs; and, as `steps` "best", each student
+    at its lowest held-out NLL among those steps (a distiller who stops early, each arm at its own best point)."""
+    from potstill.studies.stats import t_interval
+
+    out: list[dict[str, Any]] = []
+    for steps in [*cfg.eval_steps, cfg.max_steps, "best"]:
+        if steps == "best":
+            at = [dict(a, student_nll=min(a["student_nll_at"].values())) for a in arms if a.get("student_nll_at")]
+        else:
+            at = [dict(a, student_nll=a["student_nll_at"][str(steps)]) for a in arms
+                  if str(steps) in a.get("student_nll_at", {})]
+        if not arms or len(at) < len(arms):
             continue
         student_losses(at)
         rows = aggregate(at)
         best = best_tilt(rows, cfg.max_teacher_cost)
         if best is None:
             continue
-        temp = [a for a in rows if a["temperature"] != 1.0 and abs(a["teacher_cost"] - best["teacher_cost"]) < 0.1 * best["teacher_cost"]]
+        bases = [a["temperature_student_loss_at_cost"] for a in at if a["arm"] == best["arm"]]
+        t = t_interval(bases)  # the temperature baseline at the tilt's cost (per seed, interpolated in cost)
+        hw = t["half_width"]
         out.append({"steps": steps, "arm": best["arm"], "n": best["n"], "tilt": _interval(best),
-                    "temperature": _interval(temp[0]) if temp else None,
+                    "temperature": {"mean": t["mean"], "low": None if hw is None else t["mean"] - hw,
+                                    "high": None if hw is None else t["mean"] + hw, "n": t["n"]},
                     "temperature_loss_mean": best.get("temperature_loss_mean"),
                     "vs_temperature": best.get("vs_temperature"), "vs_3x_temperature": best.get("vs_3x_temperature"),
                     "ratio_of_means": best.get("ratio_of_means")})
@@ -459,7 +469,7 @@ def by_steps(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]]) -> list[di
 
 
 def _interval(row: dict[str, Any]) -> dict[str, Any]:
-    return {"arm": row["arm"], "mean": row["student_loss_mean"], "low": row["student_loss_low"],
+    return {"mean": row["student_loss_mean"], "low": row["student_loss_low"],
             "high": row["student_loss_high"], "n": row["n"]}
 
 

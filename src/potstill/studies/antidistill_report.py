@@ -58,7 +58,7 @@ def steps_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in result.get("by_steps") or []:
         t, temp = r["tilt"], r.get("temperature") or {}
         d, d3 = r.get("vs_temperature") or {}, r.get("vs_3x_temperature") or {}
-        rows.append([str(r["steps"]), str(r["n"]), r["arm"], _ci(t["mean"], t["low"], t["high"]),
+        rows.append([str(r["steps"]) if r["steps"] != "best" else "each student at its lowest", str(r["n"]), r["arm"], _ci(t["mean"], t["low"], t["high"]),
                      _ci(temp.get("mean"), temp.get("low"), temp.get("high")) if temp else "-",
                      _ci(d.get("mean"), d.get("low"), d.get("high")) if d else "-",
                      _ci(d3.get("mean"), d3.get("low"), d3.get("high")) if d3 else "-",
@@ -70,7 +70,7 @@ def steps_plot(result: dict[str, Any], path: str | Path) -> None:
     """Mean student loss of the goal's tilt and its temperature baseline against the distiller's training steps."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    rows = result["by_steps"]
+    rows = [r for r in result["by_steps"] if r["steps"] != "best"]  # "best": each student at its own lowest NLL
     for key, marker, label in (("tilt", "o", f"anti-distillation ({rows[-1]['arm']})"),
                                ("temperature", "s", "temperature, same teacher cost")):
         pts = [(r["steps"], r[key]) for r in rows if r.get(key)]
