@@ -84,6 +84,10 @@ def test_by_steps_reads_each_step_and_each_students_best():
     assert steps["best"]["arm"] == "lambda=0.05" and steps["best"]["temperature"]["mean"] == pytest.approx(0.025 / 3)
     assert steps["best"]["ratio_of_means"] == pytest.approx(0.2 / (0.025 / 3))
     assert steps["best"]["temperature"]["low"] is not None and steps["best"]["n"] == 3
+    from potstill.studies.antidistill_report import summary_lines
+
+    line = next(x for x in summary_lines(result) if x.startswith("each student at its lowest"))
+    assert "24.00x" in line and "(n = 3)" in line
 
 
 def test_eval_steps_must_lie_before_the_last_step():

@@ -113,6 +113,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"tilt - 3 x temperature ({g['best_arm']}): {m['mean']:+.4f} nats, 95 % t-interval [{m['low']:+.4f}, "
                      f"{m['high']:+.4f}] (n = {g['n']}): 3x " + ("established" if g.get("established") else
                                                               "not established at 95 %"))
+    best = next((r for r in result.get("by_steps") or [] if r["steps"] == "best"), None)
+    if best and best.get("vs_3x_temperature", {}).get("low") is not None:
+        d, m = best["vs_temperature"], best["vs_3x_temperature"]
+        lines.append(f"each student at its lowest held-out NLL over steps {[r['steps'] for r in result['by_steps'][:-1]]} "
+                     f"(a distiller who stops early; {best['arm']}): ratio of means "
+                     + _f(best.get("ratio_of_means"), "{:.2f}x") + f", tilt - T {_ci(d['mean'], d['low'], d['high'])}, "
+                     f"tilt - 3 x T {_ci(m['mean'], m['low'], m['high'])} (n = {best['n']}): 3x "
+                     + ("established" if m["low"] > 0 else "not established at 95 %"))
     fo = result.get("first_order")
     if fo:
         lines.append(f"first order ({fo['tokens']} held-out reference tokens): E_ref[Delta] {fo['e_ref_delta']:+.4f}, "
