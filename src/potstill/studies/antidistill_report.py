@@ -82,6 +82,8 @@ def steps_plot(result: dict[str, Any], path: str | Path) -> None:
         ax.errorbar([x for x, _ in pts], ys, yerr=err, marker=marker, capsize=3, label=label)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
+    ax.set_xticks([r["steps"] for r in rows], [str(r["steps"]) for r in rows])
+    ax.minorticks_off()
     ax.set_xlabel("distiller's training steps")
     ax.set_ylabel(f"student's reference NLL rise (nats), n = {rows[-1]['n']}")
     ax.set_title("anti-distillation vs temperature by training steps")
