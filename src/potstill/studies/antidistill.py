@@ -172,7 +172,6 @@ class ReferenceScores:
                 "student_loss_slope": -e_ref,
                 "cost_over_student_slope": slope / -e_ref if e_ref else None}
 
-
     def target_shift(self, lam: float, temperature: float) -> float:
         """E_q[Delta] - E_p[Delta] per held-out reference position, q = softmax((logits + lam * Delta) / temperature),
         p the clean teacher: to first order, how much one distillation step on q's targets instead of p's raises the
@@ -288,13 +287,10 @@ def nll_at_steps(steps: list[int], tok, heldout, into: dict[str, float]):
     """A train `on_step` that puts the student's held-out reference NLL after each of `steps` into `into`."""
     if not steps:
         return None
-    count = {"n": 0}
-
     def on_step(metrics, model) -> bool:
-        count["n"] += 1
-        if count["n"] in steps:
+        if metrics["step"] in steps:  # steps done so far (a study's run never resumes)
             was = model.training
-            into[str(count["n"])] = student_nll(model, tok, heldout)
+            into[str(metrics["step"])] = student_nll(model, tok, heldout)
             model.train(was)
         return False
 
@@ -408,20 +404,17 @@ def aggregate(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
     import numpy as np
 
     from potstill.studies.antidistill_http import paired_difference
-    from potstill.studies.stats import t_interval
 
     out = []
     for name in dict.fromkeys(a["arm"] for a in arms):
         rows = sorted((a for a in arms if a["arm"] == name), key=lambda a: a.get("seed", 0))
         losses = [a["student_loss"] for a in rows]
-        t = t_interval(losses)
-        hw = t["half_width"]
+        t = mean_interval(losses)
         row = {"arm": name, "lambda": rows[0]["lambda"], "temperature": rows[0]["temperature"],
                "teacher_cost": float(np.mean([a["teacher_cost"] for a in rows])), "n": t["n"],
                "student_nll_mean": float(np.mean([a["student_nll"] for a in rows])),
                "student_loss_mean": t["mean"], "student_loss_sd": t["sd"],
-               "student_loss_low": None if hw is None else t["mean"] - hw,
-               "student_loss_high": None if hw is None else t["mean"] + hw,
+               "student_loss_low": t["low"], "student_loss_high": t["high"],
                "gen_tokens_per_s": float(np.mean([a["gen_tokens_per_s"] for a in rows]))}
         bases = [a.get("temperature_student_loss_at_cost") for a in rows]
         if row["lambda"] and all(b is not None for b in bases):
@@ -440,8 +433,6 @@ def by_steps(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]]) -> list[di
     """The goal's reading (best tilt at <= max_teacher_cost against temperature) after each of `eval_steps` and
     `max_steps` training steps: the same students measured along their runs; and, as `steps` "best", each student
     at its lowest held-out NLL among those steps (a distiller who stops early, each arm at its own best point)."""
-    from potstill.studies.stats import t_interval
-
     out: list[dict[str, Any]] = []
     for steps in [*cfg.eval_steps, cfg.max_steps, "best"]:
         if steps == "best":
@@ -457,20 +448,23 @@ def by_steps(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]]) -> list[di
         if best is None:
             continue
         bases = [a["temperature_student_loss_at_cost"] for a in at if a["arm"] == best["arm"]]
-        t = t_interval(bases)  # the temperature baseline at the tilt's cost (per seed, interpolated in cost)
-        hw = t["half_width"]
-        out.append({"steps": steps, "arm": best["arm"], "n": best["n"], "tilt": _interval(best),
-                    "temperature": {"mean": t["mean"], "low": None if hw is None else t["mean"] - hw,
-                                    "high": None if hw is None else t["mean"] + hw, "n": t["n"]},
-                    "temperature_loss_mean": best.get("temperature_loss_mean"),
+        out.append({"steps": steps, "arm": best["arm"], "n": best["n"],
+                    "tilt": {"mean": best["student_loss_mean"], "low": best["student_loss_low"],
+                             "high": best["student_loss_high"], "n": best["n"]},
+                    "temperature": mean_interval(bases),  # the baseline at the tilt's cost (per seed, interpolated)
                     "vs_temperature": best.get("vs_temperature"), "vs_3x_temperature": best.get("vs_3x_temperature"),
                     "ratio_of_means": best.get("ratio_of_means")})
     return out
 
 
-def _interval(row: dict[str, Any]) -> dict[str, Any]:
-    return {"mean": row["student_loss_mean"], "low": row["student_loss_low"],
-            "high": row["student_loss_high"], "n": row["n"]}
+def mean_interval(values: list[float]) -> dict[str, Any]:
+    """Mean with its 95 % t-interval over seeds (low / high None for n < 2)."""
+    from potstill.studies.stats import t_interval
+
+    t = t_interval(values)
+    hw = t["half_width"]
+    return {"mean": t["mean"], "low": None if hw is None else t["mean"] - hw,
+            "high": None if hw is None else t["mean"] + hw, "n": t["n"], "sd": t["sd"]}
 
 
 def summarize(cfg: AntidistillStudyConfig, arms: list[dict[str, Any]], clean_nll: float, proc) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def steps_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in result.get("by_steps") or []:
         t, temp = r["tilt"], r.get("temperature") or {}
         d, d3 = r.get("vs_temperature") or {}, r.get("vs_3x_temperature") or {}
-        rows.append([str(r["steps"]) if r["steps"] != "best" else "each student at its lowest", str(r["n"]), r["arm"], _ci(t["mean"], t["low"], t["high"]),
+        steps = "each student at its lowest" if r["steps"] == "best" else str(r["steps"])
+        rows.append([steps, str(r["n"]), r["arm"], _ci(t["mean"], t["low"], t["high"]),
                      _ci(temp.get("mean"), temp.get("low"), temp.get("high")) if temp else "-",
                      _ci(d.get("mean"), d.get("low"), d.get("high")) if d else "-",
                      _ci(d3.get("mean"), d3.get("low"), d3.get("high")) if d3 else "-",
@@ -118,7 +119,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     best = next((r for r in result.get("by_steps") or [] if r["steps"] == "best"), None)
     if best and best.get("vs_3x_temperature", {}).get("low") is not None:
         d, m = best["vs_temperature"], best["vs_3x_temperature"]
-        lines.append(f"each student at its lowest held-out NLL over steps {[r['steps'] for r in result['by_steps'][:-1]]} "
+        measured = [r["steps"] for r in result["by_steps"] if r["steps"] != "best"]
+        lines.append(f"each student at its lowest held-out NLL over steps {measured} "
                      f"(a distiller who stops early; {best['arm']}): ratio of means "
                      + _f(best.get("ratio_of_means"), "{:.2f}x") + f", tilt - T {_ci(d['mean'], d['low'], d['high'])}, "
                      f"tilt - 3 x T {_ci(m['mean'], m['low'], m['high'])} (n = {best['n']}): 3x "
